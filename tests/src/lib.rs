@@ -1,0 +1,522 @@
+//! Test harness: real `redis-server` and `gateway` processes on free loopback ports, a small
+//! WebSocket client that speaks the gateway protocol, and condition waits with timeouts.
+//!
+//! Every process is started by the harness and killed by its own pid when its handle drops.
+
+pub mod nginx;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Default time a test waits for a condition before failing.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests that start at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+/// The workspace root (the folder holding the top `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// Path of the built `gateway` binary: `$GATEWAY_BIN`, else `target/{release,debug}/gateway`
+/// (release when `E2E_RELEASE=1`). The test command builds it before running the tests.
+pub fn gateway_bin() -> PathBuf {
+    if let Ok(path) = std::env::var("GATEWAY_BIN") {
+        return PathBuf::from(path);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    let profile = if std::env::var("E2E_RELEASE").as_deref() == Ok("1") {
+        "release"
+    } else {
+        "debug"
+    };
+    target.join(profile).join("gateway")
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout` with `what` in the error.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return Ok(value);
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Sends `signal` to `pid` through kill(1) (the crate forbids `unsafe`, so no libc call).
+fn kill_pid(pid: u32, signal: i32) {
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// A child process killed (SIGKILL, by pid) when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc {
+            name: name.to_string(),
+            child: Some(child),
+        })
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn signal(&self, signal: i32) {
+        if let Some(pid) = self.pid() {
+            kill_pid(pid, signal);
+        }
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Waits for the process to exit by itself; returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let name = self.name.clone();
+        let child = self.child.as_mut().ok_or_else(|| anyhow!("{name} not running"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() >= deadline {
+                bail!("{name} did not exit within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `redis-server` of the test's own, on a free port, keeping nothing on disk.
+pub struct RedisServer {
+    pub port: u16,
+    proc: Option<Proc>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Result<RedisServer> {
+        let mut server = RedisServer {
+            port: free_port(),
+            proc: None,
+        };
+        server.restart().await?;
+        Ok(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// Kills the server (SIGKILL): its data is gone.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts (again) on the same port, empty, and waits until it answers PING.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill();
+        let proc = Proc::spawn(
+            "redis-server",
+            Command::new("redis-server")
+                .args(["--port", &self.port.to_string()])
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(["--daemonize", "no", "--loglevel", "warning"])
+                .stdout(Stdio::null()),
+        )?;
+        self.proc = Some(proc);
+        let url = self.url();
+        wait_for("redis PING", WAIT, || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut con = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING").query_async::<String>(&mut con).await.ok()
+            }
+        })
+        .await?;
+        Ok(())
+    }
+
+    pub async fn connection(&self) -> Result<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
+    /// `PUBSUB CHANNELS *`: the channels some client is subscribed to.
+    pub async fn pubsub_channels(&self) -> Result<Vec<String>> {
+        let mut con = self.connection().await?;
+        Ok(redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg("*")
+            .query_async(&mut con)
+            .await?)
+    }
+}
+
+/// One `gateway` process on free ports.
+pub struct Gateway {
+    pub node_id: String,
+    pub port: u16,
+    pub admin_port: u16,
+    pub proc: Proc,
+}
+
+/// Settings for starting a gateway; `env` adds or overrides `GATEWAY_*` variables.
+#[derive(Clone, Default)]
+pub struct GatewayOpts {
+    pub redis_url: Option<String>,
+    pub node_id: Option<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl GatewayOpts {
+    pub fn redis(url: &str) -> Self {
+        GatewayOpts {
+            redis_url: Some(url.to_string()),
+            ..Default::default()
+        }
+    }
+
+    pub fn env(mut self, key: &str, value: impl ToString) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    pub fn node(mut self, id: &str) -> Self {
+        self.node_id = Some(id.to_string());
+        self
+    }
+}
+
+impl Gateway {
+    pub async fn start(opts: GatewayOpts) -> Result<Gateway> {
+        let port = free_port();
+        let admin_port = free_port();
+        let node_id = opts
+            .node_id
+            .clone()
+            .unwrap_or_else(|| format!("node-{port}"));
+        let mut cmd = Command::new(gateway_bin());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
+            .env("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{admin_port}"))
+            .env("GATEWAY_NODE_ID", &node_id)
+            .env(
+                "RUST_LOG",
+                std::env::var("E2E_LOG").unwrap_or_else(|_| "warn".into()),
+            );
+        if let Some(url) = &opts.redis_url {
+            cmd.env("GATEWAY_REDIS_URL", url);
+        }
+        for (k, v) in &opts.env {
+            cmd.env(k, v);
+        }
+        let proc = Proc::spawn(&format!("gateway {node_id}"), &mut cmd)?;
+        let gw = Gateway {
+            node_id,
+            port,
+            admin_port,
+            proc,
+        };
+        let admin = gw.admin_addr();
+        wait_for("gateway /healthz", WAIT, || {
+            let admin = admin.clone();
+            async move {
+                match http_get(&admin, "/healthz").await {
+                    Ok((200, _)) => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await?;
+        Ok(gw)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// Waits until `/readyz` answers `status`.
+    pub async fn wait_ready(&self, status: u16) -> Result<()> {
+        let admin = self.admin_addr();
+        wait_for(&format!("/readyz {status}"), WAIT * 3, || {
+            let admin = admin.clone();
+            async move {
+                match http_get(&admin, "/readyz").await {
+                    Ok((s, _)) if s == status => Some(()),
+                    _ => None,
+                }
+            }
+        })
+        .await
+    }
+
+    /// The value of one metric sample line (`name{labels} value`) whose text starts with
+    /// `prefix`, summed over matching lines.
+    pub async fn metric(&self, prefix: &str) -> Result<f64> {
+        let (_, body) = http_get(&self.admin_addr(), "/metrics").await?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// A minimal HTTP/1.0 GET; returns the status and the body.
+pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .context("connect timeout")??;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
+        .await
+        .context("read timeout")??;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| anyhow!("no HTTP header in {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow!("bad status line in {head:?}"))?;
+    Ok((status, body.to_string()))
+}
+
+/// A WebSocket client speaking the gateway protocol; remembers every frame it received.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames received but not yet taken by a `recv_*` call.
+    pending: std::collections::VecDeque<Value>,
+    pub closed: Option<u16>,
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Result<Client> {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .context("websocket connect timeout")??;
+        Ok(Client {
+            ws,
+            pending: Default::default(),
+            closed: None,
+        })
+    }
+
+    pub async fn send(&mut self, frame: Value) -> Result<()> {
+        self.ws.send(Message::text(frame.to_string())).await?;
+        Ok(())
+    }
+
+    pub async fn send_raw(&mut self, text: &str) -> Result<()> {
+        self.ws.send(Message::text(text.to_string())).await?;
+        Ok(())
+    }
+
+    pub async fn send_message(&mut self, message: Message) -> Result<()> {
+        self.ws.send(message).await?;
+        Ok(())
+    }
+
+    /// Sends `login` and waits for this connection's own `login` frame; returns it.
+    pub async fn login(&mut self, user: &str, room: Value) -> Result<Value> {
+        self.login_with(serde_json::json!({
+            "event": "login", "userId": user, "userName": format!("name-{user}"),
+            "roomId": room, "roomName": format!("room {room}"),
+        }))
+        .await
+    }
+
+    /// Sends a login frame and waits for the `login` frame naming this user and room.
+    pub async fn login_with(&mut self, frame: Value) -> Result<Value> {
+        let user = frame["userId"].clone();
+        let room = frame["roomId"].clone();
+        self.send(frame).await?;
+        self.recv_until(|f| f["event"] == "login" && f["roomId"] == room && f["userId"] == user)
+            .await
+    }
+
+    /// Next frame (from what was buffered first), or an error after `timeout`.
+    pub async fn recv_timeout(&mut self, timeout: Duration) -> Result<Value> {
+        if let Some(frame) = self.pending.pop_front() {
+            return Ok(frame);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("no frame within {timeout:?}"))?;
+            match next {
+                Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text)?),
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                    self.closed = Some(code);
+                    bail!("connection closed with code {code}");
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("websocket error: {e}"),
+                None => bail!("connection ended"),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Result<Value> {
+        self.recv_timeout(WAIT).await
+    }
+
+    /// Takes frames until one matches `pred`; the skipped frames are kept for later `recv`s.
+    pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        self.recv_until_timeout(WAIT, pred).await
+    }
+
+    pub async fn recv_until_timeout(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        if let Some(pos) = self.pending.iter().position(&pred) {
+            return Ok(self.pending.remove(pos).expect("position is valid"));
+        }
+        let deadline = Instant::now() + timeout;
+        let mut skipped = Vec::new();
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.recv_from_socket(left).await {
+                Ok(frame) if pred(&frame) => break Ok(frame),
+                Ok(frame) => skipped.push(frame),
+                Err(e) => break Err(e.context(format!("skipped frames: {skipped:?}"))),
+            }
+        };
+        self.pending.extend(skipped);
+        result
+    }
+
+    async fn recv_from_socket(&mut self, timeout: Duration) -> Result<Value> {
+        let saved = std::mem::take(&mut self.pending);
+        let result = self.recv_timeout(timeout).await;
+        self.pending = saved;
+        result
+    }
+
+    /// Asserts that no frame matching `pred` arrives within `quiet`.
+    pub async fn expect_none(
+        &mut self,
+        quiet: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<()> {
+        match self.recv_until_timeout(quiet, &pred).await {
+            Ok(frame) => bail!("unexpected frame {frame}"),
+            Err(_) if self.closed.is_none() => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Waits for the server to close the connection; returns the close code.
+    pub async fn expect_close(&mut self, timeout: Duration) -> Result<u16> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(code) = self.closed {
+                return Ok(code);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("connection not closed within {timeout:?}");
+            }
+            match self.recv_from_socket(left).await {
+                Ok(frame) => self.pending.push_back(frame),
+                Err(_) if self.closed.is_some() => {}
+                Err(e) if e.to_string().contains("no frame within") => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Closes the connection from the client side.
+    pub async fn close(mut self) -> Result<()> {
+        self.ws
+            .close(Some(
+                tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "bye".into(),
+                },
+            ))
+            .await?;
+        Ok(())
+    }
+}

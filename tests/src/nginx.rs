@@ -1,0 +1,1 @@
+//! nginx in front of gateway nodes, configured from the same template as the compose stack.
