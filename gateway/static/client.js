@@ -1,0 +1,802 @@
+// client.js: a small, dependency-free client for the chat gateway's WebSocket protocol
+// (docs/protocol.md). Served by the gateway at /client.js; documented in docs/client.md.
+//
+//   import { ChatClient } from '/client.js';
+//   const chat = new ChatClient({ userId: 'u-1', userName: 'Alice' });
+//   chat.on('message', (m) => console.log(m.userName, m.content));
+//   chat.on('state', (s) => console.log('connection', s));
+//   chat.connect();
+//   chat.join(1, 'Lobby');
+//   chat.send(1, 'hello');  // stays "sending" until the server's copy confirms it
+//
+// What it does for you:
+// - heartbeat every 25 s; no frame within the pong timeout closes the socket and reconnects;
+// - reconnects with exponential backoff and full jitter, and at once when the browser comes
+//   back online;
+// - logs in with acks on, resumes every joined room from the last id it has seen (`lastId`),
+//   follows `synced` paging (`more: true` → `sync`), and drops any message it already has
+//   (de-duplicated by id), so nothing is lost and nothing is shown twice;
+// - acknowledges cumulatively (coalesced: the newest id at most every `ackDelayMs`, or at once
+//   after `ackEvery` messages);
+// - every message sent has a `clientMsgId`; it stays pending until the server's copy of it (or a
+//   `sent` frame) confirms it, and is re-sent with the same `clientMsgId` after a reconnect or
+//   when no confirmation came within `resendAfterMs`, so it is stored exactly once;
+// - exposes the connection state: connecting, connected, reconnecting, offline, closed.
+
+/** Connection states, in the order a session usually goes through them. */
+export const STATES = Object.freeze({
+  IDLE: 'idle',
+  CONNECTING: 'connecting',
+  CONNECTED: 'connected',
+  RECONNECTING: 'reconnecting',
+  OFFLINE: 'offline',
+  CLOSED: 'closed',
+});
+
+/** Close codes of the gateway (docs/protocol.md, "Close codes"). */
+export const CLOSE_CODES = Object.freeze({
+  NORMAL: 1000,
+  TOO_BIG: 1009,
+  SERVICE_RESTART: 1012,
+  TRY_AGAIN_LATER: 1013,
+  HEARTBEAT_TIMEOUT: 4000,
+  SLOW_CONSUMER: 4008,
+  REDELIVERY_LIMIT: 4009,
+});
+
+// Errors after which re-sending the same frame cannot help.
+const PERMANENT_SEND_ERRORS = new Set([
+  'bad_json', 'not_object', 'missing_field', 'invalid_field', 'unknown_event',
+]);
+
+/**
+ * Parses a message id `"ms-seq"` (a Redis stream id) into `[ms, seq]` numbers.
+ * `"0"`, `null` and `undefined` give `[0, 0]`.
+ */
+export function parseId(id) {
+  if (id === null || id === undefined || id === '') return [0, 0];
+  const text = String(id);
+  const dash = text.indexOf('-');
+  const ms = Number(dash < 0 ? text : text.slice(0, dash));
+  const seq = dash < 0 ? 0 : Number(text.slice(dash + 1));
+  return [Number.isFinite(ms) ? ms : 0, Number.isFinite(seq) ? seq : 0];
+}
+
+/**
+ * Compares two message ids numerically by (ms, seq): negative when `a` is older than `b`,
+ * 0 when equal, positive when newer. `null` sorts before every id.
+ */
+export function compareIds(a, b) {
+  const [am, as] = parseId(a);
+  const [bm, bs] = parseId(b);
+  if (am !== bm) return am < bm ? -1 : 1;
+  if (as !== bs) return as < bs ? -1 : 1;
+  return 0;
+}
+
+/** The newer of two ids (either may be null). */
+export function maxId(a, b) {
+  if (a === null || a === undefined) return b ?? null;
+  if (b === null || b === undefined) return a;
+  return compareIds(a, b) >= 0 ? a : b;
+}
+
+/** The WebSocket URL of the page's own host: `ws(s)://host/ws`. */
+export function defaultUrl(path = '/ws') {
+  const loc = globalThis.location;
+  if (!loc) throw new Error('ChatClient: no location; pass options.url');
+  const scheme = loc.protocol === 'https:' ? 'wss:' : 'ws:';
+  return `${scheme}//${loc.host}${path}`;
+}
+
+function randomToken() {
+  const c = globalThis.crypto;
+  if (c && typeof c.randomUUID === 'function') return c.randomUUID();
+  if (c && typeof c.getRandomValues === 'function') {
+    const b = c.getRandomValues(new Uint8Array(16));
+    return Array.from(b, (x) => x.toString(16).padStart(2, '0')).join('');
+  }
+  return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
+}
+
+/** Text form of a room id: the room's identity (`1` and `"1"` are the same room). */
+export function roomKey(roomId) {
+  return String(roomId);
+}
+
+const DEFAULTS = {
+  url: null,
+  heartbeatMs: 25000,
+  pongTimeoutMs: 10000,
+  connectTimeoutMs: 10000,
+  backoffInitialMs: 500,
+  backoffMaxMs: 15000,
+  backoffFactor: 2,
+  offlineAfterAttempts: 4,
+  ackDelayMs: 200,
+  ackEvery: 50,
+  resendAfterMs: 10000,
+  syncLimit: 500,
+  seenLimit: 5000,
+  maxFrameBytes: 65536,
+  WebSocket: null,
+  log: null,
+};
+
+/**
+ * A chat connection with heartbeat, reconnect, resume, acks and reliable sends.
+ *
+ * Events (subscribe with `on(name, fn)`, which returns an unsubscribe function):
+ * - `state`     (state, info)   connection state changed; info: {attempt, delayMs, code}
+ * - `message`   (msg)           a room message seen for the first time (not your own pending
+ *                               ones: those come as `confirmed`); msg.own, msg.replayed
+ * - `confirmed` (pending)       one of your messages is stored; pending.id is its message id
+ * - `pending`   (pending)       one of your messages changed status (sending/failed)
+ * - `login`     (frame)         a user joined a room (frame.self: it is this connection;
+ *                               frame.rejoin: this connection re-joined after a reconnect)
+ * - `logout`    (frame)         a user left a room
+ * - `num`       (roomId, num)   a room's online count changed
+ * - `synced`    (frame)         a replay of a room finished (frame.truncated: history was lost)
+ * - `dm`        (frame)         a direct message
+ * - `error`     (frame)         an `error` frame from the server
+ * - `frame`     (frame)         every frame received (for debugging or extensions)
+ */
+export class ChatClient {
+  /**
+   * @param {object} options
+   * @param {string} options.userId      stable id of this user (e.g. kept in localStorage)
+   * @param {string} options.userName    display name
+   * @param {string} [options.url]       WebSocket URL; default: same host, path /ws
+   */
+  constructor(options = {}) {
+    if (!options.userId) throw new Error('ChatClient: userId is required');
+    this.opts = { ...DEFAULTS, ...options };
+    this.userId = String(options.userId);
+    this.userName = String(options.userName ?? options.userId);
+    this.url = this.opts.url || defaultUrl();
+    this.state = STATES.IDLE;
+    this.ws = null;
+    this.attempt = 0;
+    this.rooms = new Map(); // roomKey -> room state
+    this.outbox = new Map(); // clientMsgId -> pending message (insertion order = send order)
+    this.handlers = new Map();
+    this.timers = { reconnect: null, heartbeat: null, pong: null, connect: null, resend: null };
+    this.connSeq = 0;
+    this.clientMsgSeq = 0;
+    this.sessionToken = randomToken().slice(0, 8);
+    this.wanted = false; // connect() called and not close()d
+    this._onOnline = () => this._browserOnline();
+    this._onOffline = () => this._browserOffline();
+  }
+
+  // ---- events -------------------------------------------------------------------------
+
+  /** Subscribes `fn` to `event`; returns a function that unsubscribes it. */
+  on(event, fn) {
+    if (!this.handlers.has(event)) this.handlers.set(event, new Set());
+    this.handlers.get(event).add(fn);
+    return () => this.off(event, fn);
+  }
+
+  off(event, fn) {
+    this.handlers.get(event)?.delete(fn);
+  }
+
+  _emit(event, ...args) {
+    const set = this.handlers.get(event);
+    if (!set) return;
+    for (const fn of [...set]) {
+      try {
+        fn(...args);
+      } catch (err) {
+        // A failing handler must not break the connection logic.
+        (this.opts.log || console.error)('ChatClient handler failed', event, err);
+      }
+    }
+  }
+
+  _log(...args) {
+    if (this.opts.log) this.opts.log(...args);
+  }
+
+  _setState(state, info = {}) {
+    if (this.state === state) return;
+    this.state = state;
+    this._emit('state', state, info);
+  }
+
+  // ---- lifecycle ----------------------------------------------------------------------
+
+  /** Opens the connection (and keeps it open until `close()`). */
+  connect() {
+    if (this.wanted) return this;
+    this.wanted = true;
+    if (typeof globalThis.addEventListener === 'function') {
+      globalThis.addEventListener('online', this._onOnline);
+      globalThis.addEventListener('offline', this._onOffline);
+    }
+    this._setState(STATES.CONNECTING);
+    this._open();
+    return this;
+  }
+
+  /** Closes the connection for good (pending messages stay in `pendingMessages()`). */
+  close() {
+    this.wanted = false;
+    if (typeof globalThis.removeEventListener === 'function') {
+      globalThis.removeEventListener('online', this._onOnline);
+      globalThis.removeEventListener('offline', this._onOffline);
+    }
+    this._clearTimers();
+    for (const room of this.rooms.values()) this._clearAckTimer(room);
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      this._detach(ws);
+      try { ws.close(1000, 'bye'); } catch { /* already closed */ }
+    }
+    this._setState(STATES.CLOSED);
+  }
+
+  /** True when the socket is open and usable. */
+  get connected() {
+    return this.state === STATES.CONNECTED;
+  }
+
+  _open() {
+    this._clearTimer('reconnect');
+    if (!this.wanted) return;
+    const WS = this.opts.WebSocket || globalThis.WebSocket;
+    let ws;
+    try {
+      ws = new WS(this.url);
+    } catch (err) {
+      this._log('connect failed', err);
+      this._scheduleReconnect(null);
+      return;
+    }
+    const seq = ++this.connSeq;
+    ws._chatSeq = seq;
+    this.ws = ws;
+    this.gotFrame = false;
+    this.timers.connect = setTimeout(() => {
+      // The upgrade hangs (e.g. a half-dead proxy): give up on this socket.
+      if (this.ws === ws && ws.readyState !== 1) this._drop(ws, null);
+    }, this.opts.connectTimeoutMs);
+    ws.onopen = () => this._onOpen(ws);
+    ws.onmessage = (ev) => this._onMessage(ws, ev);
+    ws.onclose = (ev) => this._drop(ws, ev.code);
+    ws.onerror = () => { /* onclose follows */ };
+  }
+
+  _detach(ws) {
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+  }
+
+  _onOpen(ws) {
+    if (this.ws !== ws) return;
+    this._clearTimer('connect');
+    this._setState(STATES.CONNECTED, { attempt: this.attempt });
+    this._startHeartbeat();
+    // Re-join every room (resuming from the last id seen), then re-send what is unconfirmed.
+    for (const room of this.rooms.values()) {
+      if (room.wanted) this._sendLogin(room);
+    }
+    for (const pending of this.outbox.values()) this._transmit(pending);
+    this._armResend();
+  }
+
+  /** The socket is gone (closed, failed, or given up on): clean up and reconnect. */
+  _drop(ws, code) {
+    if (this.ws !== ws) return;
+    this._detach(ws);
+    try { ws.close(); } catch { /* ignore */ }
+    this.ws = null;
+    this._clearTimers();
+    for (const room of this.rooms.values()) {
+      this._clearAckTimer(room);
+      room.joined = false;
+      room.replaying = false;
+    }
+    for (const pending of this.outbox.values()) pending.transmittedOn = 0;
+    if (!this.wanted) return;
+    this._scheduleReconnect(code);
+  }
+
+  _scheduleReconnect(code) {
+    this._clearTimer('reconnect');
+    const o = this.opts;
+    const ceiling = Math.min(o.backoffMaxMs, o.backoffInitialMs * o.backoffFactor ** this.attempt);
+    // "Full jitter" within the upper half, so a whole cluster's clients do not reconnect in step.
+    let delayMs = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+    if (this.attempt === 0 && code !== CLOSE_CODES.TRY_AGAIN_LATER) {
+      delayMs = Math.round(Math.random() * Math.min(o.backoffInitialMs, 250));
+    }
+    this.attempt += 1;
+    const browserOffline = globalThis.navigator && globalThis.navigator.onLine === false;
+    const state = browserOffline || this.attempt > o.offlineAfterAttempts
+      ? STATES.OFFLINE : STATES.RECONNECTING;
+    this._setState(state, { attempt: this.attempt, delayMs, code });
+    this.nextRetryAt = Date.now() + delayMs;
+    this.timers.reconnect = setTimeout(() => {
+      this._setState(
+        this.state === STATES.OFFLINE ? STATES.OFFLINE : STATES.RECONNECTING,
+        { attempt: this.attempt },
+      );
+      this._open();
+    }, delayMs);
+  }
+
+  /** Reconnects now (skipping the backoff wait), e.g. from a "retry" button. */
+  reconnectNow() {
+    if (!this.wanted) return;
+    if (this.ws && this.ws.readyState <= 1) return;
+    this._open();
+  }
+
+  _browserOnline() {
+    if (this.wanted && !this.ws) {
+      this.attempt = 0;
+      this._setState(STATES.RECONNECTING, { attempt: 0 });
+      this._open();
+    }
+  }
+
+  _browserOffline() {
+    if (this.wanted && !this.ws) this._setState(STATES.OFFLINE, { attempt: this.attempt });
+  }
+
+  // ---- timers -------------------------------------------------------------------------
+
+  _clearTimer(name) {
+    if (this.timers[name]) {
+      clearTimeout(this.timers[name]);
+      clearInterval(this.timers[name]);
+      this.timers[name] = null;
+    }
+  }
+
+  _clearTimers() {
+    for (const name of Object.keys(this.timers)) this._clearTimer(name);
+  }
+
+  _startHeartbeat() {
+    this._clearTimer('heartbeat');
+    this._clearTimer('pong');
+    this.timers.heartbeat = setInterval(() => {
+      const ws = this.ws;
+      if (!ws || ws.readyState !== 1) return;
+      this._raw({ event: 'heartBeat', content: 'ping' });
+      if (!this.timers.pong) {
+        this.timers.pong = setTimeout(() => {
+          this._log('heartbeat timeout');
+          this._drop(ws, CLOSE_CODES.HEARTBEAT_TIMEOUT);
+        }, this.opts.pongTimeoutMs);
+      }
+    }, this.opts.heartbeatMs);
+  }
+
+  // ---- sending ------------------------------------------------------------------------
+
+  _raw(frame) {
+    const ws = this.ws;
+    if (!ws || ws.readyState !== 1) return false;
+    try {
+      ws.send(JSON.stringify(frame));
+      return true;
+    } catch (err) {
+      this._log('send failed', err);
+      return false;
+    }
+  }
+
+  _room(roomId) {
+    return this.rooms.get(roomKey(roomId));
+  }
+
+  /**
+   * Joins a room (sends `login` now or after the next connect). Optional `lastId` resumes
+   * from that id (e.g. one kept from an earlier visit); otherwise the server uses the user's
+   * stored acknowledged position, if any.
+   */
+  join(roomId, roomName, { lastId = null } = {}) {
+    const key = roomKey(roomId);
+    let room = this.rooms.get(key);
+    if (!room) {
+      room = {
+        roomId,
+        roomName: roomName ?? key,
+        lastId: null,
+        acked: null,
+        ackTimer: null,
+        unacked: 0,
+        seen: new Set(),
+        seenOrder: [],
+        floor: null,
+        num: null,
+        joined: false,
+        wanted: true,
+        replaying: false,
+        everJoined: false,
+        joinedAt: Date.now(),
+      };
+      this.rooms.set(key, room);
+    }
+    room.wanted = true;
+    if (roomName !== undefined) room.roomName = roomName;
+    if (lastId) {
+      room.lastId = maxId(room.lastId, lastId);
+      room.floor = maxId(room.floor, lastId);
+    }
+    if (this.ws && this.ws.readyState === 1) this._sendLogin(room);
+    return room;
+  }
+
+  /** Leaves a room (sends `logout`) and forgets its position and its pending messages. */
+  leave(roomId) {
+    const key = roomKey(roomId);
+    const room = this.rooms.get(key);
+    if (!room) return;
+    this._flushAck(room);
+    this._clearAckTimer(room);
+    this.rooms.delete(key);
+    for (const [id, pending] of this.outbox) {
+      if (roomKey(pending.roomId) === key) this.outbox.delete(id);
+    }
+    this._raw({ event: 'logout', roomId: room.roomId });
+  }
+
+  /** The last message id seen in a room (null before any), for keeping across page loads. */
+  lastId(roomId) {
+    return this._room(roomId)?.lastId ?? null;
+  }
+
+  /** A room's online count as last reported by the server (null when unknown). */
+  num(roomId) {
+    return this._room(roomId)?.num ?? null;
+  }
+
+  _sendLogin(room) {
+    const frame = {
+      event: 'login',
+      userId: this.userId,
+      userName: this.userName,
+      roomId: room.roomId,
+      roomName: room.roomName,
+      ack: true,
+    };
+    let since = room.lastId;
+    if (!since && room.everJoined && room.baseline) {
+      // Joined before but saw no message: resume from when we joined, so messages sent while
+      // the connection was down are not lost.
+      since = room.baseline;
+    }
+    if (since) {
+      frame.lastId = since;
+      room.replaying = true;
+    }
+    room.rejoin = room.everJoined;
+    this._raw(frame);
+  }
+
+  _nextClientMsgId() {
+    this.clientMsgSeq += 1;
+    return `${this.userId.slice(0, 40)}.${this.sessionToken}.${Date.now().toString(36)}.${this.clientMsgSeq}`;
+  }
+
+  /**
+   * Sends a chat message to a joined room. Returns the pending message:
+   * `{clientMsgId, roomId, content, status: 'sending'|'sent'|'failed', id, error, promise}`;
+   * `promise` resolves with the message id once the server confirms it, or rejects when the
+   * server refuses it for good (e.g. `invalid_field`). Messages sent while disconnected are
+   * queued and sent after the reconnect.
+   */
+  send(roomId, content, { clientMsgId } = {}) {
+    const room = this._room(roomId);
+    if (!room) throw new Error(`ChatClient.send: join room ${roomKey(roomId)} first`);
+    const text = String(content);
+    const pending = {
+      clientMsgId: clientMsgId || this._nextClientMsgId(),
+      roomId: room.roomId,
+      content: text,
+      userId: this.userId,
+      userName: this.userName,
+      status: 'sending',
+      id: null,
+      error: null,
+      createdAt: Date.now(),
+      transmittedOn: 0,
+      transmittedAt: 0,
+      tries: 0,
+    };
+    pending.promise = new Promise((resolve, reject) => {
+      pending._resolve = resolve;
+      pending._reject = reject;
+    });
+    pending.promise.catch(() => {}); // no unhandled rejection if nobody awaits it
+    const bytes = new TextEncoder().encode(JSON.stringify(this._chatFrame(pending))).length;
+    if (bytes > this.opts.maxFrameBytes) {
+      this._fail(pending, { code: 'too_big', message: `message too long (${bytes} bytes)` });
+      return pending;
+    }
+    this.outbox.set(pending.clientMsgId, pending);
+    this._emit('pending', pending);
+    this._transmit(pending);
+    this._armResend();
+    return pending;
+  }
+
+  /** Unconfirmed messages, oldest first. */
+  pendingMessages() {
+    return [...this.outbox.values()];
+  }
+
+  /** Re-sends a failed message with the same clientMsgId. */
+  retry(clientMsgId) {
+    const pending = this.outbox.get(clientMsgId);
+    if (!pending) return;
+    pending.status = 'sending';
+    pending.error = null;
+    this._emit('pending', pending);
+    this._transmit(pending);
+  }
+
+  _chatFrame(p) {
+    return { roomId: p.roomId, content: p.content, clientMsgId: p.clientMsgId };
+  }
+
+  _transmit(pending) {
+    if (pending.status === 'failed') return;
+    const room = this._room(pending.roomId);
+    if (!room || !room.wanted) return;
+    if (this._raw(this._chatFrame(pending))) {
+      pending.transmittedOn = this.ws._chatSeq;
+      pending.transmittedAt = Date.now();
+      pending.tries += 1;
+    }
+  }
+
+  _armResend() {
+    if (this.timers.resend || this.outbox.size === 0) return;
+    const every = Math.max(500, Math.floor(this.opts.resendAfterMs / 4));
+    this.timers.resend = setInterval(() => {
+      if (this.outbox.size === 0) {
+        this._clearTimer('resend');
+        return;
+      }
+      const now = Date.now();
+      for (const p of this.outbox.values()) {
+        // Same clientMsgId: the server stores it at most once.
+        if (p.status === 'sending' && now - p.transmittedAt >= this.opts.resendAfterMs) {
+          this._transmit(p);
+        }
+      }
+    }, every);
+  }
+
+  _confirm(pending, id) {
+    if (pending.status === 'sent') return;
+    pending.status = 'sent';
+    pending.id = id;
+    this.outbox.delete(pending.clientMsgId);
+    this._emit('confirmed', pending);
+    pending._resolve(id);
+  }
+
+  _fail(pending, err) {
+    pending.status = 'failed';
+    pending.error = err;
+    this._emit('pending', pending);
+    pending._reject(Object.assign(new Error(err.message || err.code), { code: err.code }));
+  }
+
+  /** Sends a direct message (no retry bookkeeping: `dmSent` arrives as a `frame` event). */
+  sendDm(toUserId, content, { clientMsgId } = {}) {
+    return this._raw({
+      event: 'dm', toUserId, content, clientMsgId: clientMsgId || this._nextClientMsgId(),
+    });
+  }
+
+  // ---- receiving ----------------------------------------------------------------------
+
+  _onMessage(ws, ev) {
+    if (this.ws !== ws) return;
+    // Any frame is a sign of life.
+    this._clearTimer('pong');
+    if (!this.gotFrame) {
+      this.gotFrame = true;
+      this.attempt = 0; // the server talks to us: the next drop starts the backoff anew
+    }
+    let frame;
+    try {
+      frame = JSON.parse(ev.data);
+    } catch {
+      return;
+    }
+    if (!frame || typeof frame !== 'object') return;
+    this._emit('frame', frame);
+    const event = frame.event ?? 'message';
+    switch (event) {
+      case 'heartBeat':
+        return;
+      case 'message':
+        return this._onChat(frame);
+      case 'login':
+        return this._onLogin(frame);
+      case 'logout':
+        return this._onLogout(frame);
+      case 'sent':
+        return this._onSent(frame);
+      case 'synced':
+        return this._onSynced(frame);
+      case 'error':
+        return this._onError(frame);
+      case 'dm':
+        if (frame.id) this._raw({ event: 'ack', dm: true, id: frame.id });
+        return this._emit('dm', frame);
+      default:
+    }
+  }
+
+  _setNum(room, num) {
+    if (typeof num !== 'number' || room.num === num) return;
+    room.num = num;
+    this._emit('num', room.roomId, num);
+  }
+
+  _markSeen(room, id) {
+    room.seen.add(id);
+    room.seenOrder.push(id);
+    if (room.seenOrder.length > this.opts.seenLimit) {
+      const old = room.seenOrder.splice(0, room.seenOrder.length - this.opts.seenLimit);
+      for (const o of old) {
+        room.seen.delete(o);
+        room.floor = maxId(room.floor, o);
+      }
+    }
+  }
+
+  _isDuplicate(room, id) {
+    if (room.seen.has(id)) return true;
+    return room.floor !== null && compareIds(id, room.floor) <= 0;
+  }
+
+  _onChat(frame) {
+    const room = this._room(frame.roomId);
+    if (!room || frame.id === undefined || frame.id === null) return;
+    const id = String(frame.id);
+    if (typeof frame.ts === 'number') this.clockOffset = frame.ts - Date.now();
+    if (this._isDuplicate(room, id)) {
+      this._scheduleAck(room, id, false);
+      return;
+    }
+    this._markSeen(room, id);
+    room.lastId = maxId(room.lastId, id);
+    if (!room.replaying) this._setNum(room, frame.num);
+    const own = frame.userId === this.userId;
+    const pending = own && frame.clientMsgId ? this.outbox.get(frame.clientMsgId) : null;
+    const msg = { ...frame, id, own, replayed: room.replaying };
+    if (pending) {
+      this._confirm(pending, id);
+    } else if (!(own && frame.clientMsgId && this._confirmedIds?.has(frame.clientMsgId))) {
+      this._emit('message', msg);
+    }
+    if (own && frame.clientMsgId) this._rememberConfirmed(frame.clientMsgId);
+    this._scheduleAck(room, id, true);
+  }
+
+  _rememberConfirmed(clientMsgId) {
+    if (!this._confirmedIds) this._confirmedIds = new Set();
+    this._confirmedIds.add(clientMsgId);
+    if (this._confirmedIds.size > 2000) {
+      const first = this._confirmedIds.values().next().value;
+      this._confirmedIds.delete(first);
+    }
+  }
+
+  _onSent(frame) {
+    const pending = frame.clientMsgId ? this.outbox.get(frame.clientMsgId) : null;
+    if (!pending) return;
+    // A duplicate: the message was stored earlier (its copy may come in the replay; it is
+    // recognised by clientMsgId and not shown again).
+    this._rememberConfirmed(frame.clientMsgId);
+    this._confirm(pending, frame.id ? String(frame.id) : null);
+  }
+
+  _onLogin(frame) {
+    const room = this._room(frame.roomId);
+    if (!room) return;
+    this._setNum(room, frame.num);
+    const self = frame.userId === this.userId;
+    let rejoin = false;
+    if (self && !room.joined) {
+      room.joined = true;
+      rejoin = !!room.rejoin;
+      if (!room.everJoined) {
+        room.everJoined = true;
+        // Server time of the join (estimated): a resume point if no message is ever seen.
+        const now = Date.now() + (this.clockOffset || 0) - 2000;
+        room.baseline = room.baseline || `${Math.max(0, now)}-0`;
+      }
+    }
+    this._emit('login', { ...frame, self, rejoin });
+  }
+
+  _onLogout(frame) {
+    const room = this._room(frame.roomId);
+    if (!room) return;
+    this._setNum(room, frame.num);
+    this._emit('logout', { ...frame, self: frame.userId === this.userId });
+  }
+
+  _onSynced(frame) {
+    if (frame.dm) return this._emit('synced', frame);
+    const room = this._room(frame.roomId);
+    if (!room) return;
+    if (frame.lastId) {
+      room.lastId = maxId(room.lastId, String(frame.lastId));
+      room.baseline = room.baseline || String(frame.lastId);
+    }
+    if (frame.more) {
+      room.replaying = true;
+      this._raw({
+        event: 'sync', roomId: room.roomId, since: room.lastId ?? frame.lastId,
+        limit: this.opts.syncLimit,
+      });
+    } else {
+      room.replaying = false;
+      this._flushAck(room);
+    }
+    this._emit('synced', frame);
+  }
+
+  _onError(frame) {
+    const pending = frame.clientMsgId ? this.outbox.get(frame.clientMsgId) : null;
+    if (pending) {
+      if (PERMANENT_SEND_ERRORS.has(frame.code)) {
+        this.outbox.delete(pending.clientMsgId);
+        this._fail(pending, frame);
+      } else {
+        // `unavailable`, `internal`, `not_in_room` (e.g. a re-login still in flight): the
+        // resend timer tries again with the same clientMsgId.
+        pending.transmittedAt = Date.now() - this.opts.resendAfterMs + 1000;
+      }
+    }
+    this._emit('error', frame);
+  }
+
+  // ---- acks ---------------------------------------------------------------------------
+
+  _scheduleAck(room, id, counted) {
+    room.pendingAck = maxId(room.pendingAck, id);
+    if (counted) room.unacked += 1;
+    if (room.unacked >= this.opts.ackEvery) {
+      this._flushAck(room);
+      return;
+    }
+    if (!room.ackTimer) {
+      room.ackTimer = setTimeout(() => {
+        room.ackTimer = null;
+        this._flushAck(room);
+      }, this.opts.ackDelayMs);
+    }
+  }
+
+  _clearAckTimer(room) {
+    if (room.ackTimer) clearTimeout(room.ackTimer);
+    room.ackTimer = null;
+  }
+
+  _flushAck(room) {
+    this._clearAckTimer(room);
+    const id = room.pendingAck;
+    if (!id) return;
+    if (room.acked && compareIds(id, room.acked) <= 0) return;
+    if (this._raw({ event: 'ack', roomId: room.roomId, id })) {
+      room.acked = id;
+      room.unacked = 0;
+    }
+  }
+}
+
+export default ChatClient;
