@@ -297,6 +297,7 @@ export class ChatClient {
       this._clearAckTimer(room);
       room.joined = false;
       room.replaying = false;
+      room.acked = null; // acks are per connection: the next one acks again
     }
     for (const pending of this.outbox.values()) pending.transmittedOn = 0;
     if (!this.wanted) return;
@@ -409,6 +410,8 @@ export class ChatClient {
         lastId: null,
         acked: null,
         ackTimer: null,
+        pendingAck: null,
+        forceAck: false,
         unacked: 0,
         seen: new Set(),
         seenOrder: [],
@@ -667,6 +670,8 @@ export class ChatClient {
     const id = String(frame.id);
     if (typeof frame.ts === 'number') this.clockOffset = frame.ts - Date.now();
     if (this._isDuplicate(room, id)) {
+      // A redelivery: the server did not get (or not yet) our ack; ack again.
+      room.forceAck = true;
       this._scheduleAck(room, id, false);
       return;
     }
@@ -712,6 +717,7 @@ export class ChatClient {
     if (self && !room.joined) {
       room.joined = true;
       rejoin = !!room.rejoin;
+      if (room.pendingAck) this._scheduleAck(room, room.pendingAck, false);
       if (!room.everJoined) {
         room.everJoined = true;
         // Server time of the join (estimated): a resume point if no message is ever seen.
@@ -791,10 +797,11 @@ export class ChatClient {
     this._clearAckTimer(room);
     const id = room.pendingAck;
     if (!id) return;
-    if (room.acked && compareIds(id, room.acked) <= 0) return;
+    if (!room.forceAck && room.acked && compareIds(id, room.acked) <= 0) return;
     if (this._raw({ event: 'ack', roomId: room.roomId, id })) {
       room.acked = id;
       room.unacked = 0;
+      room.forceAck = false;
     }
   }
 }

@@ -102,6 +102,20 @@ test('acks are cumulative and coalesced', async () => {
   assert.ok(fake.framesOf('login').some((f) => f.userId === 'a2' && f.ack === true));
 });
 
+test('a redelivered message is not shown again but acknowledged again', async () => {
+  const room = newRoom();
+  const a = client('a11', { ackDelayMs: 20 }).connect();
+  a.join(room);
+  await joined(a, room);
+  const m = fake.inject(room, 'other', 'once');
+  await waitFor('ack', () => fake.framesOf('ack').some((f) => f.id === m.id));
+  const acks = () => fake.framesOf('ack').filter((f) => f.id === m.id).length;
+  const before = acks();
+  for (const c of fake.conns) fake.send(c, m); // the server's redelivery
+  await waitFor('acked again', () => acks() > before);
+  assert.equal(a.seen.length, 1);
+});
+
 test('reconnect resumes with lastId: messages sent meanwhile arrive once, in order', async () => {
   const room = newRoom();
   const a = client('a3').connect();

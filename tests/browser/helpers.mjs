@@ -87,3 +87,94 @@ export class Procs {
     try { return fs.readFileSync(`${this.logDir}/${name}.log`, 'utf8'); } catch { return ''; }
   }
 }
+
+/** Debian's Chromium, headless, with a fresh temporary profile (Playwright makes one). */
+export async function launchChromium() {
+  const { chromium } = await import('playwright-core');
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM_PATH || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+    ],
+  });
+}
+
+/** A phone-sized browser context (its own storage: its own userId). */
+export async function phoneContext(browser) {
+  return browser.newContext({
+    viewport: { width: 390, height: 760 },
+    deviceScaleFactor: 1,
+    isMobile: false,
+    hasTouch: true,
+    locale: 'zh-CN',
+  });
+}
+
+/**
+ * Opens the chat page in a new phone-sized context, sets the nickname and waits until the
+ * connection is up. Page errors are collected in `page.errors`; the connection states the
+ * page went through in `window.__states`.
+ */
+export async function openChat(browser, baseUrl, nickname) {
+  const context = await phoneContext(browser);
+  const page = await context.newPage();
+  page.errors = [];
+  page.on('pageerror', (err) => page.errors.push(String(err)));
+  page.on('console', (msg) => {
+    if (msg.type() === 'error') page.errors.push(`console: ${msg.text()}`);
+  });
+  await page.goto(`${baseUrl}/`);
+  await page.fill('#name-input', nickname);
+  await page.press('#name-input', 'Enter');
+  await page.waitForSelector('#conn-state[data-state="connected"]', { timeout: 15000 });
+  await page.evaluate(() => {
+    window.__states = [window.chatApp.client.state];
+    window.chatApp.client.on('state', (s) => window.__states.push(s));
+  });
+  return page;
+}
+
+/** Clicks a room card and waits for the room view. */
+export async function enterRoom(page, roomId) {
+  await page.click(`.itemCard[data-room-id="${roomId}"]`, { timeout: 15000 });
+  await page.waitForSelector('#room:not([hidden])');
+}
+
+/** Types a message and presses Enter. */
+export async function say(page, text) {
+  await page.fill('#msg-input', text);
+  await page.press('#msg-input', 'Enter');
+}
+
+/** What the message list shows: [{kind, text, own, status, id, who}]. */
+export function shown(page) {
+  return page.$$eval('#msg-list > li', (items) => items.map((li) => ({
+    kind: li.classList.contains('notice') ? 'notice' : 'message',
+    text: (li.querySelector('.bubble') || li).textContent,
+    own: li.classList.contains('selfItem'),
+    status: li.dataset.status || null,
+    id: li.dataset.id || null,
+    who: li.querySelector('.who')?.textContent ?? null,
+  })));
+}
+
+/** Waits until a message bubble with exactly `text` is shown (and, if given, has `status`). */
+export async function waitMessage(page, text, { status = null, own = null, timeout = 15000 } = {}) {
+  await page.waitForFunction(({ text, status, own }) => [...document.querySelectorAll('#msg-list .msgItem')]
+    .some((li) => li.querySelector('.bubble').textContent === text
+      && (status === null || li.dataset.status === status)
+      && (own === null || li.classList.contains('selfItem') === own)), { text, status, own }, { timeout });
+}
+
+/** Waits until a notice with exactly `text` is shown. */
+export async function waitNotice(page, text, timeout = 15000) {
+  await page.waitForFunction((text) => [...document.querySelectorAll('#msg-list .notice')]
+    .some((li) => li.textContent === text), text, { timeout });
+}
+
+/** Waits until the online count reads `n`. */
+export async function waitOnline(page, n, timeout = 15000) {
+  await page.waitForFunction((n) => document.getElementById('online-num').textContent === String(n), n, { timeout });
+}
