@@ -258,7 +258,7 @@ export class ChatClient {
     const seq = ++this.connSeq;
     ws._chatSeq = seq;
     this.ws = ws;
-    this.gotFrame = false;
+    this.healthy = false; // set once the server answers a login or a ping
     this.timers.connect = setTimeout(() => {
       // The upgrade hangs (e.g. a half-dead proxy): give up on this socket.
       if (this.ws === ws && ws.readyState !== 1) this._drop(ws, null);
@@ -275,6 +275,7 @@ export class ChatClient {
 
   _onOpen(ws) {
     if (this.ws !== ws) return;
+    this.openedAt = Date.now();
     this._clearTimer('connect');
     this._setState(STATES.CONNECTED, { attempt: this.attempt });
     this._startHeartbeat();
@@ -301,6 +302,10 @@ export class ChatClient {
     }
     for (const pending of this.outbox.values()) pending.transmittedOn = 0;
     if (!this.wanted) return;
+    // A connection that worked starts the backoff anew; one refused at once (e.g. 1013 from a
+    // full node) keeps backing off.
+    if (this.healthy || (this.openedAt && Date.now() - this.openedAt > 5000)) this.attempt = 0;
+    this.openedAt = 0;
     this._scheduleReconnect(code);
   }
 
@@ -606,10 +611,6 @@ export class ChatClient {
     if (this.ws !== ws) return;
     // Any frame is a sign of life.
     this._clearTimer('pong');
-    if (!this.gotFrame) {
-      this.gotFrame = true;
-      this.attempt = 0; // the server talks to us: the next drop starts the backoff anew
-    }
     let frame;
     try {
       frame = JSON.parse(ev.data);
@@ -621,6 +622,7 @@ export class ChatClient {
     const event = frame.event ?? 'message';
     switch (event) {
       case 'heartBeat':
+        this.healthy = true;
         return;
       case 'message':
         return this._onChat(frame);
@@ -714,6 +716,7 @@ export class ChatClient {
     this._setNum(room, frame.num);
     const self = frame.userId === this.userId;
     let rejoin = false;
+    if (self) this.healthy = true;
     if (self && !room.joined) {
       room.joined = true;
       rejoin = !!room.rejoin;

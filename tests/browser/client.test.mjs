@@ -277,6 +277,26 @@ test('backoff: reconnecting, then offline, then connected when the server is bac
   }
 });
 
+test('a node that refuses at once (1013) keeps the client backing off', async () => {
+  const room = newRoom();
+  const a = client('a12', { backoffInitialMs: 40, backoffMaxMs: 2000, offlineAfterAttempts: 4 }).connect();
+  a.join(room);
+  await joined(a, room);
+  fake.rejectWith = 1013;
+  fake.rejected = 0;
+  try {
+    const started = Date.now();
+    fake.closeAll(1012);
+    await waitFor('offline after 4 refusals', () => a.state === STATES.OFFLINE, 10000);
+    // Growing waits (~40·2ⁿ, jittered to at least half), not a tight loop.
+    assert.ok(fake.rejected <= 5, `refused ${fake.rejected} times`);
+    assert.ok(Date.now() - started >= 150, `${Date.now() - started} ms`);
+  } finally {
+    fake.rejectWith = null;
+  }
+  await waitFor('back', () => a.state === STATES.CONNECTED && a.rooms.get(room).joined, 10000);
+});
+
 test('leave sends logout and forgets the room; a bad frame fails the message', async () => {
   const room = newRoom();
   const a = client('a9').connect();

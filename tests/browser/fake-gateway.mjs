@@ -124,6 +124,11 @@ export class FakeGateway {
   }
 
   onConnection(ws) {
+    if (this.rejectWith) {
+      ws.close(this.rejectWith, 'full');
+      this.rejected = (this.rejected ?? 0) + 1;
+      return;
+    }
     const conn = { ws, id: ++this.connSeq, userId: null, userName: null, rooms: new Map() };
     this.conns.add(conn);
     ws.on('message', (data) => {
