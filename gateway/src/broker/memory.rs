@@ -1,0 +1,319 @@
+//! Embedded broker for a single node: the same semantics as the Redis broker (stream ids,
+//! trimming, de-duplication, presence with distinct-user counts, acknowledged positions), kept
+//! in process memory. Nothing outlives the process.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{
+    now_ms, AppendRequest, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, Keys,
+    LeaveOutcome, MemberPage, Page, PresenceEntry, RoomSummary,
+};
+use crate::protocol::{logout_frame, StreamId};
+
+#[derive(Default)]
+struct Stream {
+    /// `(id, frame after the id)`
+    entries: VecDeque<(StreamId, String)>,
+    last: StreamId,
+    max_deleted: StreamId,
+}
+
+#[derive(Default)]
+struct Room {
+    /// conn key → (userId, user fragment)
+    conns: HashMap<String, (String, String)>,
+    /// userId → connections; sorted so member pages have a stable cursor.
+    users: BTreeMap<String, u32>,
+    fragment: String,
+}
+
+#[derive(Default)]
+struct State {
+    subscribed: HashSet<String>,
+    streams: HashMap<String, Stream>,
+    dedup: HashMap<String, (StreamId, Instant)>,
+    rooms: HashMap<String, Room>,
+    acks: HashMap<(String, String), StreamId>,
+}
+
+pub struct MemoryBroker {
+    pub keys: Keys,
+    state: Mutex<State>,
+    inbound: InboundSender,
+    history_max_len: usize,
+    dedup_ttl: Duration,
+}
+
+impl MemoryBroker {
+    pub fn new(history_max_len: u64, dedup_ttl_ms: u64, inbound: InboundSender) -> MemoryBroker {
+        MemoryBroker {
+            keys: Keys::default(),
+            state: Mutex::new(State::default()),
+            inbound,
+            history_max_len: history_max_len.clamp(1, usize::MAX as u64) as usize,
+            dedup_ttl: Duration::from_millis(dedup_ttl_ms),
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("memory broker lock")
+    }
+
+    /// Delivers to this node if it is subscribed (called under the state lock, so publishes
+    /// reach the dispatcher in the order they happened).
+    fn publish(&self, state: &State, channel: &str, payload: String) {
+        if state.subscribed.contains(channel) {
+            let _ = self.inbound.send(Inbound {
+                channel: Bytes::copy_from_slice(channel.as_bytes()),
+                payload: Bytes::from(payload),
+            });
+        }
+    }
+
+    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.state().subscribed.insert(channel.to_string());
+        Ok(())
+    }
+
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        self.state().subscribed.remove(channel);
+        Ok(())
+    }
+
+    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
+        let mut state = self.state();
+        let now = Instant::now();
+        if let Some(key) = &req.dedup_key {
+            if let Some((id, expires)) = state.dedup.get(key) {
+                if *expires > now {
+                    return Ok(Appended {
+                        id: *id,
+                        created: false,
+                    });
+                }
+            }
+        }
+        let mut rest = req.body.clone();
+        if let Some(room) = &req.count_room {
+            let num = state.rooms.get(room).map_or(0, |r| r.users.len());
+            rest.push_str(&num.to_string());
+            rest.push_str(&req.tail);
+        }
+        let max_len = self.history_max_len;
+        let stream = state.streams.entry(req.stream_key.clone()).or_default();
+        let ms = now_ms();
+        let id = if ms > stream.last.ms {
+            StreamId { ms, seq: 0 }
+        } else {
+            stream.last.next()
+        };
+        stream.last = id;
+        stream.entries.push_back((id, rest.clone()));
+        while stream.entries.len() > max_len {
+            if let Some((trimmed, _)) = stream.entries.pop_front() {
+                stream.max_deleted = trimmed;
+            }
+        }
+        if let Some(key) = &req.dedup_key {
+            if state.dedup.len() > 100_000 {
+                state.dedup.retain(|_, (_, expires)| *expires > now);
+            }
+            state.dedup.insert(key.clone(), (id, now + self.dedup_ttl));
+        }
+        let payload = format!(
+            "{}{id}{}{}{id}{rest}",
+            req.header_before, req.header_after, req.frame_head
+        );
+        self.publish(&state, &req.channel, payload);
+        Ok(Appended { id, created: true })
+    }
+
+    pub async fn join(
+        &self,
+        entry: &PresenceEntry,
+        channel: &str,
+        announce_header: &str,
+        _expires_at_ms: u64,
+    ) -> Result<JoinOutcome, BrokerError> {
+        let mut state = self.state();
+        let room = state.rooms.entry(entry.room_key.clone()).or_default();
+        room.fragment = entry.room_fragment.clone();
+        let added = room
+            .conns
+            .insert(
+                entry.conn_key.clone(),
+                (entry.user_id.clone(), entry.user_fragment.clone()),
+            )
+            .is_none();
+        let mut first = false;
+        if added {
+            let count = room.users.entry(entry.user_id.clone()).or_insert(0);
+            *count += 1;
+            first = *count == 1;
+        }
+        let num = room.users.len() as u64;
+        if first {
+            let frame =
+                crate::protocol::login_frame(&entry.user_fragment, &entry.room_fragment, num);
+            self.publish(&state, channel, format!("{announce_header}{frame}"));
+        }
+        Ok(JoinOutcome { first, num })
+    }
+
+    pub async fn leave(
+        &self,
+        entry: &PresenceEntry,
+        channel: &str,
+        announce_header: &str,
+    ) -> Result<LeaveOutcome, BrokerError> {
+        let mut state = self.state();
+        let Some(room) = state.rooms.get_mut(&entry.room_key) else {
+            return Ok(LeaveOutcome {
+                last: false,
+                num: 0,
+            });
+        };
+        let Some((user, fragment)) = room.conns.remove(&entry.conn_key) else {
+            return Ok(LeaveOutcome {
+                last: false,
+                num: room.users.len() as u64,
+            });
+        };
+        let mut last = false;
+        if let Some(count) = room.users.get_mut(&user) {
+            *count -= 1;
+            if *count == 0 {
+                room.users.remove(&user);
+                last = true;
+            }
+        }
+        let num = room.users.len() as u64;
+        if room.conns.is_empty() {
+            state.rooms.remove(&entry.room_key);
+        }
+        if last {
+            let frame = logout_frame(&fragment, &entry.room_fragment, num);
+            self.publish(&state, channel, format!("{announce_header}{frame}"));
+        }
+        Ok(LeaveOutcome { last, num })
+    }
+
+    /// One process holds every entry, and it is alive: nothing expires.
+    pub async fn refresh(&self, _: &[PresenceEntry], _: u64) -> Result<u64, BrokerError> {
+        Ok(0)
+    }
+
+    pub async fn prune(&self, _: u64, _: &str) -> Result<u64, BrokerError> {
+        Ok(0)
+    }
+
+    pub async fn range(
+        &self,
+        stream_key: &str,
+        frame_head: &str,
+        after: StreamId,
+        limit: usize,
+    ) -> Result<Page, BrokerError> {
+        let state = self.state();
+        let Some(stream) = state.streams.get(stream_key) else {
+            return Ok(Page::default());
+        };
+        let start = stream.entries.partition_point(|(id, _)| *id <= after);
+        let entries = stream
+            .entries
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|(id, rest)| (*id, format!("{frame_head}{id}{rest}")))
+            .collect();
+        Ok(Page {
+            entries,
+            truncated: after < stream.max_deleted,
+        })
+    }
+
+    pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
+        let mut state = self.state();
+        for (key, field, id) in acks {
+            state.acks.insert((key.clone(), field.clone()), *id);
+        }
+        Ok(())
+    }
+
+    pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
+        Ok(self
+            .state()
+            .acks
+            .get(&(key.to_string(), field.to_string()))
+            .copied())
+    }
+
+    pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
+        let state = self.state();
+        let mut rooms: Vec<RoomSummary> = state
+            .rooms
+            .iter()
+            .map(|(key, room)| RoomSummary {
+                room_key: key.clone(),
+                room_fragment: room.fragment.clone(),
+                num: room.users.len() as u64,
+            })
+            .collect();
+        rooms.sort_by(|a, b| b.num.cmp(&a.num).then(a.room_key.cmp(&b.room_key)));
+        rooms.truncate(limit);
+        Ok(rooms)
+    }
+
+    pub async fn room_count(&self, room_key: &str) -> Result<u64, BrokerError> {
+        Ok(self
+            .state()
+            .rooms
+            .get(room_key)
+            .map_or(0, |r| r.users.len() as u64))
+    }
+
+    pub async fn members(
+        &self,
+        room_key: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MemberPage, BrokerError> {
+        let state = self.state();
+        let Some(room) = state.rooms.get(room_key) else {
+            return Ok(MemberPage::default());
+        };
+        let fragments: HashMap<&str, &str> = room
+            .conns
+            .values()
+            .map(|(user, fragment)| (user.as_str(), fragment.as_str()))
+            .collect();
+        let start = match cursor {
+            Some(after) => std::ops::Bound::Excluded(after.to_string()),
+            None => std::ops::Bound::Unbounded,
+        };
+        let mut members: Vec<(String, String)> = room
+            .users
+            .range((start, std::ops::Bound::Unbounded))
+            .take(limit + 1)
+            .map(|(user, _)| {
+                let fragment = fragments.get(user.as_str()).copied().unwrap_or_default();
+                (user.clone(), fragment.to_string())
+            })
+            .collect();
+        let next_cursor = if members.len() > limit {
+            members.truncate(limit);
+            members.last().map(|(user, _)| user.clone())
+        } else {
+            None
+        };
+        Ok(MemberPage {
+            num: room.users.len() as u64,
+            members,
+            next_cursor,
+        })
+    }
+}

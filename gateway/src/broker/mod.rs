@@ -1,0 +1,260 @@
+//! The broker: pub/sub between nodes, presence storage, message history and inboxes behind one
+//! interface with two implementations — embedded (in-process, single node) and Redis. Session,
+//! hub and presence code never know which one runs.
+//!
+//! Everything a client can observe as one step is one broker call (one Redis round trip):
+//! appending a message also publishes it, joining a room also announces the login.
+
+pub mod envelope;
+pub mod keys;
+pub mod memory;
+pub mod redis;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+pub use envelope::{Envelope, EnvelopeHeader, Kind};
+pub use keys::Keys;
+
+use crate::protocol::StreamId;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached; nothing was done (or it is unknown whether it was).
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker answered something this code does not understand.
+    #[error("unexpected broker reply: {0}")]
+    Protocol(String),
+}
+
+/// A message received from the broker on a subscribed channel.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    pub channel: Bytes,
+    pub payload: Bytes,
+}
+
+/// Where the broker delivers subscribed messages (drained by the hub's dispatcher).
+pub type InboundSender = mpsc::UnboundedSender<Inbound>;
+
+/// Append a message to a stream (a room's history or a user's inbox) and publish it.
+#[derive(Debug, Clone)]
+pub struct AppendRequest {
+    pub stream_key: String,
+    pub channel: String,
+    /// Key remembering a clientMsgId; `None` when the client gave none.
+    pub dedup_key: Option<String>,
+    /// The room whose online count becomes the frame's `num`; `None` for inboxes.
+    pub count_room: Option<String>,
+    /// Envelope header text around the id the broker assigns: `BEFORE id AFTER`.
+    pub header_before: String,
+    pub header_after: String,
+    /// Frame head up to the id (`{"event":"message","id":"`).
+    pub frame_head: &'static str,
+    /// The frame after the id; with `count_room`, the count and `tail` follow it.
+    pub body: String,
+    pub tail: String,
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub id: StreamId,
+    /// False when the clientMsgId was seen before: `id` is the original message's.
+    pub created: bool,
+}
+
+/// One connection's presence in one room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PresenceEntry {
+    pub room_key: String,
+    /// `node:connection`, unique in the cluster.
+    pub conn_key: String,
+    pub user_id: String,
+    /// `"userId":…,"userName":…`
+    pub user_fragment: String,
+    /// `"roomId":…,"roomName":…`
+    pub room_fragment: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JoinOutcome {
+    /// This was the user's first connection in the room: its login was broadcast.
+    pub first: bool,
+    pub num: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaveOutcome {
+    /// This was the user's last connection in the room: its logout was broadcast.
+    pub last: bool,
+    pub num: u64,
+}
+
+/// A page of a stream.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// `(id, frame)` in id order; frames are complete client frames.
+    pub entries: Vec<(StreamId, String)>,
+    /// Entries after the requested position were trimmed away before they could be read.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomSummary {
+    pub room_key: String,
+    /// `"roomId":…,"roomName":…` as last announced.
+    pub room_fragment: String,
+    pub num: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct MemberPage {
+    pub num: u64,
+    /// `(userId, user fragment)`
+    pub members: Vec<(String, String)>,
+    pub next_cursor: Option<String>,
+}
+
+/// The broker in use.
+#[derive(Clone)]
+pub enum Broker {
+    Memory(Arc<memory::MemoryBroker>),
+    Redis(Arc<redis::RedisBroker>),
+}
+
+macro_rules! dispatch {
+    ($self:ident . $method:ident ( $($arg:expr),* )) => {
+        match $self {
+            Broker::Memory(b) => b.$method($($arg),*).await,
+            Broker::Redis(b) => b.$method($($arg),*).await,
+        }
+    };
+}
+
+impl Broker {
+    pub fn keys(&self) -> &Keys {
+        match self {
+            Broker::Memory(b) => &b.keys,
+            Broker::Redis(b) => &b.keys,
+        }
+    }
+
+    /// True while the broker is reachable (drives `/readyz`).
+    pub fn is_up(&self) -> bool {
+        match self {
+            Broker::Memory(_) => true,
+            Broker::Redis(b) => b.is_up(),
+        }
+    }
+
+    pub fn is_embedded(&self) -> bool {
+        matches!(self, Broker::Memory(_))
+    }
+
+    /// Subscribes this node to `channel`; returns once messages on it will be received.
+    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        dispatch!(self.subscribe(channel))
+    }
+
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        dispatch!(self.unsubscribe(channel))
+    }
+
+    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
+        dispatch!(self.append(req))
+    }
+
+    /// Records the entry and, if it is the user's first connection in the room, publishes
+    /// `announce_header` + the login frame to `channel`.
+    pub async fn join(
+        &self,
+        entry: &PresenceEntry,
+        channel: &str,
+        announce_header: &str,
+        expires_at_ms: u64,
+    ) -> Result<JoinOutcome, BrokerError> {
+        dispatch!(self.join(entry, channel, announce_header, expires_at_ms))
+    }
+
+    pub async fn leave(
+        &self,
+        entry: &PresenceEntry,
+        channel: &str,
+        announce_header: &str,
+    ) -> Result<LeaveOutcome, BrokerError> {
+        dispatch!(self.leave(entry, channel, announce_header))
+    }
+
+    /// Pushes the expiry of live entries forward, re-creating any that vanished (a flushed or
+    /// restarted Redis). Returns how many were re-created.
+    pub async fn refresh(
+        &self,
+        entries: &[PresenceEntry],
+        expires_at_ms: u64,
+    ) -> Result<u64, BrokerError> {
+        dispatch!(self.refresh(entries, expires_at_ms))
+    }
+
+    /// Removes entries whose expiry passed (their node died) and announces each departed
+    /// user's logout once. Returns how many entries were removed.
+    pub async fn prune(&self, now_ms: u64, announce_header: &str) -> Result<u64, BrokerError> {
+        dispatch!(self.prune(now_ms, announce_header))
+    }
+
+    /// Up to `limit` entries after `after` (exclusive) of a stream.
+    pub async fn range(
+        &self,
+        stream_key: &str,
+        frame_head: &str,
+        after: StreamId,
+        limit: usize,
+    ) -> Result<Page, BrokerError> {
+        dispatch!(self.range(stream_key, frame_head, after, limit))
+    }
+
+    /// Stores acknowledged positions: `(acks key, field, id)`.
+    pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
+        dispatch!(self.save_acks(acks))
+    }
+
+    pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
+        dispatch!(self.load_ack(key, field))
+    }
+
+    pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
+        dispatch!(self.rooms(limit))
+    }
+
+    pub async fn room_count(&self, room_key: &str) -> Result<u64, BrokerError> {
+        dispatch!(self.room_count(room_key))
+    }
+
+    pub async fn members(
+        &self,
+        room_key: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MemberPage, BrokerError> {
+        dispatch!(self.members(room_key, cursor, limit))
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Microseconds since the Unix epoch.
+pub fn now_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

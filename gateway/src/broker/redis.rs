@@ -1,0 +1,519 @@
+//! Redis broker: commands and Lua scripts over one multiplexed (pipelining, auto-reconnecting)
+//! connection; pub/sub over a dedicated connection that a supervisor task keeps alive,
+//! re-subscribing every channel this node needs after Redis comes back.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::{RedisError, Script, Value};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    AppendRequest, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, Keys, LeaveOutcome,
+    MemberPage, Page, PresenceEntry, RoomSummary,
+};
+use crate::metrics::Metrics;
+use crate::protocol::StreamId;
+
+/// Entries per refresh script call (one pipelined batch holds all calls of a round).
+const REFRESH_BATCH: usize = 500;
+/// Expired entries removed per prune call.
+const PRUNE_BATCH: usize = 1000;
+
+struct Scripts {
+    append: Script,
+    join: Script,
+    leave: Script,
+    prune: Script,
+    refresh: Script,
+    range: Script,
+}
+
+impl Scripts {
+    fn load() -> Scripts {
+        Scripts {
+            append: Script::new(include_str!("scripts/append.lua")),
+            join: Script::new(include_str!("scripts/join.lua")),
+            leave: Script::new(include_str!("scripts/leave.lua")),
+            prune: Script::new(include_str!("scripts/prune.lua")),
+            refresh: Script::new(include_str!("scripts/refresh.lua")),
+            range: Script::new(include_str!("scripts/range.lua")),
+        }
+    }
+}
+
+/// The subscriptions this node wants, and the live pub/sub connection's sink if there is one.
+#[derive(Default)]
+struct Subscriptions {
+    wanted: HashSet<String>,
+    sink: Option<PubSubSink>,
+}
+
+pub struct RedisBroker {
+    pub keys: Keys,
+    client: redis::Client,
+    commands: ConnectionManager,
+    scripts: Scripts,
+    subscriptions: Mutex<Subscriptions>,
+    /// True while the pub/sub connection is up (commands reconnect by themselves).
+    up: AtomicBool,
+    history_max_len: u64,
+    dedup_ttl_ms: u64,
+    metrics: Arc<Metrics>,
+}
+
+fn unavailable(e: RedisError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+impl RedisBroker {
+    /// Creates the broker (lazily connected) and starts the pub/sub supervisor, which delivers
+    /// subscribed messages to `inbound` until `shutdown`. `on_reconnect` runs after every
+    /// re-established pub/sub connection (to re-assert presence).
+    pub fn start(
+        url: &str,
+        history_max_len: u64,
+        dedup_ttl_ms: u64,
+        metrics: Arc<Metrics>,
+        inbound: InboundSender,
+        shutdown: CancellationToken,
+        on_reconnect: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Arc<RedisBroker>, BrokerError> {
+        let client = redis::Client::open(url).map_err(unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_millis(500));
+        let commands =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
+        let broker = Arc::new(RedisBroker {
+            keys: Keys::default(),
+            client,
+            commands,
+            scripts: Scripts::load(),
+            subscriptions: Mutex::new(Subscriptions::default()),
+            up: AtomicBool::new(false),
+            history_max_len,
+            dedup_ttl_ms,
+            metrics,
+        });
+        tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
+        Ok(broker)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Keeps one pub/sub connection alive: connect, subscribe to every wanted channel, forward
+    /// messages (the client library drains the socket into an unbounded queue, so Redis never
+    /// waits on a slow WebSocket), and start again with backoff when it drops.
+    async fn supervise_pubsub(
+        self: Arc<Self>,
+        inbound: InboundSender,
+        shutdown: CancellationToken,
+        on_reconnect: Arc<dyn Fn() + Send + Sync>,
+    ) {
+        let mut backoff = Duration::from_millis(50);
+        let mut connected_before = false;
+        loop {
+            let attempt = async {
+                let pubsub = self.client.get_async_pubsub().await?;
+                let (mut sink, stream) = pubsub.split();
+                let wanted: Vec<String> = {
+                    let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+                    subs.sink = Some(sink.clone());
+                    subs.wanted.iter().cloned().collect()
+                };
+                for chunk in wanted.chunks(256) {
+                    sink.subscribe(chunk).await?;
+                }
+                Ok::<_, RedisError>(stream)
+            };
+            let stream = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                result = attempt => result,
+            };
+            match stream {
+                Ok(mut stream) => {
+                    self.up.store(true, Ordering::Relaxed);
+                    self.metrics.broker_up.set(1);
+                    backoff = Duration::from_millis(50);
+                    if connected_before {
+                        self.metrics.pubsub_reconnects.inc();
+                        tracing::info!("redis pub/sub reconnected; subscriptions restored");
+                        on_reconnect();
+                    }
+                    connected_before = true;
+                    loop {
+                        let msg = tokio::select! {
+                            _ = shutdown.cancelled() => return,
+                            msg = stream.next() => msg,
+                        };
+                        let Some(msg) = msg else { break };
+                        let inbound_msg = Inbound {
+                            channel: Bytes::copy_from_slice(msg.get_channel_name().as_bytes()),
+                            payload: Bytes::copy_from_slice(msg.get_payload_bytes()),
+                        };
+                        if inbound.send(inbound_msg).is_err() {
+                            return;
+                        }
+                    }
+                    tracing::warn!("redis pub/sub connection lost");
+                }
+                Err(e) => tracing::debug!("redis pub/sub connect failed: {e}"),
+            }
+            self.up.store(false, Ordering::Relaxed);
+            self.metrics.broker_up.set(0);
+            self.subscriptions.lock().expect("subscriptions lock").sink = None;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let sink = {
+            let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+            subs.wanted.insert(channel.to_string());
+            subs.sink.clone()
+        };
+        let Some(mut sink) = sink else {
+            return Err(BrokerError::Unavailable(
+                "redis pub/sub is reconnecting".into(),
+            ));
+        };
+        self.timed("subscribe", sink.subscribe(channel)).await
+    }
+
+    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let sink = {
+            let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+            subs.wanted.remove(channel);
+            subs.sink.clone()
+        };
+        match sink {
+            Some(mut sink) => self.timed("unsubscribe", sink.unsubscribe(channel)).await,
+            // Not connected: the channel is no longer wanted, so it won't be re-subscribed.
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a Redis future, recording its latency and errors under `op`.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, BrokerError> {
+        let started = Instant::now();
+        let result = fut.await;
+        self.metrics
+            .redis_command_duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        result.map_err(|e| {
+            self.metrics.redis_errors.with_label_values(&[op]).inc();
+            unavailable(e)
+        })
+    }
+
+    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
+        let mut invocation = self.scripts.append.prepare_invoke();
+        invocation
+            .key(&req.stream_key)
+            .key(req.dedup_key.as_deref().unwrap_or(""))
+            .key(
+                req.count_room
+                    .as_deref()
+                    .map(|room| self.keys.room_users(room))
+                    .unwrap_or_default(),
+            )
+            .arg(self.history_max_len)
+            .arg(self.dedup_ttl_ms)
+            .arg(&req.channel)
+            .arg(&req.header_before)
+            .arg(&req.header_after)
+            .arg(req.frame_head)
+            .arg(&req.body)
+            .arg(&req.tail);
+        let mut con = self.commands.clone();
+        let (id, created): (String, i64) = self
+            .timed("append", invocation.invoke_async(&mut con))
+            .await?;
+        Ok(Appended {
+            id: parse_id(&id)?,
+            created: created == 1,
+        })
+    }
+
+    pub async fn join(
+        &self,
+        entry: &PresenceEntry,
+        channel: &str,
+        announce_header: &str,
+        expires_at_ms: u64,
+    ) -> Result<JoinOutcome, BrokerError> {
+        let mut invocation = self.scripts.join.prepare_invoke();
+        invocation
+            .key(self.keys.room_conns(&entry.room_key))
+            .key(self.keys.room_users(&entry.room_key))
+            .key(self.keys.presence_expiry())
+            .key(self.keys.rooms())
+            .arg(&entry.conn_key)
+            .arg(&entry.user_id)
+            .arg(&entry.user_fragment)
+            .arg(expires_at_ms)
+            .arg(&entry.room_key)
+            .arg(&entry.room_fragment)
+            .arg(channel)
+            .arg(announce_header);
+        let mut con = self.commands.clone();
+        let (first, num): (i64, u64) = self
+            .timed("join", invocation.invoke_async(&mut con))
+            .await?;
+        Ok(JoinOutcome {
+            first: first == 1,
+            num,
+        })
+    }
+
+    pub async fn leave(
+        &self,
+        entry: &PresenceEntry,
+        channel: &str,
+        announce_header: &str,
+    ) -> Result<LeaveOutcome, BrokerError> {
+        let mut invocation = self.scripts.leave.prepare_invoke();
+        invocation
+            .key(self.keys.room_conns(&entry.room_key))
+            .key(self.keys.room_users(&entry.room_key))
+            .key(self.keys.presence_expiry())
+            .key(self.keys.rooms())
+            .arg(&entry.conn_key)
+            .arg(&entry.room_key)
+            .arg(&entry.room_fragment)
+            .arg(channel)
+            .arg(announce_header);
+        let mut con = self.commands.clone();
+        let (last, num): (i64, u64) = self
+            .timed("leave", invocation.invoke_async(&mut con))
+            .await?;
+        Ok(LeaveOutcome {
+            last: last == 1,
+            num,
+        })
+    }
+
+    pub async fn refresh(
+        &self,
+        entries: &[PresenceEntry],
+        expires_at_ms: u64,
+    ) -> Result<u64, BrokerError> {
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        // One pipelined round trip for all batches.
+        let mut pipe = redis::pipe();
+        for batch in entries.chunks(REFRESH_BATCH) {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.scripts.refresh.get_hash())
+                .arg(2)
+                .arg(self.keys.presence_expiry())
+                .arg(self.keys.rooms())
+                .arg(expires_at_ms)
+                .arg(&self.keys.prefix);
+            for e in batch {
+                cmd.arg(&e.room_key)
+                    .arg(&e.conn_key)
+                    .arg(&e.user_id)
+                    .arg(&e.user_fragment)
+                    .arg(&e.room_fragment);
+            }
+            pipe.add_command(cmd);
+        }
+        let mut con = self.commands.clone();
+        let result: Result<Vec<u64>, RedisError> = pipe.query_async(&mut con).await;
+        let restored = match result {
+            Ok(counts) => counts,
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                // Redis restarted and forgot the script: load it, then go again.
+                self.timed(
+                    "script_load",
+                    self.scripts.refresh.prepare_invoke().load_async(&mut con),
+                )
+                .await?;
+                self.timed("refresh", pipe.query_async::<Vec<u64>>(&mut con))
+                    .await?
+            }
+            Err(e) => {
+                self.metrics
+                    .redis_errors
+                    .with_label_values(&["refresh"])
+                    .inc();
+                return Err(unavailable(e));
+            }
+        };
+        Ok(restored.iter().sum())
+    }
+
+    pub async fn prune(&self, now_ms: u64, announce_header: &str) -> Result<u64, BrokerError> {
+        let mut invocation = self.scripts.prune.prepare_invoke();
+        invocation
+            .key(self.keys.presence_expiry())
+            .key(self.keys.rooms())
+            .arg(now_ms)
+            .arg(PRUNE_BATCH)
+            .arg(&self.keys.prefix)
+            .arg(announce_header);
+        let mut con = self.commands.clone();
+        self.timed("prune", invocation.invoke_async(&mut con)).await
+    }
+
+    pub async fn range(
+        &self,
+        stream_key: &str,
+        frame_head: &str,
+        after: StreamId,
+        limit: usize,
+    ) -> Result<Page, BrokerError> {
+        let mut invocation = self.scripts.range.prepare_invoke();
+        invocation.key(stream_key).arg(after.to_string()).arg(limit);
+        let mut con = self.commands.clone();
+        let (max_deleted, raw): (String, Vec<StreamEntry>) = self
+            .timed("range", invocation.invoke_async(&mut con))
+            .await?;
+        let max_deleted = parse_id(&max_deleted)?;
+        let mut entries = Vec::with_capacity(raw.len());
+        for (id, fields) in raw {
+            let rest = fields
+                .into_iter()
+                .find(|(name, _)| name == "f")
+                .map(|(_, value)| value)
+                .ok_or_else(|| BrokerError::Protocol(format!("stream entry {id} has no frame")))?;
+            entries.push((parse_id(&id)?, format!("{frame_head}{id}{rest}")));
+        }
+        Ok(Page {
+            entries,
+            truncated: after < max_deleted,
+        })
+    }
+
+    pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (key, field, id) in acks {
+            pipe.hset(key, field, id.to_string()).ignore();
+        }
+        let mut con = self.commands.clone();
+        self.timed("save_acks", pipe.query_async::<()>(&mut con))
+            .await
+    }
+
+    pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
+        let mut con = self.commands.clone();
+        let value: Option<String> = self
+            .timed(
+                "load_ack",
+                redis::cmd("HGET").arg(key).arg(field).query_async(&mut con),
+            )
+            .await?;
+        value.map(|v| parse_id(&v)).transpose()
+    }
+
+    pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
+        let mut con = self.commands.clone();
+        let (_, flat): (String, Vec<String>) = self
+            .timed(
+                "rooms",
+                redis::cmd("HSCAN")
+                    .arg(self.keys.rooms())
+                    .arg(0)
+                    .arg("COUNT")
+                    .arg(limit)
+                    .query_async(&mut con),
+            )
+            .await?;
+        let pairs: Vec<(String, String)> = flat
+            .chunks_exact(2)
+            .map(|p| (p[0].clone(), p[1].clone()))
+            .take(limit)
+            .collect();
+        let mut pipe = redis::pipe();
+        for (room, _) in &pairs {
+            pipe.hlen(self.keys.room_users(room));
+        }
+        let counts: Vec<u64> = self.timed("rooms", pipe.query_async(&mut con)).await?;
+        Ok(pairs
+            .into_iter()
+            .zip(counts)
+            .map(|((room_key, room_fragment), num)| RoomSummary {
+                room_key,
+                room_fragment,
+                num,
+            })
+            .collect())
+    }
+
+    pub async fn room_count(&self, room_key: &str) -> Result<u64, BrokerError> {
+        let mut con = self.commands.clone();
+        self.timed(
+            "room_count",
+            redis::cmd("HLEN")
+                .arg(self.keys.room_users(room_key))
+                .query_async(&mut con),
+        )
+        .await
+    }
+
+    pub async fn members(
+        &self,
+        room_key: &str,
+        cursor: Option<&str>,
+        limit: usize,
+    ) -> Result<MemberPage, BrokerError> {
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        pipe.hlen(self.keys.room_users(room_key));
+        pipe.cmd("HSCAN")
+            .arg(self.keys.room_conns(room_key))
+            .arg(cursor.unwrap_or("0"))
+            .arg("COUNT")
+            .arg(limit);
+        let (num, (next, flat)): (u64, (String, Vec<Value>)) =
+            self.timed("members", pipe.query_async(&mut con)).await?;
+        let mut seen = HashSet::new();
+        let mut members = Vec::new();
+        for value in flat.iter().skip(1).step_by(2) {
+            let entry: String = redis::from_redis_value_ref(value)
+                .map_err(|e| BrokerError::Protocol(e.to_string()))?;
+            if let Some((user, fragment)) = entry.split_once('\n') {
+                if seen.insert(user.to_string()) {
+                    members.push((user.to_string(), fragment.to_string()));
+                }
+            }
+        }
+        Ok(MemberPage {
+            num,
+            members,
+            next_cursor: (next != "0").then_some(next),
+        })
+    }
+}
+
+/// A raw stream entry: id and field/value pairs.
+type StreamEntry = (String, Vec<(String, String)>);
+
+fn parse_id(text: &str) -> Result<StreamId, BrokerError> {
+    text.parse()
+        .map_err(|_| BrokerError::Protocol(format!("bad stream id {text:?}")))
+}

@@ -1,0 +1,263 @@
+//! Configuration: every setting is a CLI flag and a `GATEWAY_*` environment variable, validated
+//! at start-up (a bad value is reported and the process exits with code 64).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Exit code for a configuration error (sysexits' EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Horizontally scalable WebSocket chat gateway. Without --redis-url it runs as a single \
+             node with an embedded in-process broker."
+)]
+pub struct Config {
+    /// Public listener: WebSocket upgrades at / and /ws, the chat page, /api/rooms.
+    #[arg(long, env = "GATEWAY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Admin listener: /healthz, /readyz, /metrics (never served on the public listener).
+    #[arg(long, env = "GATEWAY_ADMIN_LISTEN", default_value = "127.0.0.1:9091")]
+    pub admin_listen: SocketAddr,
+
+    /// Redis URL (redis://host:port/db). Unset: embedded single-node broker, nothing persisted
+    /// beyond the process.
+    #[arg(long, env = "GATEWAY_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// This node's id in logs, metrics and presence. Default: host name plus a random suffix.
+    #[arg(long, env = "GATEWAY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// A connection that sends nothing for this long is closed (code 4000) and leaves its rooms.
+    #[arg(long, env = "GATEWAY_HEARTBEAT_TIMEOUT_MS", default_value_t = 60_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub heartbeat_timeout_ms: u64,
+
+    /// Presence entries of a node that stops refreshing them expire after this long.
+    #[arg(long, env = "GATEWAY_PRESENCE_TTL_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(300..=3_600_000))]
+    pub presence_ttl_ms: u64,
+
+    /// Approximate number of messages kept per room (stream MAXLEN ~).
+    #[arg(long, env = "GATEWAY_HISTORY_MAX_LEN", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub history_max_len: u64,
+
+    /// How long a clientMsgId is remembered for de-duplicating retries.
+    #[arg(long, env = "GATEWAY_DEDUP_TTL_MS", default_value_t = 600_000,
+          value_parser = clap::value_parser!(u64).range(1..=86_400_000))]
+    pub dedup_ttl_ms: u64,
+
+    /// An unacknowledged message (ack mode) is sent again after this long.
+    #[arg(long, env = "GATEWAY_ACK_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub ack_timeout_ms: u64,
+
+    /// Redeliveries of one message before the connection is closed with code 4009.
+    #[arg(long, env = "GATEWAY_MAX_REDELIVERIES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(0..=1000))]
+    pub max_redeliveries: u32,
+
+    /// Most messages replayed by one login or sync request.
+    #[arg(long, env = "GATEWAY_SYNC_MAX", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub sync_max: u32,
+
+    /// Largest incoming WebSocket message in bytes (a larger one closes with 1009).
+    #[arg(long, env = "GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 65_536,
+          value_parser = clap::value_parser!(u32).range(256..=16_777_216))]
+    pub max_message_bytes: u32,
+
+    /// Most concurrent WebSocket connections on this node (more are closed with 1013).
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections: u32,
+
+    /// Frames queued for one connection before it is disconnected as a slow consumer (4008).
+    #[arg(long, env = "GATEWAY_OUTBOUND_QUEUE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
+    pub outbound_queue: u32,
+
+    /// Rooms one connection may be logged into at once.
+    #[arg(long, env = "GATEWAY_MAX_ROOMS_PER_CONNECTION", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_rooms_per_connection: u32,
+
+    /// How long shutdown waits for connections to close and leaves to be announced.
+    #[arg(long, env = "GATEWAY_SHUTDOWN_GRACE_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub shutdown_grace_ms: u64,
+
+    /// Rooms always listed by GET /api/rooms, as `id:name` pairs separated by commas
+    /// (an id made of digits is a number, anything else a string).
+    #[arg(
+        long,
+        env = "GATEWAY_DEFAULT_ROOMS",
+        default_value = "1:大厅 Lobby,2:技术 Tech,3:闲聊 Random"
+    )]
+    pub default_rooms: String,
+
+    /// Log format: `text` (human-readable) or `json`.
+    #[arg(long, env = "GATEWAY_LOG_FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// A room listed even when empty.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DefaultRoom {
+    pub room_id: serde_json::Value,
+    pub room_name: String,
+}
+
+impl Config {
+    /// Parses and validates the command line and environment. On error, prints the message and
+    /// exits with code 64 (help and version exit 0).
+    pub fn from_args() -> Config {
+        let config = match Config::try_parse() {
+            Ok(config) => config,
+            Err(err) => {
+                use clap::error::ErrorKind;
+                let code = match err.kind() {
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => 0,
+                    _ => EXIT_CONFIG,
+                };
+                let _ = err.print();
+                std::process::exit(code);
+            }
+        };
+        if let Err(message) = config.validate() {
+            eprintln!("error: {message}");
+            std::process::exit(EXIT_CONFIG);
+        }
+        config
+    }
+
+    /// Cross-field checks that clap cannot express.
+    pub fn validate(&self) -> Result<(), String> {
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(format!(
+                    "GATEWAY_REDIS_URL must start with redis:// or rediss://, got {url:?}"
+                ));
+            }
+            redis::Client::open(url.as_str())
+                .map_err(|e| format!("GATEWAY_REDIS_URL {url:?} is not valid: {e}"))?;
+        }
+        if self.listen == self.admin_listen {
+            return Err("GATEWAY_LISTEN and GATEWAY_ADMIN_LISTEN must differ".into());
+        }
+        if let Some(id) = &self.node_id {
+            if id.is_empty() || id.len() > 64 || id.contains(['\n', '|', ' ']) {
+                return Err(format!(
+                    "GATEWAY_NODE_ID must be 1-64 characters without spaces, '|' or newlines, got {id:?}"
+                ));
+            }
+        }
+        self.parse_default_rooms()?;
+        Ok(())
+    }
+
+    pub fn parse_default_rooms(&self) -> Result<Vec<DefaultRoom>, String> {
+        let mut rooms = Vec::new();
+        for item in self
+            .default_rooms
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            let (id, name) = item.split_once(':').ok_or_else(|| {
+                format!("GATEWAY_DEFAULT_ROOMS entry {item:?} is not of the form id:name")
+            })?;
+            let id = id.trim();
+            if id.is_empty() || id.len() > 128 {
+                return Err(format!("GATEWAY_DEFAULT_ROOMS entry {item:?} has a bad id"));
+            }
+            let room_id = match id.parse::<i64>() {
+                Ok(n) if n.to_string() == id => serde_json::Value::from(n),
+                _ => serde_json::Value::from(id),
+            };
+            rooms.push(DefaultRoom {
+                room_id,
+                room_name: name.trim().to_string(),
+            });
+        }
+        Ok(rooms)
+    }
+
+    pub fn node_id(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "gateway".into());
+            let suffix: u32 = rand::random::<u32>() % 0x10000;
+            format!("{host}-{suffix:04x}")
+        })
+    }
+
+    pub fn heartbeat_timeout(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_timeout_ms)
+    }
+
+    pub fn presence_ttl(&self) -> Duration {
+        Duration::from_millis(self.presence_ttl_ms)
+    }
+
+    pub fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.ack_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let mut argv = vec!["gateway"];
+        argv.extend_from_slice(args);
+        let config = Config::try_parse_from(argv).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.admin_listen.to_string(), "127.0.0.1:9091");
+        assert_eq!(config.heartbeat_timeout_ms, 60_000);
+        assert!(config.redis_url.is_none());
+        assert_eq!(config.parse_default_rooms().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_a_reason() {
+        assert!(parse(&["--listen", "nope"]).is_err());
+        assert!(parse(&["--redis-url", "http://x"])
+            .unwrap_err()
+            .contains("redis://"));
+        assert!(parse(&["--heartbeat-timeout-ms", "5"]).is_err());
+        assert!(parse(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1"]).is_err());
+        assert!(parse(&["--default-rooms", "nocolon"]).is_err());
+        assert!(parse(&["--node-id", "a b"]).is_err());
+    }
+
+    #[test]
+    fn default_rooms_keep_number_and_string_ids() {
+        let config = parse(&["--default-rooms", "7:Seven, ab:Letters"]).unwrap();
+        let rooms = config.parse_default_rooms().unwrap();
+        assert_eq!(rooms[0].room_id, serde_json::json!(7));
+        assert_eq!(rooms[1].room_id, serde_json::json!("ab"));
+        assert_eq!(rooms[1].room_name, "Letters");
+    }
+}

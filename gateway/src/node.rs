@@ -1,0 +1,153 @@
+//! The node: everything sessions and HTTP handlers share, built once at start-up, and the
+//! background tasks that run beside the connections (fan-out dispatcher, presence upkeep,
+//! ack writer).
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::{Broker, BrokerError};
+use crate::config::{Config, DefaultRoom};
+use crate::delivery::AckStore;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::presence::Presence;
+
+pub struct Node {
+    pub config: Config,
+    pub node_id: String,
+    pub default_rooms: Vec<DefaultRoom>,
+    pub broker: Broker,
+    pub hub: Arc<Hub>,
+    pub presence: Arc<Presence>,
+    pub acks: Arc<AckStore>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the node starts shutting down: sessions close with 1012.
+    pub shutdown: CancellationToken,
+    /// Cancelled after sessions are done: background tasks stop.
+    pub background_stop: CancellationToken,
+    /// Every session task, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    next_conn_id: AtomicU64,
+    open_connections: AtomicUsize,
+}
+
+impl Node {
+    /// Builds the node and starts its background tasks. Must run inside the tokio runtime.
+    pub fn start(config: Config) -> Result<Arc<Node>, BrokerError> {
+        let node_id = config.node_id();
+        let default_rooms = config
+            .parse_default_rooms()
+            .map_err(BrokerError::Protocol)?;
+        let metrics = Arc::new(Metrics::new(&node_id));
+        let shutdown = CancellationToken::new();
+        let background_stop = CancellationToken::new();
+        let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+
+        // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted;
+        // the presence object does not exist yet, so the callback looks it up lazily.
+        let presence_slot: Arc<std::sync::OnceLock<Arc<Presence>>> = Arc::default();
+        let broker = match &config.redis_url {
+            None => {
+                metrics.broker_up.set(1);
+                Broker::Memory(Arc::new(MemoryBroker::new(
+                    config.history_max_len,
+                    config.dedup_ttl_ms,
+                    inbound_tx,
+                )))
+            }
+            Some(url) => {
+                let slot = presence_slot.clone();
+                let on_reconnect = Arc::new(move || {
+                    if let Some(presence) = slot.get().cloned() {
+                        tokio::spawn(async move {
+                            if let Err(e) = presence.refresh().await {
+                                tracing::warn!("re-asserting presence failed: {e}");
+                            }
+                        });
+                    }
+                });
+                Broker::Redis(RedisBroker::start(
+                    url,
+                    config.history_max_len,
+                    config.dedup_ttl_ms,
+                    metrics.clone(),
+                    inbound_tx,
+                    background_stop.clone(),
+                    on_reconnect,
+                )?)
+            }
+        };
+        let hub = Arc::new(Hub::new(broker.clone(), metrics.clone()));
+        tokio::spawn(hub.clone().dispatch(inbound_rx));
+        let presence = Arc::new(Presence::new(
+            broker.clone(),
+            node_id.clone(),
+            config.presence_ttl(),
+            metrics.clone(),
+        ));
+        let _ = presence_slot.set(presence.clone());
+        presence.clone().spawn_maintenance(background_stop.clone());
+        let acks = Arc::new(AckStore::new(broker.clone()));
+        acks.clone().spawn_flusher(background_stop.clone());
+
+        Ok(Arc::new(Node {
+            config,
+            node_id,
+            default_rooms,
+            broker,
+            hub,
+            presence,
+            acks,
+            metrics,
+            shutdown,
+            background_stop,
+            sessions: TaskTracker::new(),
+            next_conn_id: AtomicU64::new(1),
+            open_connections: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Reserves a connection slot; `None` when the node is at its connection limit.
+    pub fn admit_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let limit = self.config.max_connections as usize;
+        let previous = self.open_connections.fetch_add(1, Ordering::AcqRel);
+        if previous >= limit {
+            self.open_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        self.metrics.connections_open.inc();
+        self.metrics.connections_accepted.inc();
+        Some(ConnectionSlot {
+            node: self.clone(),
+            conn_id: self.next_conn_id.fetch_add(1, Ordering::Relaxed),
+        })
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.open_connections.load(Ordering::Acquire)
+    }
+
+    /// Ready to serve: broker reachable and not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.broker.is_up() && !self.shutdown.is_cancelled()
+    }
+}
+
+/// A connection's place in the node's limit; released on drop.
+pub struct ConnectionSlot {
+    pub node: Arc<Node>,
+    pub conn_id: u64,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.node.open_connections.fetch_sub(1, Ordering::AcqRel);
+        self.node.metrics.connections_open.dec();
+    }
+}

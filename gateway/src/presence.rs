@@ -1,0 +1,143 @@
+//! Presence: which connections are in which rooms, kept alive in the broker by this node.
+//! Joins and leaves are one broker call each (which also announces login/logout); a periodic
+//! refresh pushes the expiry of all live entries forward in one pipelined batch; a periodic
+//! prune removes the entries of dead nodes and announces their users' departure once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{
+    now_ms, now_us, Broker, BrokerError, EnvelopeHeader, JoinOutcome, Kind, LeaveOutcome,
+    PresenceEntry,
+};
+use crate::metrics::Metrics;
+
+pub struct Presence {
+    /// Live entries of this node by (connection, room key).
+    entries: Mutex<HashMap<(u64, String), PresenceEntry>>,
+    broker: Broker,
+    node_id: String,
+    ttl: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Presence {
+    pub fn new(broker: Broker, node_id: String, ttl: Duration, metrics: Arc<Metrics>) -> Presence {
+        Presence {
+            entries: Mutex::new(HashMap::new()),
+            broker,
+            node_id,
+            ttl,
+            metrics,
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, String), PresenceEntry>> {
+        self.entries.lock().expect("presence lock")
+    }
+
+    /// The envelope header of a login/logout announcement made by this node now.
+    pub fn announce_header(&self) -> String {
+        EnvelopeHeader {
+            kind: Kind::Presence,
+            published_us: now_us(),
+            origin: self.node_id.clone(),
+            traceparent: String::new(),
+        }
+        .without_id()
+    }
+
+    fn expires_at(&self) -> u64 {
+        now_ms() + self.ttl.as_millis() as u64
+    }
+
+    pub async fn join(
+        &self,
+        conn_id: u64,
+        entry: PresenceEntry,
+        channel: &str,
+    ) -> Result<JoinOutcome, BrokerError> {
+        let outcome = self
+            .broker
+            .join(&entry, channel, &self.announce_header(), self.expires_at())
+            .await?;
+        let key = (conn_id, entry.room_key.clone());
+        if self.entries().insert(key, entry).is_none() {
+            self.metrics.presence_entries.inc();
+        }
+        Ok(outcome)
+    }
+
+    pub async fn leave(
+        &self,
+        conn_id: u64,
+        room_key: &str,
+        channel: &str,
+    ) -> Result<LeaveOutcome, BrokerError> {
+        let Some(entry) = self.entries().remove(&(conn_id, room_key.to_string())) else {
+            return Ok(LeaveOutcome {
+                last: false,
+                num: 0,
+            });
+        };
+        self.metrics.presence_entries.dec();
+        self.broker
+            .leave(&entry, channel, &self.announce_header())
+            .await
+    }
+
+    /// Pushes every live entry's expiry forward (re-creating vanished ones).
+    pub async fn refresh(&self) -> Result<u64, BrokerError> {
+        let entries: Vec<PresenceEntry> = self.entries().values().cloned().collect();
+        let restored = self.broker.refresh(&entries, self.expires_at()).await?;
+        if restored > 0 {
+            tracing::info!(
+                restored,
+                "re-created presence entries missing from the broker"
+            );
+        }
+        Ok(restored)
+    }
+
+    /// Refreshes well inside the TTL and prunes dead nodes' entries, until `shutdown`.
+    pub fn spawn_maintenance(self: Arc<Self>, shutdown: CancellationToken) {
+        if self.broker.is_embedded() {
+            return; // one process: nothing can expire
+        }
+        let refresh_every = self.ttl / 3;
+        let prune_every = (self.ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let this = self.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(refresh_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = this.refresh().await {
+                    tracing::debug!("presence refresh failed: {e}");
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(prune_every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match self.broker.prune(now_ms(), &self.announce_header()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "pruned expired presence entries"),
+                    Err(e) => tracing::debug!("presence prune failed: {e}"),
+                }
+            }
+        });
+    }
+}
