@@ -240,6 +240,7 @@ function enterRoom(roomId, roomName) {
 
 function leaveRoom() {
   if (!app.current) return;
+  toggleMembers(false);
   app.client.leave(app.current.roomId);
   app.current = null;
   $('room').hidden = true;
@@ -249,6 +250,32 @@ function leaveRoom() {
   document.title = '聊天室 · Chat';
   pollRooms(true);
   toast('您已退出房间', 1000);
+}
+
+async function toggleMembers(show = $('members').hidden) {
+  const btn = $('online-btn');
+  $('members').hidden = !show;
+  btn.setAttribute('aria-expanded', String(show));
+  if (!show || !app.current) return;
+  const roomId = app.current.roomId;
+  const list = $('member-list');
+  list.replaceChildren(el('li', '', '…'));
+  try {
+    const res = await fetch(`/api/rooms/${encodeURIComponent(roomKey(roomId))}/members?limit=100`, { cache: 'no-store' });
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const body = await res.json();
+    if (!isCurrent(roomId)) return;
+    const members = Array.isArray(body.members) ? body.members : [];
+    list.replaceChildren(...members.map((m) => {
+      const me = m.userId === app.userId;
+      const li = el('li', me ? 'me' : '', me ? `${m.userName}(我)` : m.userName);
+      li.dataset.userId = m.userId;
+      return li;
+    }));
+    $('member-more').hidden = !body.nextCursor;
+  } catch (err) {
+    list.replaceChildren(el('li', '', `成员列表加载失败(${err.message})`));
+  }
 }
 
 function atBottom() {
@@ -347,6 +374,10 @@ $('join-form').addEventListener('submit', joinByName);
 $('msg-form').addEventListener('submit', sendMessage);
 $('back').addEventListener('click', leaveRoom);
 $('new-msg-tip').addEventListener('click', scrollToBottom);
+$('online-btn').addEventListener('click', () => toggleMembers());
+document.addEventListener('click', (e) => {
+  if (!$('members').hidden && !e.target.closest('#members, #online-btn')) toggleMembers(false);
+});
 $('msg-box').addEventListener('scroll', () => {
   app.pinned = atBottom();
   if (app.pinned) $('new-msg-tip').hidden = true;

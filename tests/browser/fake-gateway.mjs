@@ -61,6 +61,17 @@ export class FakeGateway {
       res.end(JSON.stringify({ rooms: [...rooms.values()] }));
       return;
     }
+    const members = url.pathname.match(/^\/api\/rooms\/([^/]+)\/members$/);
+    if (members) {
+      const key = decodeURIComponent(members[1]);
+      const room = this.rooms.get(key);
+      const list = room ? [...room.members.entries()].map(([userId, set]) => ({
+        userId, userName: [...set][0].userName,
+      })) : [];
+      res.writeHead(200, { 'content-type': 'application/json' });
+      res.end(JSON.stringify({ roomId: room ? room.roomId : key, num: list.length, members: list, nextCursor: null }));
+      return;
+    }
     const file = url.pathname === '/' ? 'index.html' : url.pathname.slice(1);
     const full = path.join(STATIC_DIR, path.basename(file));
     if (!TYPES[path.extname(full)] || !fs.existsSync(full)) {

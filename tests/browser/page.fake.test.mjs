@@ -66,6 +66,13 @@ test('room: own messages on the right, notices, count, Chinese and emoji', async
     assert.ok(otherBox.x < 120, `other bubble on the left: ${JSON.stringify(otherBox)}`);
     assert.equal(await b.textContent('.msgItem:not(.selfItem) .who'), '小红');
     assert.equal(await a.textContent('.selfItem .who'), '我');
+    // The online count opens the member list.
+    await a.click('#online-btn');
+    await a.waitForFunction(() => document.querySelectorAll('#member-list li[data-user-id]').length === 2);
+    const names = await a.$$eval('#member-list li', (els) => els.map((e) => e.textContent).sort());
+    assert.deepEqual(names, ['Bob', '小红(我)']);
+    await a.click('#msg-box');
+    assert.equal(await a.isHidden('#members'), true);
     await b.click('#back');
     await waitNotice(a, 'Bob离开房间');
     await waitOnline(a, 1);
