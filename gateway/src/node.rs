@@ -66,8 +66,18 @@ impl Node {
                 let on_reconnect = Arc::new(move || {
                     if let Some(presence) = slot.get().cloned() {
                         tokio::spawn(async move {
-                            if let Err(e) = presence.refresh().await {
-                                tracing::warn!("re-asserting presence failed: {e}");
+                            // The command connection may still be reconnecting: retry a while.
+                            let mut delay = std::time::Duration::from_millis(50);
+                            for attempt in 1..=10 {
+                                match presence.refresh().await {
+                                    Ok(_) => return,
+                                    Err(e) if attempt == 10 => {
+                                        tracing::warn!("re-asserting presence failed: {e}")
+                                    }
+                                    Err(_) => {}
+                                }
+                                tokio::time::sleep(delay).await;
+                                delay = (delay * 2).min(std::time::Duration::from_secs(1));
                             }
                         });
                     }

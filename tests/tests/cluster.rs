@@ -1,0 +1,188 @@
+//! Several gateway processes on one real Redis: the tutorial flow across nodes, room isolation,
+//! subscriptions that follow local membership, Redis lost and back, and graceful shutdown.
+
+use std::time::Duration;
+
+use e2e::{wait_for, Client, Gateway, GatewayOpts, RedisServer, WAIT};
+use serde_json::{json, Value};
+
+fn is(event: &'static str) -> impl Fn(&Value) -> bool {
+    move |f: &Value| f["event"] == event
+}
+
+async fn nodes(redis: &RedisServer, n: usize) -> anyhow::Result<Vec<Gateway>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(Gateway::start(GatewayOpts::redis(&redis.url()).node(&format!("n{i}"))).await?);
+    }
+    Ok(nodes)
+}
+
+#[tokio::test]
+async fn chat_crosses_three_nodes_with_room_isolation() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = nodes(&redis, 3).await?;
+    let mut members = Vec::new();
+    for (i, gw) in gws.iter().enumerate() {
+        let mut c = Client::connect(&gw.ws_url()).await?;
+        let login = c.login(&format!("u{i}"), json!(1)).await?;
+        assert_eq!(
+            login["num"],
+            i as u64 + 1,
+            "count includes members on other nodes"
+        );
+        members.push(c);
+    }
+    // Everyone already in the room saw each later login with the right count.
+    for (i, c) in members.iter_mut().enumerate() {
+        for later in i + 1..3 {
+            let user = format!("u{later}");
+            let f = c
+                .recv_until(|f| f["event"] == "login" && f["userId"] == user.as_str())
+                .await?;
+            assert_eq!(f["num"], later as u64 + 1);
+        }
+    }
+    // Another room on the same nodes.
+    let mut outsider = Client::connect(&gws[0].ws_url()).await?;
+    outsider.login("other", json!(2)).await?;
+
+    members[2]
+        .send(json!({"roomId":1,"content":"from n2"}))
+        .await?;
+    for c in members.iter_mut() {
+        let msg = c.recv_until(is("message")).await?;
+        assert_eq!(msg["content"], "from n2");
+        assert_eq!(msg["userId"], "u2");
+        assert_eq!(msg["num"], 3);
+    }
+    outsider
+        .expect_none(Duration::from_millis(300), is("message"))
+        .await?;
+
+    // Logout announced across nodes with the new count.
+    let leaver = members.remove(1);
+    leaver.close().await?;
+    for c in members.iter_mut() {
+        let f = c.recv_until(is("logout")).await?;
+        assert_eq!(
+            (f["userId"].as_str(), f["num"].as_u64()),
+            (Some("u1"), Some(2))
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_subscribes_only_while_it_has_members() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = nodes(&redis, 2).await?;
+    let channel = "gw:{r:lonely}:ch";
+    let mut a = Client::connect(&gws[0].ws_url()).await?;
+    a.login("a", json!("lonely")).await?;
+    let channels = redis.pubsub_channels().await?;
+    assert!(channels.iter().any(|c| c == channel), "{channels:?}");
+    assert!(
+        !channels.iter().any(|c| c.contains('*')),
+        "no pattern subscriptions"
+    );
+    let mut b = Client::connect(&gws[1].ws_url()).await?;
+    b.login("b", json!("lonely")).await?;
+    assert_eq!(gws[0].metric("gateway_rooms_local").await?, 2.0); // room + inbox
+    a.send(json!({"event":"logout","roomId":"lonely"})).await?;
+    a.recv_until(is("logout")).await?;
+    b.recv_until(is("logout")).await?;
+    b.close().await?;
+    wait_for("the room's channel to be unsubscribed", WAIT, || async {
+        let channels = redis.pubsub_channels().await.ok()?;
+        (!channels.iter().any(|c| c == channel)).then_some(())
+    })
+    .await?;
+    wait_for("node 1 to drop its last local room", WAIT, || async {
+        (gws[1].metric("gateway_rooms_local").await.ok()? == 0.0).then_some(())
+    })
+    .await?;
+    // Node 0 still holds a's inbox only.
+    assert_eq!(gws[0].metric("gateway_rooms_local").await?, 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_outage_gives_error_frames_then_traffic_recovers() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let gws = nodes(&redis, 2).await?;
+    let mut a = Client::connect(&gws[0].ws_url()).await?;
+    a.login("a", json!(9)).await?;
+    let mut b = Client::connect(&gws[1].ws_url()).await?;
+    b.login("b", json!(9)).await?;
+    a.recv_until(is("login")).await?;
+
+    redis.kill();
+    gws[0].wait_ready(503).await?;
+    a.send(json!({"roomId":9,"content":"during outage","clientMsgId":"o1"}))
+        .await?;
+    let err = a.recv_until(is("error")).await?;
+    assert_eq!(err["code"], "unavailable");
+    assert_eq!(err["clientMsgId"], "o1");
+    assert_eq!(err["roomId"], 9);
+
+    redis.restart().await?;
+    for gw in &gws {
+        gw.wait_ready(200).await?;
+    }
+    // Same sockets, no gateway restarted: the nodes re-subscribed and re-asserted presence.
+    let deadline = tokio::time::Instant::now() + WAIT * 2;
+    let own = loop {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no message crossed nodes after the restart"
+        );
+        a.send(json!({"roomId":9,"content":"after"})).await?;
+        let echoed = a
+            .recv_until_timeout(Duration::from_millis(500), |f| {
+                f["event"] == "message" && f["content"] == "after"
+            })
+            .await;
+        if let Ok(own) = echoed {
+            break own;
+        }
+    };
+    assert_eq!(
+        own["num"], 2,
+        "presence re-asserted after Redis came back empty"
+    );
+    let got = b
+        .recv_until(|f| f["event"] == "message" && f["content"] == "after")
+        .await?;
+    assert_eq!(got["userId"], "a");
+    assert!(gws[1].metric("gateway_pubsub_reconnects_total").await? >= 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_closes_with_1012_and_others_see_the_logouts() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut gws = nodes(&redis, 2).await?;
+    let mut leaving = Client::connect(&gws[0].ws_url()).await?;
+    leaving.login("going", json!("t")).await?;
+    let mut staying = Client::connect(&gws[1].ws_url()).await?;
+    staying.login("staying", json!("t")).await?;
+
+    gws[0].proc.signal(15);
+    assert_eq!(leaving.expect_close(WAIT).await?, 1012);
+    let logout = staying.recv_until(is("logout")).await?;
+    assert_eq!(
+        (logout["userId"].as_str(), logout["num"].as_u64()),
+        (Some("going"), Some(1))
+    );
+    assert_eq!(gws[0].proc.wait_exit(WAIT).await?, Some(0));
+    // Its presence is gone at once, not after the TTL.
+    let mut con = redis.connection().await?;
+    let num: u64 = redis::cmd("HLEN")
+        .arg("gw:{r:t}:pu")
+        .query_async(&mut con)
+        .await?;
+    assert_eq!(num, 1);
+    gws.remove(0);
+    Ok(())
+}
