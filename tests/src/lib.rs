@@ -120,7 +120,10 @@ impl Proc {
     /// Waits for the process to exit by itself; returns its exit code.
     pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
         let name = self.name.clone();
-        let child = self.child.as_mut().ok_or_else(|| anyhow!("{name} not running"))?;
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("{name} not running"))?;
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = child.try_wait()? {
@@ -193,7 +196,10 @@ impl RedisServer {
             async move {
                 let client = redis::Client::open(url).ok()?;
                 let mut con = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut con).await.ok()
+                redis::cmd("PING")
+                    .query_async::<String>(&mut con)
+                    .await
+                    .ok()
             }
         })
         .await?;
@@ -510,12 +516,10 @@ impl Client {
     /// Closes the connection from the client side.
     pub async fn close(mut self) -> Result<()> {
         self.ws
-            .close(Some(
-                tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "bye".into(),
-                },
-            ))
+            .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                code: CloseCode::Normal,
+                reason: "bye".into(),
+            }))
             .await?;
         Ok(())
     }
