@@ -47,11 +47,31 @@ export function canConnect(port) {
  * Processes started by a test, stopped by their own pid (SIGKILL) in `stopAll()`, which the
  * tests call from `after` hooks so it runs on failure too. Output goes to log files.
  */
+const allProcs = new Set();
+function killAllSync() {
+  for (const procs of allProcs) {
+    for (const entry of procs.list) {
+      if (!entry.exited) {
+        try { process.kill(entry.pid, 'SIGKILL'); } catch { /* gone */ }
+      }
+    }
+  }
+}
+// Also when the test process itself is stopped or dies: no process of ours outlives it.
+process.once('exit', killAllSync);
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.once(signal, () => {
+    killAllSync();
+    process.exit(130);
+  });
+}
+
 export class Procs {
   constructor(logDir) {
     this.logDir = logDir;
     this.list = [];
     fs.mkdirSync(logDir, { recursive: true });
+    allProcs.add(this);
   }
 
   spawn(name, cmd, args, opts = {}) {
