@@ -99,7 +99,8 @@ pub struct LeaveOutcome {
 pub struct Page {
     /// `(id, frame)` in id order; frames are complete client frames.
     pub entries: Vec<(StreamId, String)>,
-    /// Entries after the requested position were trimmed away before they could be read.
+    /// Entries after the requested position were trimmed away before they could be read
+    /// (the history is incomplete for this reader).
     pub truncated: bool,
 }
 

@@ -236,6 +236,7 @@ impl RedisBroker {
                     .map(|room| self.keys.room_users(room))
                     .unwrap_or_default(),
             )
+            .key(trim_marker(&req.stream_key))
             .arg(self.history_max_len)
             .arg(self.dedup_ttl_ms)
             .arg(&req.channel)
@@ -385,12 +386,16 @@ impl RedisBroker {
         limit: usize,
     ) -> Result<Page, BrokerError> {
         let mut invocation = self.scripts.range.prepare_invoke();
-        invocation.key(stream_key).arg(after.to_string()).arg(limit);
+        invocation
+            .key(stream_key)
+            .key(trim_marker(stream_key))
+            .arg(after.to_string())
+            .arg(limit);
         let mut con = self.commands.clone();
-        let (max_deleted, raw): (String, Vec<StreamEntry>) = self
+        let (newest_trimmed, raw): (String, Vec<StreamEntry>) = self
             .timed("range", invocation.invoke_async(&mut con))
             .await?;
-        let max_deleted = parse_id(&max_deleted)?;
+        let newest_trimmed = parse_id(&newest_trimmed)?;
         let mut entries = Vec::with_capacity(raw.len());
         for (id, fields) in raw {
             let rest = fields
@@ -402,7 +407,7 @@ impl RedisBroker {
         }
         Ok(Page {
             entries,
-            truncated: after < max_deleted,
+            truncated: after < newest_trimmed,
         })
     }
 
@@ -508,6 +513,11 @@ impl RedisBroker {
             next_cursor: (next != "0").then_some(next),
         })
     }
+}
+
+/// The key holding the id of the newest entry trimmed from `stream_key`.
+fn trim_marker(stream_key: &str) -> String {
+    format!("{stream_key}:t")
 }
 
 /// A raw stream entry: id and field/value pairs.

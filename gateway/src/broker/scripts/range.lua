@@ -1,13 +1,6 @@
--- Read a page of a stream after a position, and whether entries after it were trimmed.
--- KEYS[1] stream
+-- Read a page of a stream after a position, and the newest id trimmed away (if any).
+-- KEYS[1] stream, KEYS[2] trim marker
 -- ARGV[1] exclusive start id, ARGV[2] count
--- Returns {max deleted entry id, entries}.
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  return {'0-0', {}}
-end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local max_deleted = '0-0'
-for i = 1, #info, 2 do
-  if info[i] == 'max-deleted-entry-id' then max_deleted = info[i + 1] end
-end
-return {max_deleted, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}
+-- Returns {newest trimmed id or '0-0', entries}.
+local trimmed = redis.call('GET', KEYS[2]) or '0-0'
+return {trimmed, redis.call('XRANGE', KEYS[1], '(' .. ARGV[1], '+', 'COUNT', ARGV[2])}

@@ -1,0 +1,464 @@
+//! At-least-once delivery on Redis streams: confirmed messages survive a node's death,
+//! redelivery and its limit, offline sync with paging and truncation, idempotent retries,
+//! direct messages.
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use e2e::{Client, Gateway, GatewayOpts, RedisServer, WAIT};
+use serde_json::{json, Value};
+
+fn is(event: &'static str) -> impl Fn(&Value) -> bool {
+    move |f: &Value| f["event"] == event
+}
+
+/// Message ids compare as (ms, seq), never as strings.
+fn id_key(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').expect("ms-seq id");
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+async fn start_nodes(
+    redis: &RedisServer,
+    n: usize,
+    extra: &[(&str, &str)],
+) -> anyhow::Result<Vec<Gateway>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let mut opts = GatewayOpts::redis(&redis.url()).node(&format!("d{i}"));
+        for (k, v) in extra {
+            opts = opts.env(k, v);
+        }
+        nodes.push(Gateway::start(opts).await?);
+    }
+    Ok(nodes)
+}
+
+/// A receiver that acks, de-duplicates by id, and on losing its node resumes on another one
+/// from the last id it saw.
+struct Receiver {
+    user: String,
+    urls: Vec<String>,
+    node: usize,
+    client: Client,
+    /// Ids in first-seen order.
+    order: Vec<String>,
+    seen: HashSet<String>,
+    reconnects: usize,
+}
+
+impl Receiver {
+    async fn join(
+        user: &str,
+        urls: Vec<String>,
+        node: usize,
+        room: &Value,
+    ) -> anyhow::Result<Receiver> {
+        let mut client = Client::connect(&urls[node]).await?;
+        client
+            .login_with(
+                json!({"event":"login","userId":user,"userName":user,"roomId":room,"ack":true}),
+            )
+            .await?;
+        Ok(Receiver {
+            user: user.to_string(),
+            urls,
+            node,
+            client,
+            order: Vec::new(),
+            seen: HashSet::new(),
+            reconnects: 0,
+        })
+    }
+
+    /// Reads until every id in `want` was seen (reconnecting as needed), or times out.
+    async fn collect(
+        &mut self,
+        room: &Value,
+        want: &BTreeSet<(u64, u64)>,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut since_ack = 0;
+        loop {
+            let have: BTreeSet<(u64, u64)> = self.seen.iter().map(|i| id_key(i)).collect();
+            if want.is_subset(&have) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "{} is missing {} confirmed messages",
+                self.user,
+                want.difference(&have).count()
+            );
+            match self.client.recv_timeout(Duration::from_millis(500)).await {
+                Ok(frame) if frame["event"] == "message" => {
+                    let id = frame["id"].as_str().unwrap().to_string();
+                    if self.seen.insert(id.clone()) {
+                        self.order.push(id.clone());
+                    }
+                    since_ack += 1;
+                    if since_ack >= 20 {
+                        since_ack = 0;
+                        let ack =
+                            json!({"event":"ack","roomId":room,"id":self.order.last().unwrap()});
+                        if self.client.send(ack).await.is_err() {
+                            self.reconnect(room).await?;
+                        }
+                    }
+                }
+                Ok(frame) if frame["event"] == "synced" && frame["more"] == true => {
+                    // A full replay page: fetch the next one (live messages wait for it).
+                    let next = json!({"event":"sync","roomId":room,"since":frame["lastId"]});
+                    if self.client.send(next).await.is_err() {
+                        self.reconnect(room).await?;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) if self.client.closed.is_none() && !self.order.is_empty() => {
+                    // Quiet: ack what we have so nothing is redelivered needlessly.
+                    let last = self.order.last().unwrap().clone();
+                    let _ = self
+                        .client
+                        .send(json!({"event":"ack","roomId":room,"id":last}))
+                        .await;
+                }
+                Err(_) => self.reconnect(room).await?,
+            }
+        }
+    }
+
+    async fn reconnect(&mut self, room: &Value) -> anyhow::Result<()> {
+        self.reconnects += 1;
+        let last_id = self
+            .order
+            .iter()
+            .max_by_key(|i| id_key(i))
+            .cloned()
+            .unwrap_or_else(|| "0-0".into());
+        for attempt in 0..self.urls.len() * 3 {
+            self.node = (self.node + 1) % self.urls.len();
+            let Ok(mut client) = Client::connect(&self.urls[self.node]).await else {
+                tokio::time::sleep(Duration::from_millis(50 * attempt as u64)).await;
+                continue;
+            };
+            client
+                .send(
+                    json!({"event":"login","userId":self.user,"userName":self.user,
+                    "roomId":room,"ack":true,"lastId":last_id}),
+                )
+                .await?;
+            self.client = client;
+            return Ok(());
+        }
+        anyhow::bail!("{} could not reconnect", self.user)
+    }
+}
+
+#[tokio::test]
+async fn confirmed_messages_survive_a_node_killed_mid_stream() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut gws = start_nodes(&redis, 3, &[("GATEWAY_ACK_TIMEOUT_MS", "1000")]).await?;
+    let room = json!("reliable");
+    let urls: Vec<String> = gws.iter().map(|g| g.ws_url()).collect();
+    let mut receivers = Vec::new();
+    for i in 0..6 {
+        receivers.push(Receiver::join(&format!("r{i}"), urls.clone(), i % 3, &room).await?);
+    }
+    // The sender sits on node 1, which survives; node 0 dies halfway.
+    let mut sender = Client::connect(&urls[1]).await?;
+    sender.login("sender", room.clone()).await?;
+    const TOTAL: usize = 2000;
+    const WINDOW: usize = 64;
+    let mut confirmed = BTreeSet::new();
+    let mut confirmed_order = Vec::new();
+    let mut sent = 0;
+    let mut killed = false;
+    while confirmed.len() < TOTAL {
+        while sent < TOTAL && sent - confirmed.len() < WINDOW {
+            sender
+                .send(json!({"roomId":room,"content":format!("m{sent}"),"clientMsgId":format!("c{sent}")}))
+                .await?;
+            sent += 1;
+        }
+        let frame = sender
+            .recv_until(|f| f["event"] == "message" && f["userId"] == "sender")
+            .await?;
+        let id = frame["id"].as_str().unwrap();
+        confirmed.insert(id_key(id));
+        confirmed_order.push(id_key(id));
+        if !killed && confirmed.len() >= TOTAL / 2 {
+            gws[0].proc.kill();
+            killed = true;
+        }
+    }
+    assert!(
+        confirmed_order.windows(2).all(|w| w[0] < w[1]),
+        "the sender's confirmations arrive in id order"
+    );
+    for r in receivers.iter_mut() {
+        r.collect(&room, &confirmed, WAIT * 3).await?;
+        let keys: Vec<(u64, u64)> = r.order.iter().map(|i| id_key(i)).collect();
+        assert!(
+            keys.windows(2).all(|w| w[0] < w[1]),
+            "{}: first deliveries are in id order",
+            r.user
+        );
+        let invented: Vec<_> = keys.iter().filter(|k| !confirmed.contains(k)).collect();
+        assert!(
+            invented.is_empty(),
+            "{}: unconfirmed ids {invented:?}",
+            r.user
+        );
+    }
+    let moved = receivers.iter().filter(|r| r.reconnects > 0).count();
+    assert!(
+        moved >= 2,
+        "the killed node's receivers reconnected ({moved})"
+    );
+    gws.remove(0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unacked_messages_are_redelivered_then_the_client_is_disconnected() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = start_nodes(
+        &redis,
+        1,
+        &[
+            ("GATEWAY_ACK_TIMEOUT_MS", "300"),
+            ("GATEWAY_MAX_REDELIVERIES", "2"),
+        ],
+    )
+    .await?;
+    let url = gws[0].ws_url();
+    let mut lazy = Client::connect(&url).await?;
+    lazy.login_with(json!({"event":"login","userId":"lazy","roomId":1,"ack":true}))
+        .await?;
+    let mut diligent = Client::connect(&url).await?;
+    diligent
+        .login_with(json!({"event":"login","userId":"diligent","roomId":1,"ack":true}))
+        .await?;
+    let mut sender = Client::connect(&url).await?;
+    sender.login("sender", json!(1)).await?;
+    sender.send(json!({"roomId":1,"content":"hello"})).await?;
+    let id = sender.recv_until(is("message")).await?["id"].clone();
+
+    let first = diligent.recv_until(is("message")).await?;
+    assert_eq!(first["id"], id);
+    diligent
+        .send(json!({"event":"ack","roomId":1,"id":id}))
+        .await?;
+
+    // The lazy client gets the message, then the same id twice more, then is closed.
+    let mut copies = 0;
+    let code = loop {
+        match lazy.recv_timeout(WAIT).await {
+            Ok(f) if f["event"] == "message" => {
+                assert_eq!(f["id"], id);
+                copies += 1;
+            }
+            Ok(_) => {}
+            Err(_) => break lazy.closed,
+        }
+    };
+    assert_eq!(copies, 3, "original plus two redeliveries");
+    assert_eq!(code, Some(4009));
+    diligent
+        .expect_none(Duration::from_millis(700), is("message"))
+        .await?;
+    assert!(gws[0].metric("gateway_redeliveries_total").await? >= 2.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn offline_sync_on_another_node_pages_and_reports_truncation() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = start_nodes(
+        &redis,
+        2,
+        &[
+            ("GATEWAY_SYNC_MAX", "50"),
+            ("GATEWAY_HISTORY_MAX_LEN", "100"),
+        ],
+    )
+    .await?;
+    let room = json!(77);
+    let mut sender = Client::connect(&gws[0].ws_url()).await?;
+    sender.login("s", room.clone()).await?;
+    let mut reader = Client::connect(&gws[0].ws_url()).await?;
+    reader
+        .login_with(json!({"event":"login","userId":"off","roomId":77,"ack":true}))
+        .await?;
+    sender.send(json!({"roomId":77,"content":"before"})).await?;
+    sender.recv_until(is("message")).await?;
+    let before = reader.recv_until(is("message")).await?;
+    reader
+        .send(json!({"event":"ack","roomId":77,"id":before["id"]}))
+        .await?;
+    // The ack position is written within ~100 ms; a later login reads it from Redis.
+    e2e::wait_for("the ack position to be stored", WAIT, || async {
+        let mut con = redis.connection().await.ok()?;
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg("gw:{u:off}:acks")
+            .arg("r:77")
+            .query_async(&mut con)
+            .await
+            .ok()?;
+        (stored.as_deref() == before["id"].as_str()).then_some(())
+    })
+    .await?;
+    reader.close().await?;
+
+    // 70 messages while offline (the history keeps 100).
+    let mut missed = Vec::new();
+    for i in 0..70 {
+        sender
+            .send(json!({"roomId":77,"content":format!("while away {i}")}))
+            .await?;
+        missed.push(
+            sender.recv_until(is("message")).await?["id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    // Back, on the other node, acks on, no lastId: resume from the stored position.
+    let mut back = Client::connect(&gws[1].ws_url()).await?;
+    back.send(json!({"event":"login","userId":"off","roomId":77,"ack":true}))
+        .await?;
+    let mut got = Vec::new();
+    let mut pages = 0;
+    loop {
+        let f = back
+            .recv_until(|f| {
+                f["event"] == "message" || (f["event"] == "synced" && f["roomId"] == 77)
+            })
+            .await?;
+        if f["event"] == "message" {
+            got.push(f["id"].as_str().unwrap().to_string());
+            continue;
+        }
+        pages += 1;
+        assert_eq!(f["truncated"], false);
+        if f["more"] == true {
+            back.send(json!({"event":"sync","roomId":77,"since":f["lastId"]}))
+                .await?;
+        } else {
+            break;
+        }
+    }
+    assert_eq!(got, missed, "every missed message once, in order");
+    assert_eq!(pages, 2, "50 + 20");
+    // A live message after the replay arrives normally.
+    sender.send(json!({"roomId":77,"content":"live"})).await?;
+    assert_eq!(back.recv_until(is("message")).await?["content"], "live");
+
+    // Push the stream well past its cap: an old position is reported as truncated.
+    for i in 0..250 {
+        sender
+            .send(json!({"roomId":77,"content":format!("flood {i}")}))
+            .await?;
+    }
+    for _ in 0..250 {
+        sender.recv_until(is("message")).await?;
+    }
+    let mut late = Client::connect(&gws[1].ws_url()).await?;
+    late.send(json!({"event":"login","userId":"late","roomId":77,"lastId":missed[0]}))
+        .await?;
+    let synced = late.recv_until(is("synced")).await?;
+    assert_eq!(synced["truncated"], true);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_retried_client_msg_id_yields_one_message() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = start_nodes(&redis, 2, &[]).await?;
+    let mut a = Client::connect(&gws[0].ws_url()).await?;
+    a.login("a", json!("idem")).await?;
+    let mut b = Client::connect(&gws[1].ws_url()).await?;
+    b.login("b", json!("idem")).await?;
+    a.send(json!({"roomId":"idem","content":"once","clientMsgId":"same"}))
+        .await?;
+    let original = a.recv_until(is("message")).await?;
+    assert_eq!(original["clientMsgId"], "same");
+    // The retry, as after a lost connection: on another connection of the same user.
+    let mut a2 = Client::connect(&gws[1].ws_url()).await?;
+    a2.login("a", json!("idem")).await?;
+    a2.send(json!({"roomId":"idem","content":"once","clientMsgId":"same"}))
+        .await?;
+    let sent = a2.recv_until(is("sent")).await?;
+    assert_eq!(sent["id"], original["id"]);
+    assert_eq!(sent["duplicate"], true);
+    b.recv_until(is("message")).await?;
+    b.expect_none(Duration::from_millis(400), is("message"))
+        .await?;
+    assert_eq!(gws[1].metric("gateway_dedup_hits_total").await?, 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn direct_messages_reach_online_users_on_other_nodes_and_offline_users_later(
+) -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = start_nodes(&redis, 2, &[]).await?;
+    let mut alice = Client::connect(&gws[0].ws_url()).await?;
+    alice.login("alice", json!("dm")).await?;
+    let mut bob = Client::connect(&gws[1].ws_url()).await?;
+    bob.login_with(
+        json!({"event":"login","userId":"bob","userName":"Bob","roomId":"dm","ack":true}),
+    )
+    .await?;
+    alice
+        .send(json!({"event":"dm","toUserId":"bob","content":"psst","clientMsgId":"d1"}))
+        .await?;
+    let confirm = alice.recv_until(is("dmSent")).await?;
+    assert_eq!(confirm["clientMsgId"], "d1");
+    assert_eq!(confirm["duplicate"], false);
+    let dm = bob.recv_until(is("dm")).await?;
+    assert_eq!(dm["id"], confirm["id"]);
+    assert_eq!(dm["fromUserId"], "alice");
+    assert_eq!(dm["content"], "psst");
+    bob.send(json!({"event":"ack","dm":true,"id":dm["id"]}))
+        .await?;
+    // Wait for the position to be stored before bob leaves.
+    e2e::wait_for("bob's inbox ack to be stored", WAIT, || async {
+        let mut con = redis.connection().await.ok()?;
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg("gw:{u:bob}:acks")
+            .arg("dm")
+            .query_async(&mut con)
+            .await
+            .ok()?;
+        (stored.as_deref() == dm["id"].as_str()).then_some(())
+    })
+    .await?;
+    bob.close().await?;
+
+    // Bob is offline: two more direct messages wait in his inbox.
+    for text in ["are you there?", "call me"] {
+        alice
+            .send(json!({"event":"dm","toUserId":"bob","content":text}))
+            .await?;
+        alice.recv_until(is("dmSent")).await?;
+    }
+    let mut bob = Client::connect(&gws[0].ws_url()).await?;
+    bob.send(json!({"event":"login","userId":"bob","roomId":"dm","ack":true}))
+        .await?;
+    let first = bob.recv_until(is("dm")).await?;
+    let second = bob.recv_until(is("dm")).await?;
+    assert_eq!(
+        (first["content"].as_str(), second["content"].as_str()),
+        (Some("are you there?"), Some("call me")),
+        "only the unacknowledged ones, in order"
+    );
+    let synced = bob
+        .recv_until(|f| f["event"] == "synced" && f["dm"] == true)
+        .await?;
+    assert_eq!(synced["count"], 2);
+    bob.expect_none(Duration::from_millis(300), is("dm"))
+        .await?;
+    Ok(())
+}
