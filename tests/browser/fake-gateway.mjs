@@ -87,17 +87,34 @@ export class FakeGateway {
 
   /** Closes every connection with `code` (1012 = service restart). */
   closeAll(code = 1012) {
-    for (const c of this.conns) c.ws.close(code, 'test');
+    for (const c of this.conns) {
+      c.dead = true;
+      c.ws.close(code, 'test');
+    }
   }
 
   /** Cuts every connection without a close frame (like a killed node). */
   terminateAll() {
-    for (const c of this.conns) c.ws.terminate();
+    for (const c of this.conns) {
+      c.dead = true;
+      c.ws.terminate();
+    }
   }
 
-  /** While frozen, frames are read but neither answered nor processed (a stalled node). */
+  /**
+   * While frozen, frames are read but neither answered nor processed (a stalled node); on
+   * thaw the frames of connections still open are processed in order, those of closed ones
+   * are lost (as with a node that is killed while stalled).
+   */
   freeze(on = true) {
     this.frozen = on;
+    if (on) return;
+    for (const conn of this.conns) {
+      if (conn.dead) continue;
+      const queued = conn.queued ?? [];
+      conn.queued = [];
+      for (const frame of queued) this.handle(conn, frame);
+    }
   }
 
   framesOf(event) {
@@ -151,7 +168,11 @@ export class FakeGateway {
         return;
       }
       this.received.push({ conn: conn.id, frame });
-      if (this.frozen) return;
+      if (this.frozen) {
+        conn.queued = conn.queued ?? [];
+        conn.queued.push(frame);
+        return;
+      }
       this.handle(conn, frame);
     });
     ws.on('close', () => {

@@ -124,8 +124,8 @@ test('connection state and pending messages across a server restart', async () =
     await say(page, '等等我');
     await waitMessage(page, '等等我', { status: 'sending' });
     assert.equal(await page.textContent('.selfItem .status'), '发送中…');
+    fake.terminateAll(); // killed while stalled: the message was never processed
     fake.freeze(false);
-    fake.terminateAll();
     await page.waitForFunction(() => window.__states.includes('reconnecting'));
     await page.waitForSelector('#conn-state[data-state="connected"]');
     await waitMessage(page, '等等我', { status: 'sent' });
