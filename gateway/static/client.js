@@ -11,7 +11,7 @@
 //
 // What it does for you:
 // - heartbeat every 25 s; no frame within the pong timeout closes the socket and reconnects;
-// - reconnects with exponential backoff and full jitter, and at once when the browser comes
+// - reconnects with exponential backoff and jitter, and at once when the browser comes
 //   back online;
 // - logs in with acks on, resumes every joined room from the last id it has seen (`lastId`),
 //   follows `synced` paging (`more: true` → `sync`), and drops any message it already has
@@ -313,10 +313,13 @@ export class ChatClient {
     this._clearTimer('reconnect');
     const o = this.opts;
     const ceiling = Math.min(o.backoffMaxMs, o.backoffInitialMs * o.backoffFactor ** this.attempt);
-    // "Full jitter" within the upper half, so a whole cluster's clients do not reconnect in step.
+    // Equal jitter (a random wait in [c/2, c]), so a whole cluster's clients do not reconnect
+    // in step after a node dies.
     let delayMs = Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
     if (this.attempt === 0 && code !== CLOSE_CODES.TRY_AGAIN_LATER) {
-      delayMs = Math.round(Math.random() * Math.min(o.backoffInitialMs, 250));
+      // First retry after a working connection dropped: soon, but spread over the whole
+      // initial window, not all at once.
+      delayMs = Math.round(Math.random() * o.backoffInitialMs);
     }
     this.attempt += 1;
     const browserOffline = globalThis.navigator && globalThis.navigator.onLine === false;
