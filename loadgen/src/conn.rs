@@ -142,6 +142,7 @@ pub struct Frame<'a> {
     pub more: Option<bool>,
     pub truncated: Option<bool>,
     pub dm: Option<bool>,
+    pub duplicate: Option<bool>,
 }
 
 /// A chat `content`: `t=<send µs>;s=<sender>;q=<seq>;` padded with `x` to `size` bytes.

@@ -100,6 +100,8 @@ pub struct Common {
     #[arg(long)]
     pub quiet: bool,
     #[arg(long, hide = true)]
+    pub tag: Option<String>,
+    #[arg(long, hide = true)]
     pub worker_index: Option<usize>,
     #[arg(long, hide = true)]
     pub worker_count: Option<usize>,
@@ -216,6 +218,10 @@ fn base_spec(kind: Kind, c: &Common) -> Spec {
         pause_ms: 0,
         login: true,
         room_size: 50,
+        tag: c
+            .tag
+            .clone()
+            .unwrap_or_else(|| format!("{:x}", stats::now_us() % (1 << 40))),
     }
 }
 

@@ -68,6 +68,9 @@ pub struct Spec {
     pub pause_ms: u64,
     pub login: bool,
     pub room_size: usize,
+    /// Unique per run (shared by its workers): prefixes user ids and clientMsgIds, so that a
+    /// run never collides with the gateway's stored ack positions or dedup window of another.
+    pub tag: String,
 }
 
 /// A process's position among the worker processes.
@@ -456,8 +459,8 @@ enum Outcome {
     Failed,
 }
 
-fn user_id(i: usize) -> String {
-    format!("u{i}")
+fn user_id(tag: &str, i: usize) -> String {
+    format!("{tag}-u{i}")
 }
 
 async fn conn_task(
@@ -581,7 +584,7 @@ fn on_frame(ctx: &Ctx, spec: &ConnSpec, st: &mut ConnState, text: &str, now: u64
         Some("login") | Some("logout") => {
             Stats::add(&ctx.stats.presence_frames, 1);
             if frame.event.as_deref() == Some("login")
-                && frame.user_id.as_deref() == Some(user_id(spec.index).as_str())
+                && frame.user_id.as_deref() == Some(user_id(&ctx.spec.tag, spec.index).as_str())
             {
                 info.own_login = true;
             }
@@ -602,12 +605,14 @@ fn on_frame(ctx: &Ctx, spec: &ConnSpec, st: &mut ConnState, text: &str, now: u64
                 }
             }
         }
+        Some("sent") if frame.duplicate == Some(true) => ctx.stats.error("sent_duplicate"),
+        Some("synced") if frame.dm == Some(true) => {}
         Some("synced") => {
             st.in_replay = false;
             if frame.truncated == Some(true) {
                 Stats::add(&ctx.stats.truncated, 1);
             }
-            if frame.dm != Some(true) && frame.more == Some(true) {
+            if frame.more == Some(true) {
                 info.sync_more = frame.last_id.map(|s| s.into_owned());
                 st.in_replay = true;
             }
@@ -663,7 +668,7 @@ fn on_message(
 fn login_frame(ctx: &Ctx, spec: &ConnSpec, room: &str, resume_from: Option<&str>) -> String {
     let mut v = serde_json::json!({
         "event": "login",
-        "userId": user_id(spec.index),
+        "userId": user_id(&ctx.spec.tag, spec.index),
         "userName": format!("user {}", spec.index),
         "roomId": room,
         "roomName": room,
@@ -677,9 +682,10 @@ fn login_frame(ctx: &Ctx, spec: &ConnSpec, room: &str, resume_from: Option<&str>
     v.to_string()
 }
 
-fn chat_frame(room: &str, sender: u64, seq: u64, size: usize) -> String {
-    let content = encode_content(now_us(), sender, seq, size);
-    format!(r#"{{"roomId":"{room}","content":"{content}","clientMsgId":"c-{sender}-{seq}"}}"#)
+fn chat_frame(ctx: &Ctx, room: &str, sender: u64, seq: u64) -> String {
+    let content = encode_content(now_us(), sender, seq, ctx.spec.size);
+    let tag = &ctx.spec.tag;
+    format!(r#"{{"roomId":"{room}","content":"{content}","clientMsgId":"c-{tag}-{sender}-{seq}"}}"#)
 }
 
 async fn send_text(ctx: &Ctx, ws: &mut Ws, text: String) -> bool {
@@ -774,8 +780,12 @@ async fn session(
     // A random phase so that senders do not fire together.
     let offset = rand::rng().random_range(0.0..1.0) / ctx.sender_rate.max(1e-9);
     let mut ack_tick = tokio::time::interval(Duration::from_millis(100));
-    let reconnect_at = (ctx.spec.kind == Kind::Reliable && ctx.spec.reconnect_every_s > 0.0)
-        .then(|| tokio::time::Instant::now() + jitter(ctx.spec.reconnect_every_s));
+    // Only receiving members drop their connections; senders stay (their messages are the
+    // reference for what every member must get).
+    let reconnect_at = (ctx.spec.kind == Kind::Reliable
+        && ctx.spec.reconnect_every_s > 0.0
+        && spec.sender.is_none())
+    .then(|| tokio::time::Instant::now() + jitter(ctx.spec.reconnect_every_s));
     let notify_idx = spec
         .sender
         .map(|s| s as usize)
@@ -801,7 +811,7 @@ async fn session(
             while st.seq - min_seen.min(st.seq) < window && burst < 64 {
                 st.seq += 1;
                 burst += 1;
-                let f = chat_frame(&room, spec.sender.unwrap_or(0), st.seq, ctx.spec.size);
+                let f = chat_frame(ctx, &room, spec.sender.unwrap_or(0), st.seq);
                 if !send_text(ctx, &mut ws, f).await {
                     return Outcome::Failed;
                 }
@@ -865,7 +875,7 @@ async fn session(
                 while st.seq < due && burst < 1000 {
                     st.seq += 1;
                     burst += 1;
-                    let f = chat_frame(&room, spec.sender.unwrap_or(0), st.seq, ctx.spec.size);
+                    let f = chat_frame(ctx, &room, spec.sender.unwrap_or(0), st.seq);
                     if !send_text(ctx, &mut ws, f).await {
                         return if ctx.spec.kind == Kind::Reliable { Outcome::Reconnect } else { Outcome::Failed };
                     }
@@ -887,9 +897,7 @@ async fn session(
             }
             _ = reconnect => {
                 // Abrupt: drop the socket without a close frame, like a lost network.
-                if spec.sender.is_none() {
-                    return Outcome::Reconnect;
-                }
+                return Outcome::Reconnect;
             }
         }
     }
@@ -990,7 +998,7 @@ async fn churn_cycle(
     }
     for _ in 0..ctx.spec.churn_messages {
         st.seq += 1;
-        if !send_text(ctx, ws, chat_frame(room, sender, st.seq, ctx.spec.size)).await {
+        if !send_text(ctx, ws, chat_frame(ctx, room, sender, st.seq)).await {
             return false;
         }
         Stats::add(&ctx.stats.sent, 1);

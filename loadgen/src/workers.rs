@@ -160,8 +160,12 @@ async fn parent(common: &Common, spec: &Spec, n: usize) -> Result<Report> {
     for i in 0..n {
         let file = dir.join(format!("loadgen-{pid}-{i}.json"));
         let _ = std::fs::remove_file(&file);
-        let mut child = tokio::process::Command::new(&exe)
-            .args(&args)
+        let mut cmd = tokio::process::Command::new(&exe);
+        cmd.args(&args);
+        if common.tag.is_none() {
+            cmd.arg("--tag").arg(&spec.tag);
+        }
+        let mut child = cmd
             .arg("--worker-index")
             .arg(i.to_string())
             .arg("--worker-count")
