@@ -153,7 +153,9 @@ impl Hub {
         let Some(entry) = channels.get(channel) else {
             return; // unsubscribed meanwhile
         };
-        crate::telemetry::record_delivery(&envelope.traceparent, channel, entry.members.len());
+        let span =
+            crate::telemetry::delivery_span(&envelope.traceparent, channel, entry.members.len());
+        let _entered = span.enter();
         let delivery = Arc::new(Delivery {
             channel: entry.name.clone(),
             kind: envelope.kind,

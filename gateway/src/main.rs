@@ -1,12 +1,19 @@
-//! The `gateway` binary: parse the configuration (exit 64 on a bad value), set up logging,
-//! run the node.
+//! The `gateway` binary: parse the configuration (exit 64 on a bad value), set up logging and
+//! tracing, run the node.
 #![forbid(unsafe_code)]
 
 fn main() -> anyhow::Result<()> {
     let config = gateway::config::Config::from_args();
-    gateway::telemetry::init(config.log_format == "json");
-    tokio::runtime::Builder::new_multi_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .build()?
-        .block_on(gateway::run(config))
+        .build()?;
+    runtime.block_on(async {
+        let node_id = config.node_id();
+        let config = gateway::config::Config {
+            node_id: Some(node_id.clone()),
+            ..config
+        };
+        let _telemetry = gateway::telemetry::init(config.log_format == "json", &node_id);
+        gateway::run(config).await
+    })
 }

@@ -10,6 +10,7 @@ use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::broker::keys::{ack_field_room, ACK_FIELD_INBOX};
 use crate::broker::{now_ms, now_us, AppendRequest, EnvelopeHeader, Kind, PresenceEntry};
@@ -104,7 +105,12 @@ struct Session {
 }
 
 /// Serves one upgraded connection until it ends.
-pub async fn run(slot: ConnectionSlot, mut socket: WebSocket) {
+pub async fn run(slot: ConnectionSlot, socket: WebSocket) {
+    let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
+    serve(slot, socket).instrument(span).await
+}
+
+async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
     let node = slot.node.clone();
     let conn_id = slot.conn_id;
     let (outbox, mut queue) = mpsc::channel(node.config.outbound_queue as usize);
@@ -247,13 +253,21 @@ impl Session {
         };
         let result = match frame {
             ClientFrame::Ping => return write(socket, protocol::PONG).await,
-            ClientFrame::Login(login) => self.login(socket, login).await,
+            ClientFrame::Login(login) => {
+                let span = tracing::info_span!("login", room = %login.room.key);
+                self.login(socket, login).instrument(span).await
+            }
             ClientFrame::Logout { room } => self.logout(socket, room).await,
             ClientFrame::Chat {
                 room,
                 content,
                 client_msg_id,
-            } => self.chat(socket, room, content, client_msg_id).await,
+            } => {
+                let span = tracing::info_span!("publish", room = %room.key);
+                self.chat(socket, room, content, client_msg_id)
+                    .instrument(span)
+                    .await
+            }
             ClientFrame::Ack { target, id } => self.ack(target, id),
             ClientFrame::Sync {
                 target,
@@ -264,7 +278,12 @@ impl Session {
                 to_user_id,
                 content,
                 client_msg_id,
-            } => self.dm(socket, to_user_id, content, client_msg_id).await,
+            } => {
+                let span = tracing::info_span!("publish_dm");
+                self.dm(socket, to_user_id, content, client_msg_id)
+                    .instrument(span)
+                    .await
+            }
         };
         match result {
             Ok(Ok(())) => Ok(()),
