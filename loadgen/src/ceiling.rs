@@ -1,8 +1,9 @@
 //! The machine's ceiling: a minimal fan-out server with no WebSocket library, no JSON and no
 //! Redis. It answers the WebSocket upgrade by hand (so that nginx proxies it exactly like a
 //! gateway), waits for `members` connections, then writes pre-built text frames of the same
-//! size as the gateway's message frames, one `write` per delivery, to every connection, from
-//! plain threads with blocking sockets. The clients are the generator's own (the `ceiling`
+//! size as the gateway's message frames to every connection, from plain threads with blocking
+//! sockets: one `write` per delivery (`--batch 1`), or `--batch N` messages per write (what a
+//! server that drains its per-connection queue in one write does when it is behind). The clients are the generator's own (the `ceiling`
 //! scenario), so the client side costs the same as in the gateway runs.
 
 use std::io::{Read, Write};
@@ -39,6 +40,11 @@ pub struct ServerArgs {
     /// Give up waiting for members after this many seconds and start with those connected.
     #[arg(long, default_value_t = 120.0)]
     pub max_wait: f64,
+    /// Messages per write: with `--rate 0` each round makes this many messages and writes them
+    /// to every socket in one `write` (1 = one write per delivery). With a rate, the messages
+    /// that fell due since the last round go out together (at most this many).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
 }
 
 /// Reads the HTTP upgrade request and answers 101 with the accept key.
@@ -140,30 +146,39 @@ pub fn serve(args: ServerArgs) -> Result<()> {
         .map(|(t, socks)| {
             let barrier = barrier.clone();
             let frame_bytes = args.frame_bytes;
+            let batch = args.batch.clamp(1, 1024);
             std::thread::spawn(move || {
                 barrier.wait();
                 let start = Instant::now();
                 let end = start + Duration::from_secs_f64(duration);
                 let mut socks: Vec<Option<TcpStream>> = socks.into_iter().map(Some).collect();
-                let mut buf = Vec::with_capacity(frame_bytes + 16);
+                let mut one = Vec::with_capacity(frame_bytes + 16);
+                let mut buf = Vec::with_capacity((frame_bytes + 16) * batch);
                 let mut seq = 0u64;
                 let mut deliveries = 0u64;
                 while Instant::now() < end {
+                    let mut k = batch;
                     if per_thread_rate > 0.0 {
-                        let due = start + Duration::from_secs_f64(seq as f64 / per_thread_rate);
+                        let next = start + Duration::from_secs_f64(seq as f64 / per_thread_rate);
                         let now = Instant::now();
-                        if due > now {
-                            std::thread::sleep(due - now);
+                        if next > now {
+                            std::thread::sleep(next - now);
                         }
+                        let due = (start.elapsed().as_secs_f64() * per_thread_rate) as u64 + 1;
+                        k = (due.saturating_sub(seq) as usize).clamp(1, batch);
                     }
-                    seq += 1;
-                    frame(t as u64, seq, frame_bytes, count, &mut buf);
+                    buf.clear();
+                    for _ in 0..k {
+                        seq += 1;
+                        frame(t as u64, seq, frame_bytes, count, &mut one);
+                        buf.extend_from_slice(&one);
+                    }
                     for slot in socks.iter_mut() {
                         if let Some(s) = slot {
                             if s.write_all(&buf).is_err() {
                                 *slot = None;
                             } else {
-                                deliveries += 1;
+                                deliveries += k as u64;
                             }
                         }
                     }
