@@ -69,6 +69,12 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub sync_max: u32,
 
+    /// Login/logout broadcasts are sent only in rooms with at most this many users (in bigger
+    /// rooms every join would be sent to every member; `num` still rides on every message).
+    #[arg(long, env = "GATEWAY_ANNOUNCE_MAX_ROOM_SIZE", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub announce_max_room_size: u64,
+
     /// Largest incoming WebSocket message in bytes (a larger one closes with 1009).
     #[arg(long, env = "GATEWAY_MAX_MESSAGE_BYTES", default_value_t = 65_536,
           value_parser = clap::value_parser!(u32).range(256..=16_777_216))]

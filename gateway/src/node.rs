@@ -58,6 +58,7 @@ impl Node {
                 Broker::Memory(Arc::new(MemoryBroker::new(
                     config.history_max_len,
                     config.dedup_ttl_ms,
+                    config.announce_max_room_size,
                     inbound_tx,
                 )))
             }
@@ -86,6 +87,7 @@ impl Node {
                     url,
                     config.history_max_len,
                     config.dedup_ttl_ms,
+                    config.announce_max_room_size,
                     metrics.clone(),
                     inbound_tx,
                     background_stop.clone(),

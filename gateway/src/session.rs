@@ -384,8 +384,9 @@ impl Session {
                 return Ok(Err(self.unavailable("login").in_room(&room)));
             }
         };
-        if !outcome.first {
-            // The user was already present (another tab): only this connection hears it.
+        if !outcome.announced {
+            // The user was already present (another tab), or the room is too big for
+            // broadcasts: only this connection hears it.
             write(
                 socket,
                 protocol::login_frame(&user_fragment, &fragment, outcome.num),

@@ -281,3 +281,47 @@ async fn http_endpoints_agree_with_the_frames() -> anyhow::Result<()> {
     assert_eq!(status, 400);
     Ok(())
 }
+
+#[tokio::test]
+async fn big_rooms_skip_login_and_logout_broadcasts() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let opts = |i: usize| {
+        GatewayOpts::redis(&redis.url())
+            .node(&format!("b{i}"))
+            .env("GATEWAY_ANNOUNCE_MAX_ROOM_SIZE", 2)
+    };
+    let (n0, n1) = (
+        Gateway::start(opts(0)).await?,
+        Gateway::start(opts(1)).await?,
+    );
+    let mut a = Client::connect(&n0.ws_url()).await?;
+    a.login("a", json!("big")).await?;
+    let mut b = Client::connect(&n1.ws_url()).await?;
+    b.login("b", json!("big")).await?;
+    assert_eq!(
+        a.recv_until(is("login")).await?["num"],
+        2,
+        "small room: announced"
+    );
+    let mut c = Client::connect(&n1.ws_url()).await?;
+    assert_eq!(
+        c.login("c", json!("big")).await?["num"],
+        3,
+        "the joiner still gets its count"
+    );
+    c.close().await?;
+    a.expect_none(Duration::from_millis(400), |f| {
+        f["event"] == "login" || f["event"] == "logout"
+    })
+    .await?;
+    // Messages still carry the count.
+    b.send(json!({"roomId":"big","content":"count?"})).await?;
+    assert_eq!(a.recv_until(is("message")).await?["num"], 2);
+    b.close().await?;
+    assert_eq!(
+        a.recv_until(is("logout")).await?["num"],
+        1,
+        "small again: announced"
+    );
+    Ok(())
+}

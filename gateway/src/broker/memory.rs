@@ -46,16 +46,24 @@ pub struct MemoryBroker {
     inbound: InboundSender,
     history_max_len: usize,
     dedup_ttl: Duration,
+    /// Rooms with more users than this get no login/logout broadcasts.
+    announce_max: u64,
 }
 
 impl MemoryBroker {
-    pub fn new(history_max_len: u64, dedup_ttl_ms: u64, inbound: InboundSender) -> MemoryBroker {
+    pub fn new(
+        history_max_len: u64,
+        dedup_ttl_ms: u64,
+        announce_max: u64,
+        inbound: InboundSender,
+    ) -> MemoryBroker {
         MemoryBroker {
             keys: Keys::default(),
             state: Mutex::new(State::default()),
             inbound,
             history_max_len: history_max_len.clamp(1, usize::MAX as u64) as usize,
             dedup_ttl: Duration::from_millis(dedup_ttl_ms),
+            announce_max,
         }
     }
 
@@ -156,12 +164,17 @@ impl MemoryBroker {
             first = *count == 1;
         }
         let num = room.users.len() as u64;
-        if first {
+        let announced = first && num <= self.announce_max;
+        if announced {
             let frame =
                 crate::protocol::login_frame(&entry.user_fragment, &entry.room_fragment, num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
         }
-        Ok(JoinOutcome { first, num })
+        Ok(JoinOutcome {
+            first,
+            num,
+            announced,
+        })
     }
 
     pub async fn leave(
@@ -195,7 +208,7 @@ impl MemoryBroker {
         if room.conns.is_empty() {
             state.rooms.remove(&entry.room_key);
         }
-        if last {
+        if last && num < self.announce_max {
             let frame = logout_frame(&fragment, &entry.room_fragment, num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
         }

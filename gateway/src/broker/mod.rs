@@ -82,9 +82,11 @@ pub struct PresenceEntry {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JoinOutcome {
-    /// This was the user's first connection in the room: its login was broadcast.
+    /// This was the user's first connection in the room.
     pub first: bool,
     pub num: u64,
+    /// The login was broadcast to the room (first connection, and the room is small enough).
+    pub announced: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,8 +171,8 @@ impl Broker {
         dispatch!(self.append(req))
     }
 
-    /// Records the entry and, if it is the user's first connection in the room, publishes
-    /// `announce_header` + the login frame to `channel`.
+    /// Records the entry and, if it is the user's first connection in the room (and the room
+    /// is no bigger than the announce limit), publishes `announce_header` + the login frame.
     pub async fn join(
         &self,
         entry: &PresenceEntry,

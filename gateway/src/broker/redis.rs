@@ -64,6 +64,8 @@ pub struct RedisBroker {
     up: AtomicBool,
     history_max_len: u64,
     dedup_ttl_ms: u64,
+    /// Rooms with more users than this get no login/logout broadcasts.
+    announce_max: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -79,6 +81,7 @@ impl RedisBroker {
         url: &str,
         history_max_len: u64,
         dedup_ttl_ms: u64,
+        announce_max: u64,
         metrics: Arc<Metrics>,
         inbound: InboundSender,
         shutdown: CancellationToken,
@@ -101,6 +104,7 @@ impl RedisBroker {
             up: AtomicBool::new(false),
             history_max_len,
             dedup_ttl_ms,
+            announce_max,
             metrics,
         });
         tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
@@ -275,14 +279,16 @@ impl RedisBroker {
             .arg(&entry.room_key)
             .arg(&entry.room_fragment)
             .arg(channel)
-            .arg(announce_header);
+            .arg(announce_header)
+            .arg(self.announce_max);
         let mut con = self.commands.clone();
-        let (first, num): (i64, u64) = self
+        let (first, num, announced): (i64, u64, i64) = self
             .timed("join", invocation.invoke_async(&mut con))
             .await?;
         Ok(JoinOutcome {
             first: first == 1,
             num,
+            announced: announced == 1,
         })
     }
 
@@ -302,7 +308,8 @@ impl RedisBroker {
             .arg(&entry.room_key)
             .arg(&entry.room_fragment)
             .arg(channel)
-            .arg(announce_header);
+            .arg(announce_header)
+            .arg(self.announce_max);
         let mut con = self.commands.clone();
         let (last, num): (i64, u64) = self
             .timed("leave", invocation.invoke_async(&mut con))
@@ -373,7 +380,8 @@ impl RedisBroker {
             .arg(now_ms)
             .arg(PRUNE_BATCH)
             .arg(&self.keys.prefix)
-            .arg(announce_header);
+            .arg(announce_header)
+            .arg(self.announce_max);
         let mut con = self.commands.clone();
         self.timed("prune", invocation.invoke_async(&mut con)).await
     }

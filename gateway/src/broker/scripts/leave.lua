@@ -2,7 +2,7 @@
 -- last connection there.
 -- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] expiry zset, KEYS[4] rooms hash
 -- ARGV[1] conn key, ARGV[2] room key, ARGV[3] room fragment, ARGV[4] channel,
--- ARGV[5] envelope header
+-- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced
 -- Returns {last (1|0), num}.
 redis.call('ZREM', KEYS[3], ARGV[2] .. '\n' .. ARGV[1])
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
@@ -22,7 +22,7 @@ local num = redis.call('HLEN', KEYS[2])
 if num == 0 then
   redis.call('HDEL', KEYS[4], ARGV[2])
 end
-if last == 1 then
+if last == 1 and num + 1 <= tonumber(ARGV[6]) then
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. '{"event":"logout",' .. fragment .. ','
     .. ARGV[3] .. ',"num":' .. num .. '}')
 end

@@ -3,7 +3,8 @@
 -- first node to run it claims the departures and later runs find nothing.
 -- Builds room key names from the prefix (see keys.rs); standalone Redis only.
 -- KEYS[1] expiry zset, KEYS[2] rooms hash
--- ARGV[1] now (ms), ARGV[2] batch limit, ARGV[3] key prefix, ARGV[4] envelope header
+-- ARGV[1] now (ms), ARGV[2] batch limit, ARGV[3] key prefix, ARGV[4] envelope header,
+-- ARGV[5] largest room size whose logouts are announced
 -- Returns the number of entries removed.
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(expired) do
@@ -25,7 +26,7 @@ for _, member in ipairs(expired) do
       if num == 0 then
         redis.call('HDEL', KEYS[2], room)
       end
-      if room_fragment then
+      if room_fragment and num + 1 <= tonumber(ARGV[5]) then
         redis.call('PUBLISH', base .. 'ch', ARGV[4] .. '{"event":"logout",' .. fragment .. ','
           .. room_fragment .. ',"num":' .. num .. '}')
       end
