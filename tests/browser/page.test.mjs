@@ -83,7 +83,11 @@ test('the page and its assets are served through nginx; /api/rooms lists the def
     assert.equal(res.status, 200, file);
     assert.ok((res.headers.get('content-type') || '').includes(type), `${file}: ${res.headers.get('content-type')}`);
   }
-  const rooms = await (await fetch(`${cluster.url}/api/rooms`)).json();
+  // A fresh cluster (nobody has joined any room yet) still lists its default rooms.
+  const res = await fetch(`${cluster.url}/api/rooms`);
+  const text = await res.text();
+  assert.equal(res.status, 200, `GET /api/rooms on a fresh cluster: ${res.status} ${text}`);
+  const rooms = JSON.parse(text);
   const lobbyRoom = rooms.rooms.find((r) => r.roomId === ROOM);
   assert.ok(lobbyRoom, JSON.stringify(rooms));
   assert.equal(lobbyRoom.roomName, ROOM_NAME);
