@@ -20,6 +20,24 @@ pub const CLOSE_REASONS: [&str; 8] = [
     "error",
 ];
 
+/// Redis operations (label `op` of the Redis latency and error series).
+pub const REDIS_OPS: [&str; 14] = [
+    "subscribe",
+    "unsubscribe",
+    "append",
+    "join",
+    "leave",
+    "refresh",
+    "prune",
+    "range",
+    "save_acks",
+    "load_ack",
+    "rooms",
+    "room_count",
+    "members",
+    "script_load",
+];
+
 pub struct Metrics {
     registry: Registry,
     pub connections_open: IntGauge,
@@ -178,6 +196,9 @@ impl Metrics {
         // Pre-create labelled series so dashboards see zeros, not gaps.
         for reason in CLOSE_REASONS {
             metrics.connections_closed.with_label_values(&[reason]);
+        }
+        for op in REDIS_OPS {
+            metrics.redis_errors.with_label_values(&[op]);
         }
         for code in ErrorCode::ALL {
             metrics.errors.with_label_values(&[code.as_str()]);

@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, Limits};
 use crate::config::{Config, DefaultRoom};
 use crate::delivery::AckStore;
 use crate::hub::Hub;
@@ -48,6 +48,11 @@ impl Node {
         let shutdown = CancellationToken::new();
         let background_stop = CancellationToken::new();
         let (inbound_tx, inbound_rx) = mpsc::unbounded_channel();
+        let limits = Limits {
+            history_max_len: config.history_max_len,
+            dedup_ttl_ms: config.dedup_ttl_ms,
+            announce_max: config.announce_max_room_size,
+        };
 
         // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted;
         // the presence object does not exist yet, so the callback looks it up lazily.
@@ -55,12 +60,7 @@ impl Node {
         let broker = match &config.redis_url {
             None => {
                 metrics.broker_up.set(1);
-                Broker::Memory(Arc::new(MemoryBroker::new(
-                    config.history_max_len,
-                    config.dedup_ttl_ms,
-                    config.announce_max_room_size,
-                    inbound_tx,
-                )))
+                Broker::Memory(Arc::new(MemoryBroker::new(limits, inbound_tx)))
             }
             Some(url) => {
                 let slot = presence_slot.clone();
@@ -85,9 +85,7 @@ impl Node {
                 });
                 Broker::Redis(RedisBroker::start(
                     url,
-                    config.history_max_len,
-                    config.dedup_ttl_ms,
-                    config.announce_max_room_size,
+                    limits,
                     metrics.clone(),
                     inbound_tx,
                     background_stop.clone(),

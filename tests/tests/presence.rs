@@ -325,3 +325,16 @@ async fn big_rooms_skip_login_and_logout_broadcasts() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn room_list_works_on_an_empty_redis() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gw = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    let (status, body) = http_get(&gw.addr(), "/api/rooms").await?;
+    assert_eq!(status, 200, "{body}");
+    let rooms: Value = serde_json::from_str(&body)?;
+    let listed = rooms["rooms"].as_array().unwrap();
+    assert_eq!(listed.len(), 3, "the default rooms, empty: {listed:?}");
+    assert!(listed.iter().all(|r| r["num"] == 0));
+    Ok(())
+}

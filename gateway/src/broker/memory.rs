@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use super::{
     now_ms, AppendRequest, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, Keys,
-    LeaveOutcome, MemberPage, Page, PresenceEntry, RoomSummary,
+    LeaveOutcome, Limits, MemberPage, Page, PresenceEntry, RoomSummary,
 };
 use crate::protocol::{logout_frame, StreamId};
 
@@ -51,19 +51,14 @@ pub struct MemoryBroker {
 }
 
 impl MemoryBroker {
-    pub fn new(
-        history_max_len: u64,
-        dedup_ttl_ms: u64,
-        announce_max: u64,
-        inbound: InboundSender,
-    ) -> MemoryBroker {
+    pub fn new(limits: Limits, inbound: InboundSender) -> MemoryBroker {
         MemoryBroker {
             keys: Keys::default(),
             state: Mutex::new(State::default()),
             inbound,
-            history_max_len: history_max_len.clamp(1, usize::MAX as u64) as usize,
-            dedup_ttl: Duration::from_millis(dedup_ttl_ms),
-            announce_max,
+            history_max_len: limits.history_max_len.clamp(1, usize::MAX as u64) as usize,
+            dedup_ttl: Duration::from_millis(limits.dedup_ttl_ms),
+            announce_max: limits.announce_max,
         }
     }
 

@@ -30,6 +30,17 @@ pub enum BrokerError {
     Protocol(String),
 }
 
+/// Limits both broker implementations apply.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Messages kept per stream.
+    pub history_max_len: u64,
+    /// How long a clientMsgId is remembered.
+    pub dedup_ttl_ms: u64,
+    /// Rooms with more users than this get no login/logout broadcasts.
+    pub announce_max: u64,
+}
+
 /// A message received from the broker on a subscribed channel.
 #[derive(Debug, Clone)]
 pub struct Inbound {

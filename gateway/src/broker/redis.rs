@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     AppendRequest, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, Keys, LeaveOutcome,
-    MemberPage, Page, PresenceEntry, RoomSummary,
+    Limits, MemberPage, Page, PresenceEntry, RoomSummary,
 };
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
@@ -62,10 +62,7 @@ pub struct RedisBroker {
     subscriptions: Mutex<Subscriptions>,
     /// True while the pub/sub connection is up (commands reconnect by themselves).
     up: AtomicBool,
-    history_max_len: u64,
-    dedup_ttl_ms: u64,
-    /// Rooms with more users than this get no login/logout broadcasts.
-    announce_max: u64,
+    limits: Limits,
     metrics: Arc<Metrics>,
 }
 
@@ -79,9 +76,7 @@ impl RedisBroker {
     /// re-established pub/sub connection (to re-assert presence).
     pub fn start(
         url: &str,
-        history_max_len: u64,
-        dedup_ttl_ms: u64,
-        announce_max: u64,
+        limits: Limits,
         metrics: Arc<Metrics>,
         inbound: InboundSender,
         shutdown: CancellationToken,
@@ -102,9 +97,7 @@ impl RedisBroker {
             scripts: Scripts::load(),
             subscriptions: Mutex::new(Subscriptions::default()),
             up: AtomicBool::new(false),
-            history_max_len,
-            dedup_ttl_ms,
-            announce_max,
+            limits,
             metrics,
         });
         tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
@@ -241,8 +234,8 @@ impl RedisBroker {
                     .unwrap_or_default(),
             )
             .key(trim_marker(&req.stream_key))
-            .arg(self.history_max_len)
-            .arg(self.dedup_ttl_ms)
+            .arg(self.limits.history_max_len)
+            .arg(self.limits.dedup_ttl_ms)
             .arg(&req.channel)
             .arg(&req.header_before)
             .arg(&req.header_after)
@@ -280,7 +273,7 @@ impl RedisBroker {
             .arg(&entry.room_fragment)
             .arg(channel)
             .arg(announce_header)
-            .arg(self.announce_max);
+            .arg(self.limits.announce_max);
         let mut con = self.commands.clone();
         let (first, num, announced): (i64, u64, i64) = self
             .timed("join", invocation.invoke_async(&mut con))
@@ -309,7 +302,7 @@ impl RedisBroker {
             .arg(&entry.room_fragment)
             .arg(channel)
             .arg(announce_header)
-            .arg(self.announce_max);
+            .arg(self.limits.announce_max);
         let mut con = self.commands.clone();
         let (last, num): (i64, u64) = self
             .timed("leave", invocation.invoke_async(&mut con))
@@ -381,7 +374,7 @@ impl RedisBroker {
             .arg(PRUNE_BATCH)
             .arg(&self.keys.prefix)
             .arg(announce_header)
-            .arg(self.announce_max);
+            .arg(self.limits.announce_max);
         let mut con = self.commands.clone();
         self.timed("prune", invocation.invoke_async(&mut con)).await
     }
@@ -461,6 +454,9 @@ impl RedisBroker {
             .map(|p| (p[0].clone(), p[1].clone()))
             .take(limit)
             .collect();
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut pipe = redis::pipe();
         for (room, _) in &pairs {
             pipe.hlen(self.keys.room_users(room));
