@@ -105,6 +105,14 @@ pub async fn connect(target: &Target, source: Option<IpAddr>, timeout: Duration)
             source,
             target.addr.ip().is_loopback() && target.addr.is_ipv4(),
         ) {
+            // Pick the port at connect time (per 4-tuple), not at bind time: a port bound
+            // with port 0 is taken from the machine's shared ephemeral range for every
+            // destination, which nginx's own upstream connections would then run out of.
+            nix::sys::socket::setsockopt(
+                &socket,
+                nix::sys::socket::sockopt::IpBindAddressNoPort,
+                &true,
+            )?;
             socket.bind(SocketAddr::new(src, 0))?;
         }
         let stream = socket.connect(target.addr).await?;
