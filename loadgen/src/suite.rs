@@ -995,6 +995,7 @@ pub fn main(a: SuiteArgs) -> Result<()> {
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn idle_run(
     runner: &mut Runner,
     stack: &Stack,
@@ -1240,13 +1241,13 @@ fn markdown(
         o.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
         for i in idles {
             o.push_str(&format!(
-                "| {} | {} | {} | {:.0} | {:.0} | {} | {:.2} KiB | {} | {} | {} |\n",
+                "| {} | {} | {} | {:.0} | {:.0} | {:?} | {:.2} KiB | {} | {} | {} |\n",
                 i.name,
                 i.connections,
                 i.held,
                 i.connect_rate,
                 i.per_node_connections,
-                format!("{:?}", i.gateway_open),
+                i.gateway_open,
                 i.gateway_kib_per_conn,
                 i.nginx_workers,
                 if i.nginx_rss_kib > 0 {
