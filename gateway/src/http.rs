@@ -84,9 +84,10 @@ fn accept(node: Arc<Node>, ws: WebSocketUpgrade) -> Response {
     let max_message = node.config.max_message_bytes as usize;
     let ws = ws
         // Small buffers: an idle connection must stay cheap (axum's default read buffer alone
-        // is 128 KiB). Writes are batched per flush, so a few KiB suffice.
-        .read_buffer_size(2 * 1024)
-        .write_buffer_size(8 * 1024)
+        // is 128 KiB). The read buffer grows for a bigger frame; the write buffer is flushed
+        // once it holds 2 KiB (about 15 chat frames per write) and at the end of each batch.
+        .read_buffer_size(1024)
+        .write_buffer_size(2 * 1024)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(max_message)
         .max_frame_size(max_message);

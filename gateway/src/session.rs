@@ -146,13 +146,17 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
             incoming = socket.recv() => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
                 match incoming {
-                    Some(Ok(Message::Text(text))) => session.handle_text(&mut socket, &text).await,
+                    // Boxed: frame handling is the deepest future here, and keeping it out of
+                    // the connection's state machine keeps idle connections small.
+                    Some(Ok(Message::Text(text))) => {
+                        Box::pin(session.handle_text(&mut socket, &text)).await
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         let err = FrameError::new(
                             ErrorCode::BinaryFrame,
                             "binary frames are not supported; send JSON text frames",
                         );
-                        session.send_error(&mut socket, err).await
+                        Box::pin(session.send_error(&mut socket, err)).await
                     }
                     // Pings are answered by the WebSocket layer; both count as signs of life.
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
@@ -161,7 +165,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
                 }
             }
             Some(delivery) = queue.recv() => session.deliver(&mut socket, delivery, &mut queue).await,
-            _ = ack_check.tick(), if check_acks => session.redeliver(&mut socket).await,
+            _ = ack_check.tick(), if check_acks => Box::pin(session.redeliver(&mut socket)).await,
         };
         if let Err(close) = step {
             break close;
@@ -187,7 +191,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
         .with_label_values(&[close.reason])
         .inc();
     drop(socket);
-    session.leave_everything().await;
+    Box::pin(session.leave_everything()).await;
     drop(slot);
 }
 
