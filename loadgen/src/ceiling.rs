@@ -28,7 +28,7 @@ pub struct ServerArgs {
     /// Payload bytes of each frame (use the gateway's measured message frame size).
     #[arg(long, default_value_t = 260)]
     pub frame_bytes: usize,
-    /// Messages per second (each to every member); 0 = as fast as the sockets take them.
+    /// Messages per second, each to every member; 0 = as fast as the sockets take them.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Seconds of broadcasting (at most 600).
@@ -139,7 +139,9 @@ pub fn serve(args: ServerArgs) -> Result<()> {
     drop(listener);
     eprintln!("ceiling-server: {count} members; broadcasting for {duration} s");
     let barrier = Arc::new(Barrier::new(threads));
-    let per_thread_rate = args.rate / threads as f64;
+    // Each thread writes every message to its share of the sockets: with a rate, every
+    // member receives `rate` messages per second, as in the gateway runs.
+    let per_thread_rate = args.rate;
     let handles: Vec<_> = shards
         .into_iter()
         .enumerate()

@@ -743,55 +743,22 @@ pub fn main(a: SuiteArgs) -> Result<()> {
             ("direct", batched),
             ("nginx", batched),
         ] {
-            let port = free_port()?;
             let name = if batch == 1 {
                 format!("ceiling-{path}")
             } else {
                 format!("ceiling-batched-{path}")
             };
-            let log = std::fs::File::create(work.join(format!("{name}-server.log")))?;
-            let mut server = Proc::spawn(
-                "ceiling-server",
-                Command::new(&runner.exe)
-                    .args(["ceiling-server", "--listen", &format!("127.0.0.1:{port}")])
-                    .args(["--members", &members, "--frame-bytes", &s(frame_bytes)])
-                    .args(["--duration", &dur, "--rate", "0", "--batch", &s(batch)])
-                    .stdout(Stdio::piped())
-                    .stderr(log),
+            ceiling_run(
+                &mut runner,
+                &stack,
+                &name,
+                path,
+                a.members,
+                frame_bytes,
+                0.0,
+                batch,
+                a.duration,
             )?;
-            let stdout = server.child.stdout.take().context("ceiling stdout")?;
-            let mut lines = BufReader::new(stdout).lines();
-            let first = lines.next().transpose()?.unwrap_or_default();
-            if !first.starts_with("listening") {
-                bail!("ceiling-server did not start: {first}");
-            }
-            let (ng, url) = if path == "nginx" {
-                let (ng, p) = stack.start_nginx("ceiling", &[port], 2)?;
-                (Some(ng), format!("ws://127.0.0.1:{p}/ws"))
-            } else {
-                (None, format!("ws://127.0.0.1:{port}/ws"))
-            };
-            let g = Groups {
-                gateways: vec![],
-                nginx: ng.as_ref().map(|n| n.pid()),
-                redis: None,
-                ceiling: Some(server.pid()),
-            };
-            let args = vec![
-                s("ceiling"),
-                s("--url"),
-                url,
-                s("-c"),
-                members.clone(),
-                s("-d"),
-                s(a.duration + 5.0),
-                s("--drain"),
-                s(2),
-            ];
-            runner.run(&name, path, &args, &g, no_during)?;
-            drop(lines);
-            drop(ng);
-            drop(server);
         }
     }
 
@@ -828,6 +795,22 @@ pub fn main(a: SuiteArgs) -> Result<()> {
                     s(3),
                 ];
                 runner.run(&name, path, &args, &groups, no_during)?;
+            }
+            // The raw ceiling at the same half rate, for its latency (it writes what fell due
+            // since its last round in one write, like a server draining a queue).
+            if want("ceiling") {
+                let msgs = (max * 0.5 / a.members as f64).max(1.0).round();
+                ceiling_run(
+                    &mut runner,
+                    &stack,
+                    &format!("ceiling-half-{path}"),
+                    path,
+                    a.members,
+                    frame_bytes,
+                    msgs,
+                    batched,
+                    a.duration,
+                )?;
             }
         }
     }
@@ -1170,6 +1153,13 @@ fn markdown(
                 l.p50_ms, l.p99_ms, r.report.delivered_per_s,
                 if ok { "met".to_string() } else { format!("missed (p50 {:+.2} ms, p99 {:+.2} ms over)", (l.p50_ms - 1.0).max(0.0), (l.p99_ms - 10.0).max(0.0)) }
             ));
+            if let Some(c) = find(&format!("ceiling-half-{path}")) {
+                let cl = &c.report.latency;
+                o.push_str(&format!(
+                    "| (reference) the raw ceiling ({path}) at the same rate | p50 {:.3} ms, p99 {:.3} ms at {:.0} deliveries/s | – |\n",
+                    cl.p50_ms, cl.p99_ms, c.report.delivered_per_s
+                ));
+            }
             // The highest measured rate at which both latency targets hold.
             let best = runs
                 .iter()
@@ -1316,4 +1306,66 @@ fn markdown(
     }
     o.push('\n');
     o
+}
+
+/// One run of the raw ceiling: `ceiling-server` (directly, or behind an nginx from the same
+/// template) and the generator's `ceiling` client.
+#[allow(clippy::too_many_arguments)]
+fn ceiling_run(
+    runner: &mut Runner,
+    stack: &Stack,
+    name: &str,
+    path: &str,
+    members: usize,
+    frame_bytes: usize,
+    rate: f64,
+    batch: usize,
+    duration: f64,
+) -> Result<Run> {
+    let port = free_port()?;
+    let log = std::fs::File::create(runner.work.join(format!("{name}-server.log")))?;
+    let mut server = Proc::spawn(
+        "ceiling-server",
+        Command::new(&runner.exe)
+            .args(["ceiling-server", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["--members", &s(members), "--frame-bytes", &s(frame_bytes)])
+            .args(["--duration", &s(duration), "--rate", &s(rate)])
+            .args(["--batch", &s(batch)])
+            .stdout(Stdio::piped())
+            .stderr(log),
+    )?;
+    let stdout = server.child.stdout.take().context("ceiling stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let first = lines.next().transpose()?.unwrap_or_default();
+    if !first.starts_with("listening") {
+        bail!("ceiling-server did not start: {first}");
+    }
+    let (ng, url) = if path == "nginx" {
+        let (ng, p) = stack.start_nginx("ceiling", &[port], 2)?;
+        (Some(ng), format!("ws://127.0.0.1:{p}/ws"))
+    } else {
+        (None, format!("ws://127.0.0.1:{port}/ws"))
+    };
+    let g = Groups {
+        gateways: vec![],
+        nginx: ng.as_ref().map(|n| n.pid()),
+        redis: None,
+        ceiling: Some(server.pid()),
+    };
+    let args = vec![
+        s("ceiling"),
+        s("--url"),
+        url,
+        s("-c"),
+        s(members),
+        s("-d"),
+        s(duration + 5.0),
+        s("--drain"),
+        s(2),
+    ];
+    let run = runner.run(name, path, &args, &g, no_during);
+    drop(lines);
+    drop(ng);
+    drop(server);
+    run
 }
