@@ -417,6 +417,21 @@ impl Session {
                 .replay(socket, Target::Room(room), after, limit as usize)
                 .await;
         }
+        if self.ack_mode {
+            // Nothing to resume: give the client its starting point, so that a reconnect
+            // before the first message still resumes without a gap.
+            let stream = self.node.broker.keys().room_stream(&room.key);
+            let Ok(newest) = self.node.broker.newest_id(&stream).await else {
+                return Ok(Err(self.unavailable("login").in_room(&room)));
+            };
+            let target = Target::Room(room);
+            let start = newest.unwrap_or(StreamId::ZERO);
+            write(
+                socket,
+                protocol::synced_frame(&target, start, 0, false, false),
+            )
+            .await?;
+        }
         Ok(Ok(()))
     }
 

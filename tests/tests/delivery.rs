@@ -462,3 +462,35 @@ async fn direct_messages_reach_online_users_on_other_nodes_and_offline_users_lat
         .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn an_ack_login_without_a_position_gets_its_starting_point() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gws = start_nodes(&redis, 1, &[]).await?;
+    let mut first = Client::connect(&gws[0].ws_url()).await?;
+    first
+        .send(json!({"event":"login","userId":"first","roomId":"sp","ack":true}))
+        .await?;
+    let synced = first
+        .recv_until(|f| f["event"] == "synced" && f["roomId"] == "sp")
+        .await?;
+    assert_eq!(
+        (synced["lastId"].as_str(), synced["count"].as_u64()),
+        (Some("0-0"), Some(0))
+    );
+    first.send(json!({"roomId":"sp","content":"one"})).await?;
+    let one = first.recv_until(is("message")).await?;
+    let mut second = Client::connect(&gws[0].ws_url()).await?;
+    second
+        .send(json!({"event":"login","userId":"second","roomId":"sp","ack":true}))
+        .await?;
+    let synced = second
+        .recv_until(|f| f["event"] == "synced" && f["roomId"] == "sp")
+        .await?;
+    assert_eq!(
+        synced["lastId"], one["id"],
+        "starts after the newest message"
+    );
+    assert_eq!(synced["count"], 0);
+    Ok(())
+}

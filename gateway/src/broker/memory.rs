@@ -244,6 +244,15 @@ impl MemoryBroker {
         })
     }
 
+    pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
+        Ok(self
+            .state()
+            .streams
+            .get(stream_key)
+            .and_then(|s| s.entries.back())
+            .map(|(id, _)| *id))
+    }
+
     pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
         let mut state = self.state();
         for (key, field, id) in acks {

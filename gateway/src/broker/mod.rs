@@ -230,6 +230,11 @@ impl Broker {
         dispatch!(self.range(stream_key, frame_head, after, limit))
     }
 
+    /// The id of the newest entry of a stream (`None` when it is empty or absent).
+    pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
+        dispatch!(self.newest_id(stream_key))
+    }
+
     /// Stores acknowledged positions: `(acks key, field, id)`.
     pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
         dispatch!(self.save_acks(acks))

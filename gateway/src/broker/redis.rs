@@ -412,6 +412,23 @@ impl RedisBroker {
         })
     }
 
+    pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
+        let mut con = self.commands.clone();
+        let newest: Vec<StreamEntry> = self
+            .timed(
+                "range",
+                redis::cmd("XREVRANGE")
+                    .arg(stream_key)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut con),
+            )
+            .await?;
+        newest.first().map(|(id, _)| parse_id(id)).transpose()
+    }
+
     pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
         if acks.is_empty() {
             return Ok(());
