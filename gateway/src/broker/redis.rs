@@ -162,6 +162,9 @@ impl RedisBroker {
                             return;
                         }
                     }
+                    if shutdown.is_cancelled() {
+                        return;
+                    }
                     tracing::warn!("redis pub/sub connection lost");
                 }
                 Err(e) => tracing::debug!("redis pub/sub connect failed: {e}"),
