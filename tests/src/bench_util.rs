@@ -1,0 +1,346 @@
+//! Helpers shared by the benchmark binaries (`src/bin/bench_presence.rs`,
+//! `src/bin/bench_delivery.rs`), included by each with `#[path]`: report tables (text and
+//! Markdown), Redis `INFO` samples and their differences, CPU time and RSS of processes from
+//! /proc, the open-file limit, latency percentiles.
+//!
+//! Not part of the harness library: each binary uses what it needs.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+// Report tables (text and Markdown)
+
+pub struct Table {
+    pub title: String,
+    pub header: Vec<String>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn new(title: &str, header: &[&str]) -> Table {
+        Table {
+            title: title.to_string(),
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    pub fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+
+    pub fn text(&self) -> String {
+        let mut widths: Vec<usize> = self.header.iter().map(|h| h.chars().count()).collect();
+        for row in &self.rows {
+            for (i, cell) in row.iter().enumerate() {
+                if i < widths.len() {
+                    widths[i] = widths[i].max(cell.chars().count());
+                }
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut out = String::from(" ");
+            for (i, cell) in cells.iter().enumerate() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                if i == 0 {
+                    out.push_str(cell);
+                    out.push_str(&" ".repeat(pad));
+                } else {
+                    out.push_str(&" ".repeat(pad));
+                    out.push_str(cell);
+                }
+                out.push_str("  ");
+            }
+            out.trim_end().to_string()
+        };
+        let mut out = format!("{}\n", self.title);
+        out.push_str(&line(&self.header));
+        out.push('\n');
+        let total: usize = widths.iter().sum::<usize>() + 2 * widths.len();
+        out.push_str(&format!(" {}\n", "-".repeat(total.saturating_sub(1))));
+        for row in &self.rows {
+            out.push_str(&line(row));
+            out.push('\n');
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = format!("**{}**\n\n", self.title);
+        out.push_str(&format!("| {} |\n", self.header.join(" | ")));
+        let aligns: Vec<&str> = (0..self.header.len())
+            .map(|i| if i == 0 { "---" } else { "---:" })
+            .collect();
+        out.push_str(&format!("|{}|\n", aligns.join("|")));
+        for row in &self.rows {
+            out.push_str(&format!("| {} |\n", row.join(" | ")));
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+pub struct Section {
+    pub title: String,
+    pub lines: Vec<String>,
+    pub tables: Vec<Table>,
+}
+
+impl Section {
+    pub fn text(&self) -> String {
+        let mut out = format!("== {} ==\n", self.title);
+        for l in &self.lines {
+            out.push_str(&format!("{l}\n"));
+        }
+        for t in &self.tables {
+            out.push('\n');
+            out.push_str(&t.text());
+        }
+        out
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = format!("### {}\n\n", self.title);
+        for l in &self.lines {
+            out.push_str(&format!("- {l}\n"));
+        }
+        for t in &self.tables {
+            out.push('\n');
+            out.push_str(&t.markdown());
+        }
+        out
+    }
+}
+
+// Measurements: Redis INFO, /proc
+
+/// One `INFO commandstats stats cpu memory server` sample.
+#[derive(Clone, Default)]
+pub struct Info {
+    /// Command → (calls, usec). Calls made inside Lua scripts count here too.
+    pub cmds: BTreeMap<String, (u64, u64)>,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl Info {
+    pub async fn take(con: &mut redis::aio::MultiplexedConnection) -> Result<Info> {
+        let text: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .arg("stats")
+            .arg("cpu")
+            .arg("memory")
+            .arg("server")
+            .query_async(con)
+            .await?;
+        let mut info = Info::default();
+        for line in text.lines() {
+            let Some((key, value)) = line.trim().split_once(':') else {
+                continue;
+            };
+            if let Some(cmd) = key.strip_prefix("cmdstat_") {
+                let mut calls = 0;
+                let mut usec = 0;
+                for part in value.split(',') {
+                    if let Some(v) = part.strip_prefix("calls=") {
+                        calls = v.parse().unwrap_or(0);
+                    } else if let Some(v) = part.strip_prefix("usec=") {
+                        usec = v.parse().unwrap_or(0);
+                    }
+                }
+                info.cmds.insert(cmd.to_string(), (calls, usec));
+            } else {
+                info.fields.insert(key.to_string(), value.to_string());
+            }
+        }
+        Ok(info)
+    }
+
+    pub fn num(&self, key: &str) -> f64 {
+        self.fields
+            .get(key)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    pub fn calls(&self, cmd: &str) -> u64 {
+        self.cmds.get(cmd).map(|c| c.0).unwrap_or(0)
+    }
+
+    pub fn usec(&self, cmd: &str) -> u64 {
+        self.cmds.get(cmd).map(|c| c.1).unwrap_or(0)
+    }
+
+    /// used_cpu_user + used_cpu_sys, seconds.
+    pub fn cpu(&self) -> f64 {
+        self.num("used_cpu_user") + self.num("used_cpu_sys")
+    }
+}
+
+/// Differences between two INFO samples.
+pub struct InfoDelta<'a> {
+    pub a: &'a Info,
+    pub b: &'a Info,
+}
+
+impl InfoDelta<'_> {
+    pub fn calls(&self, cmd: &str) -> u64 {
+        self.b.calls(cmd).saturating_sub(self.a.calls(cmd))
+    }
+
+    pub fn usec(&self, cmd: &str) -> u64 {
+        self.b.usec(cmd).saturating_sub(self.a.usec(cmd))
+    }
+
+    pub fn cpu(&self) -> f64 {
+        self.b.cpu() - self.a.cpu()
+    }
+
+    /// Every command whose call count changed, except the benchmark's own INFO.
+    pub fn changed(&self) -> Vec<(String, u64, u64)> {
+        self.b
+            .cmds
+            .keys()
+            .filter(|c| c.as_str() != "info")
+            .map(|c| (c.clone(), self.calls(c), self.usec(c)))
+            .filter(|(_, calls, _)| *calls > 0)
+            .collect()
+    }
+
+    /// total_commands_processed, less the benchmark's own INFO calls (inner script calls are
+    /// included: Redis counts them as commands).
+    pub fn total_commands(&self) -> u64 {
+        let total = (self.b.num("total_commands_processed")
+            - self.a.num("total_commands_processed"))
+        .max(0.0) as u64;
+        total.saturating_sub(self.calls("info"))
+    }
+}
+
+pub fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// User + system CPU seconds of a process (from /proc/<pid>/stat).
+pub fn proc_cpu(pid: u32, ticks: f64) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces) start at field 3 (state).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
+    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    (utime + stime) / ticks
+}
+
+/// Resident set size of a process in MiB (VmRSS).
+pub fn proc_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map(|kib| kib / 1024.0)
+        .unwrap_or(0.0)
+}
+
+/// Soft and hard open-file limits of this process.
+pub fn nofile_limits() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let mut parts = line["Max open files".len()..].split_whitespace();
+    let parse = |v: Option<&str>| match v {
+        Some("unlimited") => Some(u64::MAX),
+        Some(v) => v.parse().ok(),
+        None => None,
+    };
+    Some((parse(parts.next())?, parse(parts.next())?))
+}
+
+/// Makes sure `needed` files can be open: raises the soft limit to the hard one with
+/// prlimit(1) (no unsafe code, no extra crate) when the soft one is too low.
+pub fn ensure_open_files(needed: u64) -> Result<()> {
+    let Some((soft, hard)) = nofile_limits() else {
+        eprintln!("warning: could not read the open-file limit; continuing");
+        return Ok(());
+    };
+    if soft >= needed {
+        return Ok(());
+    }
+    if hard < needed {
+        bail!(
+            "{needed} open files needed, but the hard limit is {hard}: use fewer --users \
+             (one process here cannot hold more)"
+        );
+    }
+    let status = Command::new("prlimit")
+        .arg("--pid")
+        .arg(std::process::id().to_string())
+        .arg(format!("--nofile={hard}:{hard}"))
+        .status()
+        .context("running prlimit to raise the open-file limit")?;
+    let now = nofile_limits().map(|l| l.0).unwrap_or(0);
+    if !status.success() || now < needed {
+        bail!("could not raise the open-file soft limit from {soft} to {hard} (now {now})");
+    }
+    eprintln!("raised the open-file soft limit from {soft} to {now}");
+    Ok(())
+}
+
+pub fn percentile(sorted: &[Duration], q: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
+}
+
+pub fn ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1000.0)
+}
+
+/// count, p50, p90, p99, max (ms) of a sample.
+pub fn latency_cells(sample: &[Duration]) -> Vec<String> {
+    let mut sorted = sample.to_vec();
+    sorted.sort();
+    vec![
+        sorted.len().to_string(),
+        ms(percentile(&sorted, 0.50)),
+        ms(percentile(&sorted, 0.90)),
+        ms(percentile(&sorted, 0.99)),
+        ms(sorted.last().copied().unwrap_or_default()),
+    ]
+}
+
+/// Busy and total jiffies of the whole machine (first line of /proc/stat).
+pub fn machine_cpu() -> (u64, u64) {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return (0, 0);
+    };
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}

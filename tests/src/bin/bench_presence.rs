@@ -1,0 +1,873 @@
+//! Presence benchmark: N users online in one room spread over several nodes.
+//!
+//! ```text
+//! cargo build --release -p gateway
+//! GATEWAY_BIN=target/release/gateway cargo run --release -p e2e --bin bench_presence -- \
+//!     [--users 10000] [--ttl-ms 30000,5000] [--markdown FILE]
+//! ```
+//!
+//! For each presence TTL it starts its own `redis-server` (free loopback port) and its own
+//! gateway nodes through the e2e harness, then measures:
+//!
+//! 1. join latency: login sent → the connection's own `login` frame, with a bounded number of
+//!    logins in flight, split by the room's size at the join (rooms of at most
+//!    `GATEWAY_ANNOUNCE_MAX_ROOM_SIZE` users broadcast every login to every member);
+//! 2. steady state with everyone idle: Redis commands per second spent on presence (refresh
+//!    and prune scripts), Redis CPU and gateway CPU per second;
+//! 3. leave latency: a client closes its socket → `HLEN gw:{r:<room>}:pu` drops;
+//! 4. convergence after SIGKILL of one node: time until `HLEN` equals the survivors' users;
+//! 5. gateway RSS before and after the joins.
+//!
+//! Every client socket is read until the end (a node disconnects clients that stop reading).
+//! Everything runs on loopback and stops by itself; nothing touches the Redis on port 6379.
+
+#[path = "../bench_util.rs"]
+mod bench_util;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench_util::{
+    clock_ticks, ensure_open_files, latency_cells, nofile_limits, proc_cpu, proc_rss_mib, Info,
+    InfoDelta, Section, Table,
+};
+use clap::Parser;
+use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{oneshot, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// The gateway's default `GATEWAY_ANNOUNCE_MAX_ROOM_SIZE`.
+const DEFAULT_ANNOUNCE_MAX: u64 = 1000;
+/// Entries per refresh script call (gateway/src/broker/redis.rs, `REFRESH_BATCH`).
+const REFRESH_BATCH: u64 = 500;
+/// Expired entries removed per prune call (gateway/src/broker/redis.rs, `PRUNE_BATCH`).
+const PRUNE_BATCH: u64 = 1000;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "bench_presence",
+    about = "Presence benchmark: N users in one room over several gateway nodes (loopback only)"
+)]
+struct Args {
+    /// Users (one WebSocket connection each), spread round-robin over the nodes.
+    #[arg(long, default_value_t = 10_000)]
+    users: usize,
+
+    /// Gateway nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+
+    /// GATEWAY_PRESENCE_TTL_MS; a comma-separated list runs the whole benchmark once per value,
+    /// each time with a fresh Redis and fresh nodes.
+    #[arg(long, value_delimiter = ',', default_value = "30000")]
+    ttl_ms: Vec<u64>,
+
+    /// Logins in flight at once (connect + login + own login frame).
+    #[arg(long, default_value_t = 200)]
+    concurrency: usize,
+
+    /// Length of the idle steady-state sample, rounded up to whole refresh periods (TTL/3).
+    #[arg(long, default_value_t = 30)]
+    steady_secs: u64,
+
+    /// Users that close their socket one at a time for the leave latency.
+    #[arg(long, default_value_t = 200)]
+    leave_sample: usize,
+
+    /// GATEWAY_ANNOUNCE_MAX_ROOM_SIZE for the nodes (default: the gateway's own, 1000).
+    #[arg(long)]
+    announce_max: Option<u64>,
+
+    /// Room id.
+    #[arg(long, default_value = "bench")]
+    room: String,
+
+    /// Skip the SIGKILL convergence phase.
+    #[arg(long)]
+    no_kill: bool,
+
+    /// Also write the report as Markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client connections
+
+/// What one connection's join measured.
+struct Joined {
+    node: usize,
+    connect: Duration,
+    login: Duration,
+    /// `num` in the connection's own login frame (the room's size at the join).
+    num: u64,
+}
+
+/// Frames seen by all connections after their own login frame.
+#[derive(Default)]
+struct Counters {
+    frames: AtomicU64,
+    logins: AtomicU64,
+    logouts: AtomicU64,
+    errors: AtomicU64,
+    /// Connections that ended without being asked to close (server close, reset, EOF).
+    ended: AtomicU64,
+}
+
+fn ws_config() -> WebSocketConfig {
+    // Small buffers: 10k connections in one process.
+    WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(0)
+}
+
+async fn join(url: &str, user: &str, room: &str) -> Result<(Ws, Duration, Duration, u64)> {
+    let started = Instant::now();
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .context("websocket connect timeout")??;
+    let connect = started.elapsed();
+    let login = serde_json::json!({
+        "event": "login", "userId": user, "userName": format!("name {user}"),
+        "roomId": room, "roomName": format!("room {room}"),
+    });
+    let own = format!(r#""userId":"{user}""#);
+    let sent = Instant::now();
+    ws.send(Message::text(login.to_string())).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let next = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .context("no own login frame within 30 s")?;
+        match next {
+            Some(Ok(Message::Text(text))) => {
+                if text.starts_with(r#"{"event":"login""#) && text.contains(&own) {
+                    let latency = sent.elapsed();
+                    let frame: serde_json::Value = serde_json::from_str(&text)?;
+                    let num = frame["num"].as_u64().unwrap_or(0);
+                    return Ok((ws, connect, latency, num));
+                }
+                if text.starts_with(r#"{"event":"error""#) {
+                    bail!("error frame at login: {text}");
+                }
+            }
+            Some(Ok(Message::Close(frame))) => bail!("closed at login: {frame:?}"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("websocket error at login: {e}"),
+            None => bail!("connection ended at login"),
+        }
+    }
+}
+
+/// Reads frames until told to close (then closes and drains) or until the server ends it.
+async fn read_until_closed(mut ws: Ws, mut close: oneshot::Receiver<()>, counters: Arc<Counters>) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut close => {
+                let _ = ws.close(None).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    while let Some(Ok(_)) = ws.next().await {}
+                })
+                .await;
+                return;
+            }
+            next = ws.next() => match next {
+                Some(Ok(Message::Text(text))) => {
+                    counters.frames.fetch_add(1, Ordering::Relaxed);
+                    if text.starts_with(r#"{"event":"login""#) {
+                        counters.logins.fetch_add(1, Ordering::Relaxed);
+                    } else if text.starts_with(r#"{"event":"logout""#) {
+                        counters.logouts.fetch_add(1, Ordering::Relaxed);
+                    } else if text.starts_with(r#"{"event":"error""#) {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => {
+                    counters.ended.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+struct Conn {
+    node: usize,
+    close: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+    joined: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// One run
+
+async fn hlen(con: &mut redis::aio::MultiplexedConnection, key: &str) -> Result<u64> {
+    Ok(redis::cmd("HLEN").arg(key).query_async(con).await?)
+}
+
+/// `num` from `/api/rooms/{room}/members?limit=1` on a node.
+async fn api_num(gw: &Gateway, room: &str) -> Result<u64> {
+    let (status, body) =
+        http_get(&gw.addr(), &format!("/api/rooms/{room}/members?limit=1")).await?;
+    if status != 200 {
+        bail!("members API answered {status}: {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    v["num"]
+        .as_u64()
+        .with_context(|| format!("no num in {body}"))
+}
+
+fn expected_refresh_per_sec(per_node: &[u64], ttl: Duration) -> f64 {
+    let period = (ttl / 3).as_secs_f64();
+    per_node
+        .iter()
+        .map(|n| n.div_ceil(REFRESH_BATCH) as f64)
+        .sum::<f64>()
+        / period
+}
+
+fn prune_interval(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
+    let ttl = Duration::from_millis(ttl_ms);
+    let announce_max = args.announce_max.unwrap_or(DEFAULT_ANNOUNCE_MAX);
+    let mut section = Section {
+        title: format!(
+            "{} users, {} nodes, one room, GATEWAY_PRESENCE_TTL_MS={ttl_ms}",
+            args.users, args.nodes
+        ),
+        ..Default::default()
+    };
+    eprintln!("--- {}", section.title);
+
+    let redis_server = RedisServer::start().await?;
+    let mut con = redis_server.connection().await?;
+    let redis_pid: u32 = Info::take(&mut con).await?.num("process_id") as u32;
+    let mut gateways = Vec::new();
+    for i in 0..args.nodes {
+        let mut opts = GatewayOpts::redis(&redis_server.url())
+            .node(&format!("bench-{i}"))
+            .env("GATEWAY_PRESENCE_TTL_MS", ttl_ms)
+            .env("GATEWAY_HEARTBEAT_TIMEOUT_MS", 3_600_000)
+            .env("GATEWAY_MAX_CONNECTIONS", args.users + 100);
+        if let Some(max) = args.announce_max {
+            opts = opts.env("GATEWAY_ANNOUNCE_MAX_ROOM_SIZE", max);
+        }
+        gateways.push(Gateway::start(opts).await?);
+    }
+    for gw in &gateways {
+        gw.wait_ready(200).await?;
+    }
+    let pids: Vec<u32> = gateways.iter().filter_map(|g| g.proc.pid()).collect();
+    let users_key = format!("gw:{{r:{}}}:pu", args.room);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before: Vec<f64> = pids.iter().map(|p| proc_rss_mib(*p)).collect();
+    let redis_mem_before = Info::take(&mut con).await?.num("used_memory") / 1048576.0;
+
+    // --- joins
+    eprintln!("joining {} users ...", args.users);
+    let counters = Arc::new(Counters::default());
+    let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let info_a = Info::take(&mut con).await?;
+    let cpu_a: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let started = Instant::now();
+    let mut conns = Vec::with_capacity(args.users);
+    let mut readies = Vec::with_capacity(args.users);
+    for i in 0..args.users {
+        let node = i % args.nodes;
+        let url = gateways[node].ws_url();
+        let user = format!("u{i:06}");
+        let room = args.room.clone();
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (close_tx, close_rx) = oneshot::channel();
+        let sem = sem.clone();
+        let counters = counters.clone();
+        let task = tokio::spawn(async move {
+            let permit = sem.acquire_owned().await;
+            let result = join(&url, &user, &room).await;
+            drop(permit);
+            match result {
+                Ok((ws, connect, login, num)) => {
+                    let _ = ready_tx.send(Ok(Joined {
+                        node,
+                        connect,
+                        login,
+                        num,
+                    }));
+                    read_until_closed(ws, close_rx, counters).await;
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
+            }
+        });
+        conns.push(Conn {
+            node,
+            close: Some(close_tx),
+            task,
+            joined: false,
+        });
+        readies.push(ready_rx);
+    }
+    let mut joined = Vec::with_capacity(args.users);
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, ready) in readies.into_iter().enumerate() {
+        match ready.await {
+            Ok(Ok(j)) => {
+                conns[i].joined = true;
+                joined.push(j);
+            }
+            Ok(Err(e)) => *failures.entry(format!("{e:#}")).or_default() += 1,
+            Err(_) => *failures.entry("task ended".into()).or_default() += 1,
+        }
+        if (i + 1) % 2000 == 0 {
+            eprintln!(
+                "  {} joined after {:.1} s",
+                i + 1,
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    let join_wall = started.elapsed();
+    let info_b = Info::take(&mut con).await?;
+    let cpu_b: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let ok = joined.len() as u64;
+    let count = wait_count(&mut con, &users_key, ok, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after: Vec<f64> = pids.iter().map(|p| proc_rss_mib(*p)).collect();
+    let redis_mem_after = Info::take(&mut con).await?.num("used_memory") / 1048576.0;
+    let bench_rss = proc_rss_mib(std::process::id());
+
+    section.lines.push(format!(
+        "joins: {ok} of {} in {:.1} s ({:.0} joins/s) with at most {} logins in flight; \
+         HLEN {users_key} = {}",
+        args.users,
+        join_wall.as_secs_f64(),
+        ok as f64 / join_wall.as_secs_f64(),
+        args.concurrency,
+        match count {
+            Ok(n) => n.to_string(),
+            Err(ref e) => format!("MISMATCH ({e:#})"),
+        }
+    ));
+    for (e, n) in &failures {
+        section.lines.push(format!("join failures: {n} × {e}"));
+    }
+
+    let mut t = Table::new(
+        "Join latency (ms): login sent → own login frame",
+        &["joins", "count", "p50", "p90", "p99", "max"],
+    );
+    let all: Vec<Duration> = joined.iter().map(|j| j.login).collect();
+    let announced: Vec<Duration> = joined
+        .iter()
+        .filter(|j| j.num <= announce_max)
+        .map(|j| j.login)
+        .collect();
+    let silent: Vec<Duration> = joined
+        .iter()
+        .filter(|j| j.num > announce_max)
+        .map(|j| j.login)
+        .collect();
+    let connects: Vec<Duration> = joined.iter().map(|j| j.connect).collect();
+    let mut push = |name: String, sample: &[Duration]| {
+        let mut cells = vec![name];
+        cells.extend(latency_cells(sample));
+        t.row(cells);
+    };
+    push("all".into(), &all);
+    push(
+        format!("room ≤ {announce_max} (login broadcast to the room)"),
+        &announced,
+    );
+    push(
+        format!("room > {announce_max} (only the joiner hears it)"),
+        &silent,
+    );
+    push("WebSocket connect (TCP + upgrade)".into(), &connects);
+    section.tables.push(t);
+
+    let mut t = Table::new(
+        "Join latency (ms) by room size at the join",
+        &["num at join", "count", "p50", "p90", "p99", "max"],
+    );
+    let bucket = (args.users / 10).max(1) as u64;
+    let mut by_bucket: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
+    for j in &joined {
+        by_bucket
+            .entry(j.num.saturating_sub(1) / bucket)
+            .or_default()
+            .push(j.login);
+    }
+    for (b, sample) in &by_bucket {
+        let mut cells = vec![format!("{}–{}", b * bucket + 1, (b + 1) * bucket)];
+        cells.extend(latency_cells(sample));
+        t.row(cells);
+    }
+    section.tables.push(t);
+
+    let d = InfoDelta {
+        a: &info_a,
+        b: &info_b,
+    };
+    let gw_cpu: f64 = cpu_b.iter().zip(&cpu_a).map(|(b, a)| b - a).sum();
+    let mut t = Table::new(
+        "Redis commands during the join phase (inner script calls included by Redis)",
+        &["command", "calls", "per join", "µs/call"],
+    );
+    for (cmd, calls, usec) in d.changed() {
+        t.row(vec![
+            cmd,
+            calls.to_string(),
+            format!("{:.2}", calls as f64 / ok.max(1) as f64),
+            format!("{:.1}", usec as f64 / calls.max(1) as f64),
+        ]);
+    }
+    section.tables.push(t);
+    section.lines.push(format!(
+        "join phase CPU: Redis {:.0} µs per join, gateways {:.0} µs per join (all nodes), \
+         frames received by clients while joining: {} (login broadcasts {})",
+        d.cpu() * 1e6 / ok.max(1) as f64,
+        gw_cpu * 1e6 / ok.max(1) as f64,
+        counters.frames.load(Ordering::Relaxed),
+        counters.logins.load(Ordering::Relaxed),
+    ));
+
+    // --- steady state
+    let per_node: Vec<u64> = (0..args.nodes)
+        .map(|n| joined.iter().filter(|j| j.node == n).count() as u64)
+        .collect();
+    let period = ttl / 3;
+    let periods = (Duration::from_secs(args.steady_secs).as_secs_f64() / period.as_secs_f64())
+        .ceil()
+        .max(1.0);
+    let window = period.mul_f64(periods);
+    eprintln!(
+        "steady state: sampling {:.1} s with everyone idle ...",
+        window.as_secs_f64()
+    );
+    let frames_a = counters.frames.load(Ordering::Relaxed);
+    let info_a = Info::take(&mut con).await?;
+    let cpu_a: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let bench_cpu_a = proc_cpu(std::process::id(), ticks);
+    let t0 = Instant::now();
+    tokio::time::sleep(window).await;
+    let info_b = Info::take(&mut con).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_b: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let bench_cpu_b = proc_cpu(std::process::id(), ticks);
+    let frames_b = counters.frames.load(Ordering::Relaxed);
+    let d = InfoDelta {
+        a: &info_a,
+        b: &info_b,
+    };
+    let evalsha = d.calls("evalsha") + d.calls("eval");
+    let prune_calls = d.calls("zrangebyscore");
+    let refresh_calls = evalsha.saturating_sub(prune_calls);
+    let refreshed = d.calls("zadd");
+    let exp_refresh = expected_refresh_per_sec(&per_node, ttl);
+    let exp_prune = args.nodes as f64 / prune_interval(ttl).as_secs_f64();
+    let mut t = Table::new(
+        &format!(
+            "Steady state, everyone idle, {:.1} s ({} refresh periods of {:.2} s)",
+            secs,
+            periods,
+            period.as_secs_f64()
+        ),
+        &["what", "measured", "per second", "expected per second"],
+    );
+    t.row(vec![
+        "refresh script calls (EVALSHA, 500 entries each)".into(),
+        refresh_calls.to_string(),
+        format!("{:.2}", refresh_calls as f64 / secs),
+        format!("{exp_refresh:.2}"),
+    ]);
+    t.row(vec![
+        "entries refreshed (ZADD inside the script)".into(),
+        refreshed.to_string(),
+        format!("{:.0}", refreshed as f64 / secs),
+        format!("{:.0}", ok as f64 / period.as_secs_f64()),
+    ]);
+    t.row(vec![
+        "prune script calls (EVALSHA)".into(),
+        prune_calls.to_string(),
+        format!("{:.2}", prune_calls as f64 / secs),
+        format!("{exp_prune:.2}"),
+    ]);
+    t.row(vec![
+        "presence round trips (EVALSHA; refresh pipelined per node)".into(),
+        evalsha.to_string(),
+        format!("{:.2}", evalsha as f64 / secs),
+        format!("{:.2}", exp_refresh + exp_prune),
+    ]);
+    t.row(vec![
+        "all commands incl. inner script calls".into(),
+        d.total_commands().to_string(),
+        format!("{:.0}", d.total_commands() as f64 / secs),
+        String::new(),
+    ]);
+    t.row(vec![
+        "Redis time inside presence scripts (commandstats usec)".into(),
+        format!("{} µs", d.usec("evalsha") + d.usec("eval")),
+        format!(
+            "{:.0} µs ({:.2} % of a core)",
+            (d.usec("evalsha") + d.usec("eval")) as f64 / secs,
+            (d.usec("evalsha") + d.usec("eval")) as f64 / secs / 1e4
+        ),
+        String::new(),
+    ]);
+    t.row(vec![
+        "Redis CPU (used_cpu_user + used_cpu_sys)".into(),
+        format!("{:.3} s", d.cpu()),
+        format!(
+            "{:.1} ms ({:.2} % of a core)",
+            d.cpu() / secs * 1e3,
+            d.cpu() / secs * 100.0
+        ),
+        String::new(),
+    ]);
+    for (i, (b, a)) in cpu_b.iter().zip(&cpu_a).enumerate() {
+        t.row(vec![
+            format!("gateway bench-{i} CPU ({} users)", per_node[i]),
+            format!("{:.3} s", b - a),
+            format!(
+                "{:.1} ms ({:.2} % of a core)",
+                (b - a) / secs * 1e3,
+                (b - a) / secs * 100.0
+            ),
+            String::new(),
+        ]);
+    }
+    t.row(vec![
+        format!("benchmark client CPU ({ok} idle sockets)"),
+        format!("{:.3} s", bench_cpu_b - bench_cpu_a),
+        format!("{:.1} ms", (bench_cpu_b - bench_cpu_a) / secs * 1e3),
+        String::new(),
+    ]);
+    t.row(vec![
+        "frames received by clients".into(),
+        (frames_b - frames_a).to_string(),
+        String::new(),
+        "0".into(),
+    ]);
+    section.tables.push(t);
+    let mut t = Table::new(
+        "Redis commands at steady state (inner script calls included)",
+        &["command", "calls", "per second", "µs/call"],
+    );
+    for (cmd, calls, usec) in d.changed() {
+        t.row(vec![
+            cmd,
+            calls.to_string(),
+            format!("{:.2}", calls as f64 / secs),
+            format!("{:.1}", usec as f64 / calls.max(1) as f64),
+        ]);
+    }
+    section.tables.push(t);
+
+    // --- memory
+    let mut t = Table::new(
+        "Memory",
+        &[
+            "process",
+            "before joins (MiB)",
+            "after joins (MiB)",
+            "per user (KiB)",
+        ],
+    );
+    for (i, (b, a)) in rss_before.iter().zip(&rss_after).enumerate() {
+        t.row(vec![
+            format!("gateway bench-{i} RSS ({} users)", per_node[i]),
+            format!("{b:.1}"),
+            format!("{a:.1}"),
+            format!("{:.1}", (a - b) * 1024.0 / per_node[i].max(1) as f64),
+        ]);
+    }
+    t.row(vec![
+        "Redis used_memory".into(),
+        format!("{redis_mem_before:.1}"),
+        format!("{redis_mem_after:.1}"),
+        format!(
+            "{:.2}",
+            (redis_mem_after - redis_mem_before) * 1024.0 / ok.max(1) as f64
+        ),
+    ]);
+    t.row(vec![
+        format!("redis-server RSS (pid {redis_pid})"),
+        String::new(),
+        format!("{:.1}", proc_rss_mib(redis_pid)),
+        String::new(),
+    ]);
+    t.row(vec![
+        format!("benchmark client RSS ({ok} sockets)"),
+        String::new(),
+        format!("{bench_rss:.1}"),
+        String::new(),
+    ]);
+    section.tables.push(t);
+
+    // --- leaves
+    let candidates: Vec<usize> = (0..conns.len()).filter(|i| conns[*i].joined).collect();
+    let sample = args.leave_sample.min(candidates.len());
+    let mut leave_latencies = Vec::with_capacity(sample);
+    let mut left = vec![false; conns.len()];
+    let mut leave_errors = 0;
+    let ended_before_leaves = counters.ended.load(Ordering::Relaxed);
+    if sample > 0 {
+        eprintln!("leaves: {sample} users close their sockets one at a time ...");
+    }
+    for k in 0..sample {
+        let index = candidates[k * candidates.len() / sample];
+        let before = hlen(&mut con, &users_key).await?;
+        let Some(close) = conns[index].close.take() else {
+            continue;
+        };
+        let started = Instant::now();
+        let _ = close.send(());
+        left[index] = true;
+        let deadline = started + Duration::from_secs(10);
+        loop {
+            if hlen(&mut con, &users_key).await? < before {
+                leave_latencies.push(started.elapsed());
+                break;
+            }
+            if Instant::now() > deadline {
+                leave_errors += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let after_leaves = hlen(&mut con, &users_key).await?;
+    let mut api = Vec::new();
+    for gw in &gateways {
+        api.push(match api_num(gw, &args.room).await {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("error: {e:#}"),
+        });
+    }
+    let mut t = Table::new(
+        "Leave latency (ms): client closes its socket → HLEN drops (polled every ~0.2 ms)",
+        &["leaves", "count", "p50", "p90", "p99", "max"],
+    );
+    let mut cells = vec!["socket close (one at a time)".to_string()];
+    cells.extend(latency_cells(&leave_latencies));
+    t.row(cells);
+    section.tables.push(t);
+    section.lines.push(format!(
+        "after {} leaves: HLEN = {after_leaves} (expected {}), /api/rooms/{}/members num per node: \
+         [{}], leaves not seen within 10 s: {leave_errors}, other connections ended: {}",
+        leave_latencies.len(),
+        ok - sample as u64,
+        args.room,
+        api.join(", "),
+        counters.ended.load(Ordering::Relaxed) - ended_before_leaves,
+    ));
+
+    // --- SIGKILL convergence
+    if !args.no_kill && args.nodes > 1 {
+        let victim = args.nodes - 1;
+        let victim_alive = (0..conns.len())
+            .filter(|i| conns[*i].joined && !left[*i] && conns[*i].node == victim)
+            .count() as u64;
+        let before = hlen(&mut con, &users_key).await?;
+        let expected = before - victim_alive;
+        let ended_before = counters.ended.load(Ordering::Relaxed);
+        let logouts_before = counters.logouts.load(Ordering::Relaxed);
+        eprintln!(
+            "SIGKILL bench-{victim} ({victim_alive} users); waiting for HLEN {before} → {expected} ..."
+        );
+        let killed_at = Instant::now();
+        gateways[victim].proc.kill();
+        let mut first_drop = None;
+        let mut converged = None;
+        let deadline = killed_at + ttl + Duration::from_secs(30);
+        let mut last = before;
+        while Instant::now() < deadline {
+            let n = hlen(&mut con, &users_key).await?;
+            if n < before && first_drop.is_none() {
+                first_drop = Some(killed_at.elapsed());
+            }
+            last = n;
+            if n <= expected {
+                converged = Some(killed_at.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let settled = hlen(&mut con, &users_key).await?;
+        let mut api = Vec::new();
+        for gw in gateways.iter().take(victim) {
+            api.push(match api_num(gw, &args.room).await {
+                Ok(n) => n.to_string(),
+                Err(e) => format!("error: {e:#}"),
+            });
+        }
+        let ended = counters.ended.load(Ordering::Relaxed) - ended_before;
+        let prune = prune_interval(ttl);
+        let survivors = (args.nodes - 1) as u64;
+        let batches_secs =
+            (victim_alive.div_ceil(PRUNE_BATCH * survivors)) as f64 * prune.as_secs_f64();
+        let mut t = Table::new(
+            &format!("Convergence after SIGKILL of bench-{victim} ({victim_alive} users)"),
+            &["what", "value"],
+        );
+        t.row(vec![
+            "first presence entries pruned after".into(),
+            first_drop
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or_else(|| "never".into()),
+        ]);
+        t.row(vec![
+            format!("HLEN reached the survivors' {expected} users after"),
+            converged
+                .map(|d| format!("{:.2} s", d.as_secs_f64()))
+                .unwrap_or_else(|| format!("not within the deadline (last HLEN {last})")),
+        ]);
+        t.row(vec![
+            "expected window".into(),
+            format!(
+                "{:.2}–{:.2} s",
+                (ttl - ttl / 3).as_secs_f64(),
+                ttl.as_secs_f64() + batches_secs
+            ),
+        ]);
+        section.lines.push(format!(
+            "expected convergence: the victim's entries expire TTL after its last refresh \
+             (which was 0..TTL/3 before the kill), then the survivors' prune loops (every \
+             {:.2} s, at most {PRUNE_BATCH} entries per call and node) remove them: \
+             {} prune round(s) for {victim_alive} entries over {survivors} survivor(s)",
+            prune.as_secs_f64(),
+            victim_alive.div_ceil(PRUNE_BATCH * survivors),
+        ));
+        t.row(vec!["HLEN 2 s later".into(), settled.to_string()]);
+        t.row(vec![
+            "/api/rooms/{room}/members num on the survivors".into(),
+            api.join(", "),
+        ]);
+        t.row(vec![
+            "client connections ended (the victim's)".into(),
+            format!("{ended} (expected {victim_alive})"),
+        ]);
+        t.row(vec![
+            "logout frames received by survivors".into(),
+            format!(
+                "{} (room above {announce_max}: none announced)",
+                counters.logouts.load(Ordering::Relaxed) - logouts_before
+            ),
+        ]);
+        section.tables.push(t);
+    }
+
+    let errors = counters.errors.load(Ordering::Relaxed);
+    if errors > 0 {
+        section
+            .lines
+            .push(format!("error frames received by clients: {errors}"));
+    }
+
+    // --- teardown: close every client, then the processes (dropped: SIGKILL by pid)
+    for conn in &conns {
+        conn.task.abort();
+    }
+    for conn in conns {
+        let _ = conn.task.await;
+    }
+    drop(gateways);
+    drop(redis_server);
+    Ok(section)
+}
+
+async fn wait_count(
+    con: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    expected: u64,
+    timeout: Duration,
+) -> Result<u64> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let n = hlen(con, key).await?;
+        if n == expected {
+            return Ok(n);
+        }
+        if Instant::now() > deadline {
+            bail!("HLEN {n}, expected {expected}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.nodes == 0 || args.users == 0 {
+        bail!("--nodes and --users must be at least 1");
+    }
+    if args.ttl_ms.iter().any(|t| *t < 300) {
+        bail!("--ttl-ms must be at least 300");
+    }
+    let bin = gateway_bin();
+    if !bin.is_file() {
+        bail!(
+            "gateway binary {} not found: cargo build --release -p gateway, then set \
+             GATEWAY_BIN or E2E_RELEASE=1",
+            bin.display()
+        );
+    }
+    ensure_open_files(args.users as u64 + 200)?;
+    let ticks = clock_ticks();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mut header = String::new();
+    let _ = writeln!(
+        header,
+        "gateway {} · {} CPU(s) · open files {:?} · concurrency {} · announce max {}",
+        bin.display(),
+        cores,
+        nofile_limits().unwrap_or((0, 0)),
+        args.concurrency,
+        args.announce_max
+            .map(|m| m.to_string())
+            .unwrap_or_else(|| format!("{DEFAULT_ANNOUNCE_MAX} (default)")),
+    );
+    print!("{header}");
+    let mut sections = Vec::new();
+    for ttl in &args.ttl_ms {
+        let section = run(&args, *ttl, ticks).await?;
+        println!("\n{}", section.text());
+        sections.push(section);
+    }
+    if let Some(path) = &args.markdown {
+        let mut md = format!("## bench_presence\n\n{header}\n");
+        for s in &sections {
+            md.push_str(&s.markdown());
+            md.push('\n');
+        }
+        std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
