@@ -1,0 +1,947 @@
+//! Delivery benchmark: confirmed messages per second through several nodes, with acks.
+//!
+//! ```text
+//! cargo build --release -p gateway
+//! GATEWAY_BIN=target/release/gateway cargo run --release -p e2e --bin bench_delivery -- \
+//!     [--members 60] [--senders 6] [--window 32] [--secs 20] [--markdown FILE]
+//! ```
+//!
+//! Starts its own `redis-server` (free loopback port) and gateway nodes through the e2e
+//! harness. One room; its members are spread round-robin over the nodes and all log in with
+//! `"ack": true`, acknowledging cumulatively every `--ack-every` messages or `--ack-ms`. The
+//! first `--senders` members (so on different nodes) each keep `--window` messages in flight:
+//! a message is confirmed when its sender receives its own copy (same `clientMsgId`), and
+//! then the next one goes out. After a warm-up, one measured window reports:
+//!
+//! - confirmed messages/s, deliveries/s, confirm latency percentiles;
+//! - Redis round trips per published message, by operation, as counted by the gateways
+//!   themselves (`gateway_redis_command_duration_seconds_count`), and Redis `INFO
+//!   commandstats` deltas (calls made inside Lua scripts are counted by Redis too, but they
+//!   are not network round trips);
+//! - ack writes: acks sent by clients vs HSETs and pipelines reaching Redis;
+//! - CPU per message: Redis (used_cpu_user + used_cpu_sys), gateways (/proc utime + stime),
+//!   the benchmark client, and the whole machine.
+//!
+//! Then sending stops, every member must have received every message, and the stored ack
+//! positions must equal the last id. Everything is on loopback and stops by itself.
+
+#[path = "../bench_util.rs"]
+mod bench_util;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use bench_util::{
+    clock_ticks, ensure_open_files, latency_cells, machine_cpu, proc_cpu, Info, InfoDelta, Section,
+    Table,
+};
+use clap::Parser;
+use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Start of every chat message frame (gateway/src/protocol.rs `MESSAGE_HEAD`).
+const MESSAGE_HEAD: &str = r#"{"event":"message","id":""#;
+const CLIENT_MSG_ID: &str = r#""clientMsgId":""#;
+
+/// Commands the gateway's Lua scripts call (append, prune, refresh): counted by Redis, but
+/// executed inside one EVALSHA, not sent over the network.
+const SCRIPT_INNER: [&str; 14] = [
+    "xadd",
+    "xlen",
+    "xrange",
+    "xtrim",
+    "publish",
+    "hlen",
+    "get",
+    "set",
+    "zrangebyscore",
+    "zrem",
+    "hdel",
+    "hincrby",
+    "hsetnx",
+    "zadd",
+];
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "bench_delivery",
+    about = "Delivery benchmark: confirmed messages/s through several gateway nodes with acks (loopback only)"
+)]
+struct Args {
+    /// Gateway nodes.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+
+    /// Room members (one connection each, round-robin over the nodes), senders included.
+    #[arg(long, default_value_t = 60)]
+    members: usize,
+
+    /// Members that send (the first ones, so they sit on different nodes).
+    #[arg(long, default_value_t = 6)]
+    senders: usize,
+
+    /// Unconfirmed messages each sender keeps in flight.
+    #[arg(long, default_value_t = 32)]
+    window: usize,
+
+    /// Bytes of `content` per message.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+
+    /// Seconds of sending before the measured window.
+    #[arg(long, default_value_t = 3)]
+    warmup_secs: u64,
+
+    /// Seconds of the measured window.
+    #[arg(long, default_value_t = 20)]
+    secs: u64,
+
+    /// A member acks after this many new messages ...
+    #[arg(long, default_value_t = 50)]
+    ack_every: u64,
+
+    /// ... or after this many milliseconds with anything unacknowledged.
+    #[arg(long, default_value_t = 100)]
+    ack_ms: u64,
+
+    /// Room id.
+    #[arg(long, default_value = "bench")]
+    room: String,
+
+    /// Also write the report as Markdown to this file.
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+const IDLE: u8 = 0;
+const WARMUP: u8 = 1;
+const MEASURE: u8 = 2;
+const DRAIN: u8 = 3;
+const FINISH: u8 = 4;
+
+/// Counters over all members.
+#[derive(Default)]
+struct Shared {
+    /// Message frames received (new or repeated).
+    deliveries: AtomicU64,
+    /// Message frames with an id above the member's last one.
+    new_deliveries: AtomicU64,
+    duplicates: AtomicU64,
+    sent: AtomicU64,
+    confirmed: AtomicU64,
+    inflight: AtomicI64,
+    acks_sent: AtomicU64,
+    errors: AtomicU64,
+    ended: AtomicU64,
+}
+
+/// What one member's task reports at the end.
+#[derive(Default)]
+struct MemberOut {
+    user: String,
+    received: u64,
+    last_id: (u64, u64),
+    latencies: Vec<Duration>,
+    unconfirmed: usize,
+    first_error: Option<String>,
+    ended: Option<String>,
+}
+
+fn parse_id(text: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = text.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+}
+
+async fn connect_and_login(url: &str, user: &str, room: &str) -> Result<Ws> {
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
+    )
+    .await
+    .context("websocket connect timeout")??;
+    let login = serde_json::json!({
+        "event": "login", "userId": user, "userName": format!("name {user}"),
+        "roomId": room, "roomName": format!("room {room}"), "ack": true,
+    });
+    ws.send(Message::text(login.to_string())).await?;
+    let own = format!(r#""userId":"{user}""#);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .context("no own login frame within 10 s")?
+        {
+            Some(Ok(Message::Text(text))) => {
+                if text.starts_with(r#"{"event":"login""#) && text.contains(&own) {
+                    return Ok(ws);
+                }
+                if text.starts_with(r#"{"event":"error""#) {
+                    bail!("error frame at login: {text}");
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => bail!("websocket error at login: {e}"),
+            None => bail!("connection ended at login"),
+        }
+    }
+}
+
+struct MemberCfg {
+    index: usize,
+    user: String,
+    room_json: String,
+    sender: bool,
+    window: usize,
+    content: String,
+    ack_every: u64,
+    ack_every_ms: u64,
+}
+
+/// One member: reads every frame, acks cumulatively, and (a sender) keeps its window full.
+async fn member(
+    ws: Ws,
+    cfg: MemberCfg,
+    mut phase: watch::Receiver<u8>,
+    shared: Arc<Shared>,
+) -> MemberOut {
+    let (mut sink, mut stream) = ws.split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
+    // Writes go through their own task, so reading never waits on a write.
+    let writer = tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if sink.feed(m).await.is_err() {
+                return;
+            }
+            while let Ok(m) = rx.try_recv() {
+                if sink.feed(m).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut out = MemberOut {
+        user: cfg.user.clone(),
+        ..Default::default()
+    };
+    let prefix = format!("s{}-", cfg.index);
+    let mut next_seq: u64 = 0;
+    let mut inflight: HashMap<u64, Instant> = HashMap::new();
+    let mut since_ack: u64 = 0;
+    let mut started = false;
+    let mut sending = false;
+    let mut current = IDLE;
+    let mut tick = tokio::time::interval(Duration::from_millis(cfg.ack_every_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let send_ack = |last: (u64, u64), tx: &mpsc::UnboundedSender<Message>| {
+        let frame = format!(
+            r#"{{"event":"ack","roomId":{},"id":"{}-{}"}}"#,
+            cfg.room_json, last.0, last.1
+        );
+        shared.acks_sent.fetch_add(1, Ordering::Relaxed);
+        let _ = tx.send(Message::text(frame));
+    };
+    let send_message = |seq: u64, tx: &mpsc::UnboundedSender<Message>| {
+        let frame = format!(
+            r#"{{"roomId":{},"content":"{}","clientMsgId":"{}{seq}"}}"#,
+            cfg.room_json, cfg.content, prefix
+        );
+        shared.sent.fetch_add(1, Ordering::Relaxed);
+        shared.inflight.fetch_add(1, Ordering::Relaxed);
+        let _ = tx.send(Message::text(frame));
+    };
+
+    loop {
+        tokio::select! {
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                current = *phase.borrow_and_update();
+                sending = current == WARMUP || current == MEASURE;
+                if sending && cfg.sender && !started {
+                    started = true;
+                    for _ in 0..cfg.window {
+                        inflight.insert(next_seq, Instant::now());
+                        send_message(next_seq, &tx);
+                        next_seq += 1;
+                    }
+                }
+                if current == FINISH {
+                    if since_ack > 0 {
+                        send_ack(out.last_id, &tx);
+                    }
+                    break;
+                }
+            }
+            _ = tick.tick() => {
+                if since_ack > 0 {
+                    send_ack(out.last_id, &tx);
+                    since_ack = 0;
+                }
+            }
+            next = stream.next() => match next {
+                Some(Ok(Message::Text(text))) => {
+                    if let Some(rest) = text.strip_prefix(MESSAGE_HEAD) {
+                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
+                        let id = rest.find('"').and_then(|end| parse_id(&rest[..end]));
+                        let Some(id) = id else {
+                            out.first_error.get_or_insert_with(|| format!("bad id in {text}"));
+                            continue;
+                        };
+                        if id > out.last_id {
+                            out.last_id = id;
+                            out.received += 1;
+                            since_ack += 1;
+                            shared.new_deliveries.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            shared.duplicates.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if since_ack >= cfg.ack_every {
+                            send_ack(out.last_id, &tx);
+                            since_ack = 0;
+                        }
+                        if !cfg.sender {
+                            continue;
+                        }
+                        let seq = text.rfind(CLIENT_MSG_ID).and_then(|pos| {
+                            let cmid = &text[pos + CLIENT_MSG_ID.len()..];
+                            let cmid = &cmid[..cmid.find('"')?];
+                            cmid.strip_prefix(&prefix)?.parse::<u64>().ok()
+                        });
+                        if let Some(sent_at) = seq.and_then(|s| inflight.remove(&s)) {
+                            if current == MEASURE {
+                                out.latencies.push(sent_at.elapsed());
+                            }
+                            shared.confirmed.fetch_add(1, Ordering::Relaxed);
+                            shared.inflight.fetch_sub(1, Ordering::Relaxed);
+                            if sending {
+                                inflight.insert(next_seq, Instant::now());
+                                send_message(next_seq, &tx);
+                                next_seq += 1;
+                            }
+                        }
+                    } else if text.starts_with(r#"{"event":"error""#) {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        out.first_error.get_or_insert_with(|| text.to_string());
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    out.ended = Some(format!("closed by the server: {frame:?}"));
+                    shared.ended.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    out.ended = Some(format!("websocket error: {e}"));
+                    shared.ended.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                None => {
+                    out.ended = Some("connection ended".into());
+                    shared.ended.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+            }
+        }
+    }
+    out.unconfirmed = inflight.len();
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    out
+}
+
+/// Gateway counters from /metrics, summed over label sets; Redis round trips by operation
+/// under `rt:<op>`.
+async fn gateway_metrics(gw: &Gateway) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Ok((_, body)) = http_get(&gw.admin_addr(), "/metrics").await else {
+        return out;
+    };
+    const NAMES: [&str; 7] = [
+        "gateway_acks_total",
+        "gateway_redeliveries_total",
+        "gateway_messages_published_total",
+        "gateway_messages_delivered_total",
+        "gateway_slow_consumer_disconnects_total",
+        "gateway_outbound_dropped_total",
+        "gateway_errors_total",
+    ];
+    for line in body.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let name = series.split('{').next().unwrap_or(series);
+        let key = if name == "gateway_redis_command_duration_seconds_count" {
+            let Some(op) = series
+                .split("op=\"")
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+            else {
+                continue;
+            };
+            format!("rt:{op}")
+        } else if NAMES.contains(&name) {
+            name.to_string()
+        } else {
+            continue;
+        };
+        *out.entry(key).or_default() += value;
+    }
+    out
+}
+
+struct Snap {
+    at: Instant,
+    info: Info,
+    gw_cpu: Vec<f64>,
+    bench_cpu: f64,
+    machine: (u64, u64),
+    metrics: BTreeMap<String, f64>,
+    deliveries: u64,
+    confirmed: u64,
+    acks_sent: u64,
+}
+
+async fn snapshot(
+    con: &mut redis::aio::MultiplexedConnection,
+    gateways: &[Gateway],
+    pids: &[u32],
+    shared: &Shared,
+    ticks: f64,
+) -> Result<Snap> {
+    let mut metrics = BTreeMap::new();
+    for gw in gateways {
+        for (k, v) in gateway_metrics(gw).await {
+            *metrics.entry(k).or_default() += v;
+        }
+    }
+    Ok(Snap {
+        at: Instant::now(),
+        info: Info::take(con).await?,
+        gw_cpu: pids.iter().map(|p| proc_cpu(*p, ticks)).collect(),
+        bench_cpu: proc_cpu(std::process::id(), ticks),
+        machine: machine_cpu(),
+        metrics,
+        deliveries: shared.deliveries.load(Ordering::Relaxed),
+        confirmed: shared.confirmed.load(Ordering::Relaxed),
+        acks_sent: shared.acks_sent.load(Ordering::Relaxed),
+    })
+}
+
+fn metric_delta(a: &Snap, b: &Snap, key: &str) -> f64 {
+    b.metrics.get(key).copied().unwrap_or(0.0) - a.metrics.get(key).copied().unwrap_or(0.0)
+}
+
+async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool) -> Result<Duration> {
+    let started = Instant::now();
+    while !check() {
+        if started.elapsed() > timeout {
+            bail!("{what} not reached within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(started.elapsed())
+}
+
+async fn run(args: &Args, ticks: f64) -> Result<Section> {
+    let mut section = Section {
+        title: format!(
+            "{} members (ack: true) over {} nodes, {} senders × window {}, {} B content",
+            args.members, args.nodes, args.senders, args.window, args.size
+        ),
+        ..Default::default()
+    };
+    eprintln!("--- {}", section.title);
+    let redis_server = RedisServer::start().await?;
+    let mut con = redis_server.connection().await?;
+    let mut gateways = Vec::new();
+    for i in 0..args.nodes {
+        let opts = GatewayOpts::redis(&redis_server.url())
+            .node(&format!("bench-{i}"))
+            .env("GATEWAY_HEARTBEAT_TIMEOUT_MS", 3_600_000);
+        gateways.push(Gateway::start(opts).await?);
+    }
+    for gw in &gateways {
+        gw.wait_ready(200).await?;
+    }
+    let pids: Vec<u32> = gateways.iter().filter_map(|g| g.proc.pid()).collect();
+
+    let shared = Arc::new(Shared::default());
+    let (phase_tx, phase_rx) = watch::channel(IDLE);
+    let room_json = serde_json::to_string(&args.room)?;
+    let content = "x".repeat(args.size);
+    let mut tasks = Vec::new();
+    for i in 0..args.members {
+        let node = i % args.nodes;
+        let user = format!("m{i:04}");
+        let ws = connect_and_login(&gateways[node].ws_url(), &user, &args.room)
+            .await
+            .with_context(|| format!("member {user} on node {node}"))?;
+        let cfg = MemberCfg {
+            index: i,
+            user,
+            room_json: room_json.clone(),
+            sender: i < args.senders,
+            window: args.window,
+            content: content.clone(),
+            ack_every: args.ack_every.max(1),
+            ack_every_ms: args.ack_ms,
+        };
+        tasks.push(tokio::spawn(member(
+            ws,
+            cfg,
+            phase_rx.clone(),
+            shared.clone(),
+        )));
+    }
+    drop(phase_rx);
+    // Let the login broadcasts settle.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    eprintln!("warm-up {} s ...", args.warmup_secs);
+    phase_tx.send(WARMUP)?;
+    tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+    let a = snapshot(&mut con, &gateways, &pids, &shared, ticks).await?;
+    phase_tx.send(MEASURE)?;
+    eprintln!("measuring {} s ...", args.secs);
+    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    phase_tx.send(DRAIN)?;
+    let b = snapshot(&mut con, &gateways, &pids, &shared, ticks).await?;
+
+    // Drain: every message confirmed, every member has every message.
+    let drained = wait_until("all messages confirmed", Duration::from_secs(30), || {
+        shared.inflight.load(Ordering::Relaxed) <= 0
+    })
+    .await;
+    let published = shared.confirmed.load(Ordering::Relaxed);
+    let expected = published * args.members as u64;
+    let all_delivered = wait_until(
+        "every member has every message",
+        Duration::from_secs(30),
+        || shared.new_deliveries.load(Ordering::Relaxed) >= expected,
+    )
+    .await;
+    phase_tx.send(FINISH)?;
+    let mut outs = Vec::new();
+    for task in tasks {
+        outs.push(tokio::time::timeout(Duration::from_secs(10), task).await??);
+    }
+    // The ack writer flushes every 100 ms.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let end_metrics = {
+        let mut m = BTreeMap::new();
+        for gw in &gateways {
+            for (k, v) in gateway_metrics(gw).await {
+                *m.entry(k).or_default() += v;
+            }
+        }
+        m
+    };
+    let xlen: u64 = redis::cmd("XLEN")
+        .arg(format!("gw:{{r:{}}}:s", args.room))
+        .query_async(&mut con)
+        .await?;
+    let mut stored_ok = 0;
+    let mut stored_behind = Vec::new();
+    for out in &outs {
+        let stored: Option<String> = redis::cmd("HGET")
+            .arg(format!("gw:{{u:{}}}:acks", out.user))
+            .arg(format!("r:{}", args.room))
+            .query_async(&mut con)
+            .await?;
+        if stored.as_deref().and_then(parse_id) == Some(out.last_id) {
+            stored_ok += 1;
+        } else {
+            stored_behind.push(format!("{}: {:?}", out.user, stored));
+        }
+    }
+
+    // --- figures over the measured window
+    let secs = (b.at - a.at).as_secs_f64();
+    let d = InfoDelta {
+        a: &a.info,
+        b: &b.info,
+    };
+    let xadd = d.calls("xadd");
+    let per_msg = |v: f64| v / xadd.max(1) as f64;
+    let confirmed = b.confirmed - a.confirmed;
+    let deliveries = b.deliveries - a.deliveries;
+    let latencies: Vec<Duration> = outs.iter().flat_map(|o| o.latencies.clone()).collect();
+
+    let mut t = Table::new(
+        &format!("Throughput over the measured {secs:.1} s"),
+        &["what", "total", "per second"],
+    );
+    t.row(vec![
+        "messages confirmed to their senders".into(),
+        confirmed.to_string(),
+        format!("{:.0}", confirmed as f64 / secs),
+    ]);
+    t.row(vec![
+        "messages appended (XADD inside append.lua)".into(),
+        xadd.to_string(),
+        format!("{:.0}", xadd as f64 / secs),
+    ]);
+    t.row(vec![
+        format!(
+            "deliveries (message frames read by the {} members)",
+            args.members
+        ),
+        deliveries.to_string(),
+        format!("{:.0}", deliveries as f64 / secs),
+    ]);
+    t.row(vec![
+        "acks sent by clients".into(),
+        (b.acks_sent - a.acks_sent).to_string(),
+        format!("{:.0}", (b.acks_sent - a.acks_sent) as f64 / secs),
+    ]);
+    section.tables.push(t);
+
+    let mut t = Table::new(
+        "Confirm latency (ms): message sent → sender reads its own copy",
+        &["", "count", "p50", "p90", "p99", "max"],
+    );
+    let mut cells = vec![format!("window {} per sender", args.window)];
+    cells.extend(latency_cells(&latencies));
+    t.row(cells);
+    section.tables.push(t);
+
+    // Per message published as the same scrapes count it (gateway_messages_published_total),
+    // so the ratio does not depend on when Redis INFO was sampled.
+    let published_gw = metric_delta(&a, &b, "gateway_messages_published_total");
+    let mut t = Table::new(
+        &format!(
+            "Redis round trips by operation, counted by the gateways (all nodes; {published_gw:.0} \
+             messages published in the same scrapes)"
+        ),
+        &["operation", "round trips", "per second", "per message"],
+    );
+    let ops: Vec<String> = b
+        .metrics
+        .keys()
+        .filter(|k| k.starts_with("rt:"))
+        .cloned()
+        .collect();
+    for op in ops {
+        let n = metric_delta(&a, &b, &op);
+        if n <= 0.0 {
+            continue;
+        }
+        t.row(vec![
+            op.trim_start_matches("rt:").to_string(),
+            format!("{n:.0}"),
+            format!("{:.1}", n / secs),
+            format!("{:.4}", n / published_gw.max(1.0)),
+        ]);
+    }
+    section.tables.push(t);
+
+    let mut t = Table::new(
+        "Redis INFO commandstats over the window",
+        &[
+            "command",
+            "calls",
+            "per second",
+            "per message",
+            "µs/call",
+            "issued",
+        ],
+    );
+    for (cmd, calls, usec) in d.changed() {
+        let issued = if cmd == "evalsha" || cmd == "eval" {
+            "network (script call)"
+        } else if SCRIPT_INNER.contains(&cmd.as_str()) {
+            "inside a script"
+        } else if cmd == "hset" {
+            "network (ack pipeline)"
+        } else {
+            "network"
+        };
+        t.row(vec![
+            cmd.clone(),
+            calls.to_string(),
+            format!("{:.1}", calls as f64 / secs),
+            format!("{:.4}", per_msg(calls as f64)),
+            format!("{:.1}", usec as f64 / calls.max(1) as f64),
+            issued.into(),
+        ]);
+    }
+    section.tables.push(t);
+    let network: u64 = d
+        .changed()
+        .iter()
+        .filter(|(c, _, _)| !SCRIPT_INNER.contains(&c.as_str()))
+        .map(|(_, calls, _)| calls)
+        .sum();
+    let evalsha = d.calls("evalsha") + d.calls("eval");
+    section.lines.push(format!(
+        "EVALSHA per appended message: {:.4} (of {evalsha} EVALSHA, {} are prune calls and the rest \
+         append plus the odd presence refresh); commands sent over the network per message \
+         (EVALSHA + ack HSETs + other): {:.4}; all commands incl. inner script calls per message: {:.2}",
+        per_msg(evalsha as f64),
+        d.calls("zrangebyscore"),
+        per_msg(network as f64),
+        per_msg(d.total_commands() as f64),
+    ));
+
+    let hset = d.calls("hset");
+    let pipelines = metric_delta(&a, &b, "rt:save_acks");
+    let acks_sent = b.acks_sent - a.acks_sent;
+    let acks_gw = metric_delta(&a, &b, "gateway_acks_total");
+    let mut t = Table::new(
+        "Ack writes (coalesced per node: at most one HSET per user and room per 100 ms)",
+        &["what", "total", "per second"],
+    );
+    t.row(vec![
+        "acks sent by clients".into(),
+        acks_sent.to_string(),
+        format!("{:.0}", acks_sent as f64 / secs),
+    ]);
+    t.row(vec![
+        "acks processed by the gateways (gateway_acks_total)".into(),
+        format!("{acks_gw:.0}"),
+        format!("{:.0}", acks_gw / secs),
+    ]);
+    t.row(vec![
+        "HSETs of ack positions reaching Redis".into(),
+        hset.to_string(),
+        format!("{:.1}", hset as f64 / secs),
+    ]);
+    t.row(vec![
+        "ack pipelines (round trips, op save_acks)".into(),
+        format!("{pipelines:.0}"),
+        format!("{:.1}", pipelines / secs),
+    ]);
+    t.row(vec![
+        "upper bound: members × 10/s, nodes × 10 pipelines/s".into(),
+        String::new(),
+        format!(
+            "{} HSET/s, {} pipelines/s",
+            args.members * 10,
+            args.nodes * 10
+        ),
+    ]);
+    t.row(vec![
+        "Redis round trips per client ack".into(),
+        format!("{:.4}", pipelines / acks_sent.max(1) as f64),
+        String::new(),
+    ]);
+    section.tables.push(t);
+
+    let redis_cpu = d.cpu();
+    let gw_cpu: Vec<f64> = b.gw_cpu.iter().zip(&a.gw_cpu).map(|(b, a)| b - a).collect();
+    let gw_total: f64 = gw_cpu.iter().sum();
+    let bench_cpu = b.bench_cpu - a.bench_cpu;
+    let (busy, total) = (b.machine.0 - a.machine.0, b.machine.1 - a.machine.1);
+    let mut t = Table::new(
+        "CPU over the window",
+        &[
+            "process",
+            "CPU s",
+            "% of one core",
+            "µs per message",
+            "µs per delivery",
+        ],
+    );
+    let mut cpu_row = |name: String, cpu: f64| {
+        t.row(vec![
+            name,
+            format!("{cpu:.2}"),
+            format!("{:.1}", cpu / secs * 100.0),
+            format!("{:.1}", cpu * 1e6 / xadd.max(1) as f64),
+            format!("{:.2}", cpu * 1e6 / deliveries.max(1) as f64),
+        ]);
+    };
+    cpu_row(
+        "redis-server (used_cpu_user + used_cpu_sys)".into(),
+        redis_cpu,
+    );
+    for (i, c) in gw_cpu.iter().enumerate() {
+        let members = (0..args.members).filter(|m| m % args.nodes == i).count();
+        cpu_row(format!("gateway bench-{i} ({members} members)"), *c);
+    }
+    cpu_row("gateways, all".into(), gw_total);
+    cpu_row("benchmark client (all members)".into(), bench_cpu);
+    t.row(vec![
+        "whole machine (/proc/stat, busy)".into(),
+        String::new(),
+        format!(
+            "{:.1} of {}",
+            busy as f64 / total.max(1) as f64 * 100.0 * num_cpus(),
+            100.0 * num_cpus()
+        ),
+        String::new(),
+        String::new(),
+    ]);
+    section.tables.push(t);
+    section.lines.push(format!(
+        "Redis: {:.1} µs CPU per message; time inside EVALSHA {:.1} µs per call; network \
+         {:.0} B in and {:.0} B out per message (out: replies plus one PUBLISH copy to each \
+         subscribed node)",
+        redis_cpu * 1e6 / xadd.max(1) as f64,
+        d.usec("evalsha") as f64 / d.calls("evalsha").max(1) as f64,
+        per_msg(b.info.num("total_net_input_bytes") - a.info.num("total_net_input_bytes")),
+        per_msg(b.info.num("total_net_output_bytes") - a.info.num("total_net_output_bytes")),
+    ));
+
+    // --- correctness after the drain
+    let min_received = outs.iter().map(|o| o.received).min().unwrap_or(0);
+    let max_received = outs.iter().map(|o| o.received).max().unwrap_or(0);
+    let unconfirmed: usize = outs.iter().map(|o| o.unconfirmed).sum();
+    let ended: Vec<&String> = outs.iter().filter_map(|o| o.ended.as_ref()).collect();
+    let errors: Vec<&String> = outs.iter().filter_map(|o| o.first_error.as_ref()).collect();
+    let end = |k: &str| end_metrics.get(k).copied().unwrap_or(0.0);
+    let mut t = Table::new("Checks after sending stopped", &["check", "value"]);
+    t.row(vec![
+        "messages published in the whole run (confirmed)".into(),
+        published.to_string(),
+    ]);
+    t.row(vec![
+        "stream length (XLEN, history cap 10000)".into(),
+        xlen.to_string(),
+    ]);
+    t.row(vec![
+        "drain: all confirmed / all delivered".into(),
+        format!(
+            "{} / {}",
+            match &drained {
+                Ok(d) => format!("yes after {:.2} s", d.as_secs_f64()),
+                Err(e) => format!("NO: {e}"),
+            },
+            match &all_delivered {
+                Ok(d) => format!("yes after {:.2} s", d.as_secs_f64()),
+                Err(e) => format!("NO: {e}"),
+            }
+        ),
+    ]);
+    t.row(vec![
+        "distinct messages per member (min / max)".into(),
+        format!("{min_received} / {max_received} (expected {published})"),
+    ]);
+    t.row(vec![
+        "repeated deliveries (ids seen again)".into(),
+        shared.duplicates.load(Ordering::Relaxed).to_string(),
+    ]);
+    t.row(vec![
+        "redeliveries (gateway_redeliveries_total)".into(),
+        format!("{:.0}", end("gateway_redeliveries_total")),
+    ]);
+    t.row(vec![
+        "stored ack position = last id received".into(),
+        format!("{stored_ok} of {} members", outs.len()),
+    ]);
+    t.row(vec![
+        "slow-consumer disconnects / outbound drops".into(),
+        format!(
+            "{:.0} / {:.0}",
+            end("gateway_slow_consumer_disconnects_total"),
+            end("gateway_outbound_dropped_total")
+        ),
+    ]);
+    t.row(vec![
+        "error frames / gateway_errors_total".into(),
+        format!(
+            "{} / {:.0}",
+            shared.errors.load(Ordering::Relaxed),
+            end("gateway_errors_total")
+        ),
+    ]);
+    t.row(vec![
+        "unconfirmed at the end".into(),
+        unconfirmed.to_string(),
+    ]);
+    t.row(vec![
+        "connections ended by the server".into(),
+        ended.len().to_string(),
+    ]);
+    section.tables.push(t);
+    for e in errors.iter().take(3) {
+        section.lines.push(format!("first error seen: {e}"));
+    }
+    for e in ended.iter().take(3) {
+        section.lines.push(format!("connection ended: {e}"));
+    }
+    for s in stored_behind.iter().take(3) {
+        section
+            .lines
+            .push(format!("stored ack position differs: {s}"));
+    }
+
+    drop(gateways);
+    drop(redis_server);
+    Ok(section)
+}
+
+fn num_cpus() -> f64 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as f64)
+        .unwrap_or(1.0)
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.nodes == 0 || args.members == 0 || args.senders == 0 || args.window == 0 {
+        bail!("--nodes, --members, --senders and --window must be at least 1");
+    }
+    if args.senders > args.members {
+        bail!("--senders must not exceed --members");
+    }
+    if args.secs == 0 || args.secs > 600 || args.warmup_secs > 600 {
+        bail!("--secs must be 1..=600 and --warmup-secs at most 600");
+    }
+    let bin = gateway_bin();
+    if !bin.is_file() {
+        bail!(
+            "gateway binary {} not found: cargo build --release -p gateway, then set \
+             GATEWAY_BIN or E2E_RELEASE=1",
+            bin.display()
+        );
+    }
+    ensure_open_files(args.members as u64 + 200)?;
+    let ticks = clock_ticks();
+    let header = format!(
+        "gateway {} · {} CPU(s) · acks every {} messages or {} ms · warm-up {} s, measured {} s\n",
+        bin.display(),
+        num_cpus(),
+        args.ack_every,
+        args.ack_ms,
+        args.warmup_secs,
+        args.secs
+    );
+    print!("{header}");
+    let section = run(&args, ticks).await?;
+    println!("\n{}", section.text());
+    if let Some(path) = &args.markdown {
+        let md = format!("## bench_delivery\n\n{header}\n{}", section.markdown());
+        std::fs::write(path, md).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
