@@ -339,6 +339,7 @@ pub async fn run(
     }
     let connect_phase_s = t0.elapsed().as_secs_f64();
     control.ready().await;
+    let cpu_at_run = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
 
     // Run phase.
     let run_start = Instant::now();
@@ -398,7 +399,9 @@ pub async fn run(
     report.connect_phase_s = connect_phase_s;
     report.joined = ctx.joined.load(Relaxed);
     report.expected = local_expected(&ctx);
-    report.cpu_s = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+    let cpu_now = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+    report.cpu_s = cpu_now - cpu_at_run;
+    report.cpu_total_s = cpu_now;
     report.rss_kib = crate::stats::proc_status_kib("self", "VmHWM:").unwrap_or(0);
     report.settings = serde_json::to_value(&spec)?;
     Ok(report)

@@ -330,8 +330,11 @@ pub struct Report {
     pub connect_latency: Percentiles,
     pub errors: BTreeMap<String, u64>,
     pub closes: BTreeMap<String, u64>,
-    /// CPU seconds (user + system) of the generator, workers included.
+    /// CPU seconds (user + system) of the generator, workers included, from the end of the
+    /// connect phase to the end (measured phase, drain, close).
     pub cpu_s: f64,
+    /// The same over the whole run, connect phase included.
+    pub cpu_total_s: f64,
     /// Peak RSS of the generator processes, summed, KiB.
     pub rss_kib: u64,
     pub latency_hist: Vec<(u64, u64)>,
@@ -388,6 +391,7 @@ impl Report {
             }
             r.last_delivery_us = r.last_delivery_us.max(p.last_delivery_us);
             r.cpu_s += p.cpu_s;
+            r.cpu_total_s += p.cpu_total_s;
             r.rss_kib += p.rss_kib;
             for (k, v) in &p.errors {
                 *r.errors.entry(k.clone()).or_default() += v;
@@ -513,7 +517,7 @@ impl Report {
         rows.push(("error frames by code".into(), fmt_map(&self.errors)));
         rows.push(("closes by code".into(), fmt_map(&self.closes)));
         rows.push((
-            "generator CPU".into(),
+            "generator CPU after connecting".into(),
             format!(
                 "{:.2} s ({:.2} µs per delivery)",
                 self.cpu_s,

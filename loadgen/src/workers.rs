@@ -135,7 +135,9 @@ pub fn main(common: Common, spec: Spec, targets: Vec<Target>) -> Result<()> {
         ))?
     } else {
         let mut r = rt.block_on(parent(&common, &spec, n))?;
-        r.cpu_s += crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+        let own = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+        r.cpu_s += own;
+        r.cpu_total_s += own;
         r
     };
     finish(&mut report);
