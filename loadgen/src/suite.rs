@@ -828,6 +828,46 @@ pub fn main(a: SuiteArgs) -> Result<()> {
         }
     }
 
+    // 3b. The latency floor: a room of 10 members at 100 messages/s (the fan-out is too small
+    //     to queue), gateway and raw ceiling, directly and through nginx.
+    if want("latency") {
+        for (path, url) in [("direct", direct.as_str()), ("nginx", nginx_url.as_str())] {
+            let args = vec![
+                s("bigroom"),
+                s("--url"),
+                s(url),
+                s("-c"),
+                s(10),
+                s("-d"),
+                s(a.duration.min(5.0)),
+                s("--rate"),
+                s(100),
+                s("--senders"),
+                s(3),
+            ];
+            runner.run(
+                &format!("bigroom-floor-{path}"),
+                path,
+                &args,
+                &groups,
+                no_during,
+            )?;
+            if want("ceiling") {
+                ceiling_run(
+                    &mut runner,
+                    &stack,
+                    &format!("ceiling-floor-{path}"),
+                    path,
+                    10,
+                    frame_bytes,
+                    100.0,
+                    batched,
+                    a.duration.min(5.0),
+                )?;
+            }
+        }
+    }
+
     // 4. Many small rooms, churn, reliable: through nginx.
     // Chat-like load at a fraction of the measured big-room maximum through nginx (15% for
     // rooms, which average 30 members; 10% for reliable, rooms of 20 on average).
@@ -1171,6 +1211,17 @@ fn markdown(
                 o.push_str(&format!(
                     "| (reference) the raw ceiling ({path}) at the same rate | p50 {:.3} ms, p99 {:.3} ms at {:.0} deliveries/s | – |\n",
                     cl.p50_ms, cl.p99_ms, c.report.delivered_per_s
+                ));
+            }
+            if let (Some(f), Some(c)) = (
+                find(&format!("bigroom-floor-{path}")),
+                find(&format!("ceiling-floor-{path}")),
+            ) {
+                o.push_str(&format!(
+                    "| ({path}) latency floor: a room of 10 at 100 messages/s, gateway vs raw ceiling | p50 {:.3} / {:.3} ms, p99 {:.3} / {:.3} ms | {} |\n",
+                    f.report.latency.p50_ms, c.report.latency.p50_ms,
+                    f.report.latency.p99_ms, c.report.latency.p99_ms,
+                    if f.report.latency.p50_ms <= 1.0 && f.report.latency.p99_ms <= 10.0 { "within the latency targets" } else { "above the latency targets" }
                 ));
             }
             // The highest measured rate at which both latency targets hold.
