@@ -342,6 +342,30 @@ impl Gateway {
     }
 }
 
+/// Starts `n` gateway nodes on one Redis, named `{prefix}0`, `{prefix}1`, …, each with the
+/// extra settings `env`.
+pub async fn start_nodes(
+    redis: &RedisServer,
+    prefix: &str,
+    n: usize,
+    env: &[(&str, &str)],
+) -> Result<Vec<Gateway>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        let mut opts = GatewayOpts::redis(&redis.url()).node(&format!("{prefix}{i}"));
+        for (key, value) in env {
+            opts = opts.env(key, value);
+        }
+        nodes.push(Gateway::start(opts).await?);
+    }
+    Ok(nodes)
+}
+
+/// Matches frames whose `event` is `event`.
+pub fn is(event: &'static str) -> impl Fn(&Value) -> bool {
+    move |frame: &Value| frame["event"] == event
+}
+
 /// A minimal HTTP/1.0 GET; returns the status and the body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
     let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))

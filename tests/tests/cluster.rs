@@ -3,25 +3,13 @@
 
 use std::time::Duration;
 
-use e2e::{wait_for, Client, Gateway, GatewayOpts, RedisServer, WAIT};
-use serde_json::{json, Value};
-
-fn is(event: &'static str) -> impl Fn(&Value) -> bool {
-    move |f: &Value| f["event"] == event
-}
-
-async fn nodes(redis: &RedisServer, n: usize) -> anyhow::Result<Vec<Gateway>> {
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        nodes.push(Gateway::start(GatewayOpts::redis(&redis.url()).node(&format!("n{i}"))).await?);
-    }
-    Ok(nodes)
-}
+use e2e::{is, start_nodes, wait_for, Client, RedisServer, WAIT};
+use serde_json::json;
 
 #[tokio::test]
 async fn chat_crosses_three_nodes_with_room_isolation() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = nodes(&redis, 3).await?;
+    let gws = start_nodes(&redis, "n", 3, &[]).await?;
     let mut members = Vec::new();
     for (i, gw) in gws.iter().enumerate() {
         let mut c = Client::connect(&gw.ws_url()).await?;
@@ -76,7 +64,7 @@ async fn chat_crosses_three_nodes_with_room_isolation() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_node_subscribes_only_while_it_has_members() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = nodes(&redis, 2).await?;
+    let gws = start_nodes(&redis, "n", 2, &[]).await?;
     let channel = "gw:{r:lonely}:ch";
     let mut a = Client::connect(&gws[0].ws_url()).await?;
     a.login("a", json!("lonely")).await?;
@@ -110,7 +98,7 @@ async fn a_node_subscribes_only_while_it_has_members() -> anyhow::Result<()> {
 #[tokio::test]
 async fn redis_outage_gives_error_frames_then_traffic_recovers() -> anyhow::Result<()> {
     let mut redis = RedisServer::start().await?;
-    let gws = nodes(&redis, 2).await?;
+    let gws = start_nodes(&redis, "n", 2, &[]).await?;
     let mut a = Client::connect(&gws[0].ws_url()).await?;
     a.login("a", json!(9)).await?;
     let mut b = Client::connect(&gws[1].ws_url()).await?;
@@ -162,7 +150,7 @@ async fn redis_outage_gives_error_frames_then_traffic_recovers() -> anyhow::Resu
 #[tokio::test]
 async fn sigterm_closes_with_1012_and_others_see_the_logouts() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let mut gws = nodes(&redis, 2).await?;
+    let mut gws = start_nodes(&redis, "n", 2, &[]).await?;
     let mut leaving = Client::connect(&gws[0].ws_url()).await?;
     leaving.login("going", json!("t")).await?;
     let mut staying = Client::connect(&gws[1].ws_url()).await?;

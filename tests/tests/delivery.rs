@@ -5,33 +5,13 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use e2e::{Client, Gateway, GatewayOpts, RedisServer, WAIT};
+use e2e::{is, start_nodes, Client, RedisServer, WAIT};
 use serde_json::{json, Value};
-
-fn is(event: &'static str) -> impl Fn(&Value) -> bool {
-    move |f: &Value| f["event"] == event
-}
 
 /// Message ids compare as (ms, seq), never as strings.
 fn id_key(id: &str) -> (u64, u64) {
     let (ms, seq) = id.split_once('-').expect("ms-seq id");
     (ms.parse().unwrap(), seq.parse().unwrap())
-}
-
-async fn start_nodes(
-    redis: &RedisServer,
-    n: usize,
-    extra: &[(&str, &str)],
-) -> anyhow::Result<Vec<Gateway>> {
-    let mut nodes = Vec::new();
-    for i in 0..n {
-        let mut opts = GatewayOpts::redis(&redis.url()).node(&format!("d{i}"));
-        for (k, v) in extra {
-            opts = opts.env(k, v);
-        }
-        nodes.push(Gateway::start(opts).await?);
-    }
-    Ok(nodes)
 }
 
 /// A receiver that acks, de-duplicates by id, and on losing its node resumes on another one
@@ -158,7 +138,7 @@ impl Receiver {
 #[tokio::test]
 async fn confirmed_messages_survive_a_node_killed_mid_stream() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let mut gws = start_nodes(&redis, 3, &[("GATEWAY_ACK_TIMEOUT_MS", "1000")]).await?;
+    let mut gws = start_nodes(&redis, "d", 3, &[("GATEWAY_ACK_TIMEOUT_MS", "1000")]).await?;
     let room = json!("reliable");
     let urls: Vec<String> = gws.iter().map(|g| g.ws_url()).collect();
     let mut receivers = Vec::new();
@@ -225,6 +205,7 @@ async fn unacked_messages_are_redelivered_then_the_client_is_disconnected() -> a
     let redis = RedisServer::start().await?;
     let gws = start_nodes(
         &redis,
+        "d",
         1,
         &[
             ("GATEWAY_ACK_TIMEOUT_MS", "300"),
@@ -277,6 +258,7 @@ async fn offline_sync_on_another_node_pages_and_reports_truncation() -> anyhow::
     let redis = RedisServer::start().await?;
     let gws = start_nodes(
         &redis,
+        "d",
         2,
         &[
             ("GATEWAY_SYNC_MAX", "50"),
@@ -375,7 +357,7 @@ async fn offline_sync_on_another_node_pages_and_reports_truncation() -> anyhow::
 #[tokio::test]
 async fn a_retried_client_msg_id_yields_one_message() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(&redis, 2, &[]).await?;
+    let gws = start_nodes(&redis, "d", 2, &[]).await?;
     let mut a = Client::connect(&gws[0].ws_url()).await?;
     a.login("a", json!("idem")).await?;
     let mut b = Client::connect(&gws[1].ws_url()).await?;
@@ -403,7 +385,7 @@ async fn a_retried_client_msg_id_yields_one_message() -> anyhow::Result<()> {
 async fn direct_messages_reach_online_users_on_other_nodes_and_offline_users_later(
 ) -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(&redis, 2, &[]).await?;
+    let gws = start_nodes(&redis, "d", 2, &[]).await?;
     let mut alice = Client::connect(&gws[0].ws_url()).await?;
     alice.login("alice", json!("dm")).await?;
     let mut bob = Client::connect(&gws[1].ws_url()).await?;
@@ -466,7 +448,7 @@ async fn direct_messages_reach_online_users_on_other_nodes_and_offline_users_lat
 #[tokio::test]
 async fn an_ack_login_without_a_position_gets_its_starting_point() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(&redis, 1, &[]).await?;
+    let gws = start_nodes(&redis, "d", 1, &[]).await?;
     let mut first = Client::connect(&gws[0].ws_url()).await?;
     first
         .send(json!({"event":"login","userId":"first","roomId":"sp","ack":true}))

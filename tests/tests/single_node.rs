@@ -4,12 +4,8 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{gateway_bin, http_get, Client, Gateway, GatewayOpts, WAIT};
-use serde_json::{json, Value};
-
-fn is(event: &'static str) -> impl Fn(&Value) -> bool {
-    move |f: &Value| f["event"] == event
-}
+use e2e::{gateway_bin, http_get, is, Client, Gateway, GatewayOpts, WAIT};
+use serde_json::json;
 
 #[tokio::test]
 async fn tutorial_flow_on_one_node() -> anyhow::Result<()> {
