@@ -983,7 +983,7 @@ pub fn main(a: SuiteArgs) -> Result<()> {
                 a.idle_hold,
                 a.stretch_nodes,
                 a.connect_rate,
-                None,
+                Some(&baseline),
             );
             drop(ng);
             stack.stop_nodes_from(a.nodes);
@@ -1071,10 +1071,14 @@ fn idle_run(
     std::thread::sleep(Duration::from_secs(1));
     // Memory freed by an earlier idle run stays with the allocator: measure growth from the
     // baseline taken before the first idle run (an upper bound for the later runs).
-    let before: Vec<u64> = match baseline {
-        Some(b) if b.len() == pids.len() => b.to_vec(),
-        _ => pids.iter().map(|p| rss_of(&[*p])).collect(),
-    };
+    let before: Vec<u64> = pids
+        .iter()
+        .enumerate()
+        .map(|(k, p)| match baseline.and_then(|b| b.get(k)) {
+            Some(b) => *b,
+            None => rss_of(&[*p]),
+        })
+        .collect();
     let args = vec![
         s("idle"),
         s("--url"),
