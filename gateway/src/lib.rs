@@ -18,6 +18,7 @@ pub mod telemetry;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -43,6 +44,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let stop_accepting = node.shutdown.clone();
+    // Chat frames are small writes: without TCP_NODELAY, Nagle's algorithm holds a frame
+    // back until the previous one is acknowledged (up to the peer's 40 ms delayed ACK).
+    let public = public.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+    });
     let public_server = axum::serve(public, http::public_router(node.clone()))
         .with_graceful_shutdown(async move { stop_accepting.cancelled().await });
     let admin_stop = node.background_stop.clone();
