@@ -82,7 +82,12 @@ impl RedisBroker {
         shutdown: CancellationToken,
         on_reconnect: Arc<dyn Fn() + Send + Sync>,
     ) -> Result<Arc<RedisBroker>, BrokerError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
+        // Commands are small and pipelined: without TCP_NODELAY a command written while
+        // another is in flight waits for its acknowledgement.
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(unavailable)?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client = redis::Client::open(info).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(2)))
