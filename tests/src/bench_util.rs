@@ -118,11 +118,23 @@ impl Section {
 
 // Measurements: Redis INFO, /proc
 
+/// One command's `INFO commandstats` counters.
+#[derive(Clone, Copy, Default, Debug)]
+pub struct CmdStat {
+    pub calls: u64,
+    pub usec: u64,
+    /// Calls that returned an error (e.g. EVALSHA of a script Redis does not know: NOSCRIPT).
+    pub failed: u64,
+}
+
+/// Commands the benchmarks send themselves (excluded from the gateway's figures).
+pub const OWN_COMMANDS: [&str; 2] = ["info", "ping"];
+
 /// One `INFO commandstats stats cpu memory server` sample.
 #[derive(Clone, Default)]
 pub struct Info {
-    /// Command → (calls, usec). Calls made inside Lua scripts count here too.
-    pub cmds: BTreeMap<String, (u64, u64)>,
+    /// Command → counters. Calls made inside Lua scripts count here too.
+    pub cmds: BTreeMap<String, CmdStat>,
     pub fields: BTreeMap<String, String>,
 }
 
@@ -142,16 +154,20 @@ impl Info {
                 continue;
             };
             if let Some(cmd) = key.strip_prefix("cmdstat_") {
-                let mut calls = 0;
-                let mut usec = 0;
+                let mut stat = CmdStat::default();
                 for part in value.split(',') {
-                    if let Some(v) = part.strip_prefix("calls=") {
-                        calls = v.parse().unwrap_or(0);
-                    } else if let Some(v) = part.strip_prefix("usec=") {
-                        usec = v.parse().unwrap_or(0);
+                    let Some((name, v)) = part.split_once('=') else {
+                        continue;
+                    };
+                    let v = v.parse().unwrap_or(0);
+                    match name {
+                        "calls" => stat.calls = v,
+                        "usec" => stat.usec = v,
+                        "failed_calls" => stat.failed = v,
+                        _ => {}
                     }
                 }
-                info.cmds.insert(cmd.to_string(), (calls, usec));
+                info.cmds.insert(cmd.to_string(), stat);
             } else {
                 info.fields.insert(key.to_string(), value.to_string());
             }
@@ -166,12 +182,16 @@ impl Info {
             .unwrap_or(0.0)
     }
 
+    pub fn stat(&self, cmd: &str) -> CmdStat {
+        self.cmds.get(cmd).copied().unwrap_or_default()
+    }
+
     pub fn calls(&self, cmd: &str) -> u64 {
-        self.cmds.get(cmd).map(|c| c.0).unwrap_or(0)
+        self.stat(cmd).calls
     }
 
     pub fn usec(&self, cmd: &str) -> u64 {
-        self.cmds.get(cmd).map(|c| c.1).unwrap_or(0)
+        self.stat(cmd).usec
     }
 
     /// used_cpu_user + used_cpu_sys, seconds.
@@ -195,28 +215,44 @@ impl InfoDelta<'_> {
         self.b.usec(cmd).saturating_sub(self.a.usec(cmd))
     }
 
+    pub fn failed(&self, cmd: &str) -> u64 {
+        self.b
+            .stat(cmd)
+            .failed
+            .saturating_sub(self.a.stat(cmd).failed)
+    }
+
     pub fn cpu(&self) -> f64 {
         self.b.cpu() - self.a.cpu()
     }
 
-    /// Every command whose call count changed, except the benchmark's own INFO.
-    pub fn changed(&self) -> Vec<(String, u64, u64)> {
+    /// Every command whose call count changed (name, delta), except the benchmark's own.
+    pub fn changed(&self) -> Vec<(String, CmdStat)> {
         self.b
             .cmds
             .keys()
-            .filter(|c| c.as_str() != "info")
-            .map(|c| (c.clone(), self.calls(c), self.usec(c)))
-            .filter(|(_, calls, _)| *calls > 0)
+            .filter(|c| !OWN_COMMANDS.contains(&c.as_str()))
+            .map(|c| {
+                let stat = CmdStat {
+                    calls: self.calls(c),
+                    usec: self.usec(c),
+                    failed: self.failed(c),
+                };
+                (c.clone(), stat)
+            })
+            .filter(|(_, stat)| stat.calls > 0)
             .collect()
     }
 
-    /// total_commands_processed, less the benchmark's own INFO calls (inner script calls are
+    /// total_commands_processed, less the benchmark's own commands (inner script calls are
     /// included: Redis counts them as commands).
     pub fn total_commands(&self) -> u64 {
         let total = (self.b.num("total_commands_processed")
             - self.a.num("total_commands_processed"))
         .max(0.0) as u64;
-        total.saturating_sub(self.calls("info"))
+        OWN_COMMANDS
+            .iter()
+            .fold(total, |t, c| t.saturating_sub(self.calls(c)))
     }
 }
 

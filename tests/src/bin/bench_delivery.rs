@@ -115,6 +115,12 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     ack_ms: u64,
 
+    /// Senders hold back new messages while some member has read more than this many fewer
+    /// messages than were confirmed (the members share this process's CPU; a node disconnects
+    /// a member whose outbound queue of 1024 frames overflows). 0: no limit.
+    #[arg(long, default_value_t = 500)]
+    max_lag: u64,
+
     /// Room id.
     #[arg(long, default_value = "bench")]
     room: String,
@@ -144,6 +150,78 @@ struct Shared {
     acks_sent: AtomicU64,
     errors: AtomicU64,
     ended: AtomicU64,
+    /// Distinct messages read, per member.
+    received: Vec<AtomicU64>,
+    max_lag: u64,
+    /// Messages a sender's window owed but held back because a member lagged.
+    held_back: AtomicU64,
+    /// Microseconds senders spent with messages held back (summed over senders).
+    held_us: AtomicU64,
+}
+
+impl Shared {
+    /// Whether some member is more than `max_lag` messages behind the confirmed ones.
+    fn lagging(&self) -> bool {
+        if self.max_lag == 0 {
+            return false;
+        }
+        let confirmed = self.confirmed.load(Ordering::Relaxed);
+        let slowest = self
+            .received
+            .iter()
+            .map(|r| r.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0);
+        confirmed.saturating_sub(slowest) > self.max_lag
+    }
+}
+
+/// A sender's window.
+struct Window {
+    prefix: String,
+    next_seq: u64,
+    inflight: HashMap<u64, Instant>,
+    /// Messages the window is owed (confirmed ones to replace) but not yet sent.
+    owed: usize,
+    held_since: Option<Instant>,
+}
+
+impl Window {
+    /// Sends what the window is owed, unless a member lags too far behind.
+    fn top_up(&mut self, cfg: &MemberCfg, shared: &Shared, tx: &mpsc::UnboundedSender<Message>) {
+        while self.owed > 0 {
+            if shared.lagging() {
+                self.held_since.get_or_insert_with(Instant::now);
+                return;
+            }
+            if let Some(since) = self.held_since.take() {
+                shared
+                    .held_us
+                    .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.owed -= 1;
+            self.inflight.insert(seq, Instant::now());
+            let frame = format!(
+                r#"{{"roomId":{},"content":"{}","clientMsgId":"{}{seq}"}}"#,
+                cfg.room_json, cfg.content, self.prefix
+            );
+            shared.sent.fetch_add(1, Ordering::Relaxed);
+            shared.inflight.fetch_add(1, Ordering::Relaxed);
+            let _ = tx.send(Message::text(frame));
+        }
+    }
+
+    /// Stops sending: forgets what is owed, closes the held-back interval.
+    fn stop(&mut self, shared: &Shared) {
+        self.owed = 0;
+        if let Some(since) = self.held_since.take() {
+            shared
+                .held_us
+                .fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// What one member's task reports at the end.
@@ -242,9 +320,16 @@ async fn member(
         user: cfg.user.clone(),
         ..Default::default()
     };
-    let prefix = format!("s{}-", cfg.index);
-    let mut next_seq: u64 = 0;
-    let mut inflight: HashMap<u64, Instant> = HashMap::new();
+    let mut window = Window {
+        prefix: format!("s{}-", cfg.index),
+        next_seq: 0,
+        inflight: HashMap::new(),
+        owed: 0,
+        held_since: None,
+    };
+    // While messages are held back, look again every millisecond.
+    let mut retry = tokio::time::interval(Duration::from_millis(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut since_ack: u64 = 0;
     let mut started = false;
     let mut sending = false;
@@ -260,15 +345,6 @@ async fn member(
         shared.acks_sent.fetch_add(1, Ordering::Relaxed);
         let _ = tx.send(Message::text(frame));
     };
-    let send_message = |seq: u64, tx: &mpsc::UnboundedSender<Message>| {
-        let frame = format!(
-            r#"{{"roomId":{},"content":"{}","clientMsgId":"{}{seq}"}}"#,
-            cfg.room_json, cfg.content, prefix
-        );
-        shared.sent.fetch_add(1, Ordering::Relaxed);
-        shared.inflight.fetch_add(1, Ordering::Relaxed);
-        let _ = tx.send(Message::text(frame));
-    };
 
     loop {
         tokio::select! {
@@ -280,11 +356,11 @@ async fn member(
                 sending = current == WARMUP || current == MEASURE;
                 if sending && cfg.sender && !started {
                     started = true;
-                    for _ in 0..cfg.window {
-                        inflight.insert(next_seq, Instant::now());
-                        send_message(next_seq, &tx);
-                        next_seq += 1;
-                    }
+                    window.owed = cfg.window;
+                    window.top_up(&cfg, &shared, &tx);
+                }
+                if !sending {
+                    window.stop(&shared);
                 }
                 if current == FINISH {
                     if since_ack > 0 {
@@ -292,6 +368,9 @@ async fn member(
                     }
                     break;
                 }
+            }
+            _ = retry.tick(), if window.owed > 0 && sending => {
+                window.top_up(&cfg, &shared, &tx);
             }
             _ = tick.tick() => {
                 if since_ack > 0 {
@@ -313,6 +392,7 @@ async fn member(
                             out.received += 1;
                             since_ack += 1;
                             shared.new_deliveries.fetch_add(1, Ordering::Relaxed);
+                            shared.received[cfg.index].fetch_add(1, Ordering::Relaxed);
                         } else {
                             shared.duplicates.fetch_add(1, Ordering::Relaxed);
                         }
@@ -326,18 +406,20 @@ async fn member(
                         let seq = text.rfind(CLIENT_MSG_ID).and_then(|pos| {
                             let cmid = &text[pos + CLIENT_MSG_ID.len()..];
                             let cmid = &cmid[..cmid.find('"')?];
-                            cmid.strip_prefix(&prefix)?.parse::<u64>().ok()
+                            cmid.strip_prefix(&window.prefix)?.parse::<u64>().ok()
                         });
-                        if let Some(sent_at) = seq.and_then(|s| inflight.remove(&s)) {
+                        if let Some(sent_at) = seq.and_then(|s| window.inflight.remove(&s)) {
                             if current == MEASURE {
                                 out.latencies.push(sent_at.elapsed());
                             }
                             shared.confirmed.fetch_add(1, Ordering::Relaxed);
                             shared.inflight.fetch_sub(1, Ordering::Relaxed);
                             if sending {
-                                inflight.insert(next_seq, Instant::now());
-                                send_message(next_seq, &tx);
-                                next_seq += 1;
+                                window.owed += 1;
+                                window.top_up(&cfg, &shared, &tx);
+                                if window.owed > 0 {
+                                    shared.held_back.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
                     } else if text.starts_with(r#"{"event":"error""#) {
@@ -364,7 +446,7 @@ async fn member(
             }
         }
     }
-    out.unconfirmed = inflight.len();
+    out.unconfirmed = window.inflight.len();
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
     out
@@ -492,7 +574,11 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     }
     let pids: Vec<u32> = gateways.iter().filter_map(|g| g.proc.pid()).collect();
 
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        received: (0..args.members).map(|_| AtomicU64::new(0)).collect(),
+        max_lag: args.max_lag,
+        ..Default::default()
+    });
     let (phase_tx, phase_rx) = watch::channel(IDLE);
     let room_json = serde_json::to_string(&args.room)?;
     let content = "x".repeat(args.size);
@@ -667,13 +753,14 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
         &[
             "command",
             "calls",
+            "failed",
             "per second",
             "per message",
             "µs/call",
             "issued",
         ],
     );
-    for (cmd, calls, usec) in d.changed() {
+    for (cmd, st) in d.changed() {
         let issued = if cmd == "evalsha" || cmd == "eval" {
             "network (script call)"
         } else if SCRIPT_INNER.contains(&cmd.as_str()) {
@@ -685,10 +772,11 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
         };
         t.row(vec![
             cmd.clone(),
-            calls.to_string(),
-            format!("{:.1}", calls as f64 / secs),
-            format!("{:.4}", per_msg(calls as f64)),
-            format!("{:.1}", usec as f64 / calls.max(1) as f64),
+            st.calls.to_string(),
+            st.failed.to_string(),
+            format!("{:.1}", st.calls as f64 / secs),
+            format!("{:.4}", per_msg(st.calls as f64)),
+            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
             issued.into(),
         ]);
     }
@@ -696,8 +784,8 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     let network: u64 = d
         .changed()
         .iter()
-        .filter(|(c, _, _)| !SCRIPT_INNER.contains(&c.as_str()))
-        .map(|(_, calls, _)| calls)
+        .filter(|(c, _)| !SCRIPT_INNER.contains(&c.as_str()))
+        .map(|(_, st)| st.calls)
         .sum();
     let evalsha = d.calls("evalsha") + d.calls("eval");
     section.lines.push(format!(
@@ -875,6 +963,18 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     t.row(vec![
         "unconfirmed at the end".into(),
         unconfirmed.to_string(),
+    ]);
+    let sending_secs = (args.warmup_secs + args.secs) as f64 * args.senders as f64;
+    t.row(vec![
+        format!(
+            "sends held back (a member > {} messages behind)",
+            args.max_lag
+        ),
+        format!(
+            "{} messages; {:.1} % of the senders' time",
+            shared.held_back.load(Ordering::Relaxed),
+            shared.held_us.load(Ordering::Relaxed) as f64 / 1e6 / sending_secs * 100.0
+        ),
     ]);
     t.row(vec![
         "connections ended by the server".into(),

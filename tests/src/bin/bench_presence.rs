@@ -433,14 +433,15 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     let gw_cpu: f64 = cpu_b.iter().zip(&cpu_a).map(|(b, a)| b - a).sum();
     let mut t = Table::new(
         "Redis commands during the join phase (inner script calls included by Redis)",
-        &["command", "calls", "per join", "µs/call"],
+        &["command", "calls", "failed", "per join", "µs/call"],
     );
-    for (cmd, calls, usec) in d.changed() {
+    for (cmd, st) in d.changed() {
         t.row(vec![
             cmd,
-            calls.to_string(),
-            format!("{:.2}", calls as f64 / ok.max(1) as f64),
-            format!("{:.1}", usec as f64 / calls.max(1) as f64),
+            st.calls.to_string(),
+            st.failed.to_string(),
+            format!("{:.2}", st.calls as f64 / ok.max(1) as f64),
+            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
         ]);
     }
     section.tables.push(t);
@@ -462,16 +463,42 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         .ceil()
         .max(1.0);
     let window = period.mul_f64(periods);
+    // Every node's first refresh with entries (which may find the script not yet loaded in
+    // Redis: NOSCRIPT, SCRIPT LOAD, again) happens before the sample starts.
+    let settle = period + Duration::from_millis(500);
     eprintln!(
-        "steady state: sampling {:.1} s with everyone idle ...",
+        "steady state: settling {:.1} s, then sampling {:.1} s with everyone idle ...",
+        settle.as_secs_f64(),
         window.as_secs_f64()
     );
+    tokio::time::sleep(settle).await;
     let frames_a = counters.frames.load(Ordering::Relaxed);
     let info_a = Info::take(&mut con).await?;
     let cpu_a: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
     let bench_cpu_a = proc_cpu(std::process::id(), ticks);
     let t0 = Instant::now();
+    // A PING every 10 ms on a connection of its own: how long other clients wait for Redis
+    // while a refresh batch runs.
+    let mut probe_con = redis_server.connection().await?;
+    let probe = tokio::spawn(async move {
+        let mut rtts = Vec::new();
+        let end = Instant::now() + window;
+        while Instant::now() < end {
+            let sent = Instant::now();
+            if redis::cmd("PING")
+                .query_async::<String>(&mut probe_con)
+                .await
+                .is_err()
+            {
+                break;
+            }
+            rtts.push(sent.elapsed());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        rtts
+    });
     tokio::time::sleep(window).await;
+    let pings = probe.await.unwrap_or_default();
     let info_b = Info::take(&mut con).await?;
     let secs = t0.elapsed().as_secs_f64();
     let cpu_b: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
@@ -482,8 +509,9 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         b: &info_b,
     };
     let evalsha = d.calls("evalsha") + d.calls("eval");
+    let failed = d.failed("evalsha") + d.failed("eval");
     let prune_calls = d.calls("zrangebyscore");
-    let refresh_calls = evalsha.saturating_sub(prune_calls);
+    let refresh_calls = evalsha.saturating_sub(prune_calls + failed);
     let refreshed = d.calls("zadd");
     let exp_refresh = expected_refresh_per_sec(&per_node, ttl);
     let exp_prune = args.nodes as f64 / prune_interval(ttl).as_secs_f64();
@@ -515,10 +543,16 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         format!("{exp_prune:.2}"),
     ]);
     t.row(vec![
-        "presence round trips (EVALSHA; refresh pipelined per node)".into(),
+        "presence script calls (EVALSHA; a node's refresh calls are one pipeline)".into(),
         evalsha.to_string(),
         format!("{:.2}", evalsha as f64 / secs),
         format!("{:.2}", exp_refresh + exp_prune),
+    ]);
+    t.row(vec![
+        "of which failed (NOSCRIPT, then loaded and sent again)".into(),
+        failed.to_string(),
+        format!("{:.2}", failed as f64 / secs),
+        "0".into(),
     ]);
     t.row(vec![
         "all commands incl. inner script calls".into(),
@@ -572,15 +606,24 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     ]);
     section.tables.push(t);
     let mut t = Table::new(
-        "Redis commands at steady state (inner script calls included)",
-        &["command", "calls", "per second", "µs/call"],
+        "Redis PING round trip during the steady-state sample (ms), one every 10 ms",
+        &["probe", "count", "p50", "p90", "p99", "max"],
     );
-    for (cmd, calls, usec) in d.changed() {
+    let mut cells = vec!["PING".to_string()];
+    cells.extend(latency_cells(&pings));
+    t.row(cells);
+    section.tables.push(t);
+    let mut t = Table::new(
+        "Redis commands at steady state (inner script calls included)",
+        &["command", "calls", "failed", "per second", "µs/call"],
+    );
+    for (cmd, st) in d.changed() {
         t.row(vec![
             cmd,
-            calls.to_string(),
-            format!("{:.2}", calls as f64 / secs),
-            format!("{:.1}", usec as f64 / calls.max(1) as f64),
+            st.calls.to_string(),
+            st.failed.to_string(),
+            format!("{:.2}", st.calls as f64 / secs),
+            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
         ]);
     }
     section.tables.push(t);
