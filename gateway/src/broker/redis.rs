@@ -90,7 +90,9 @@ impl RedisBroker {
         let client = redis::Client::open(info).map_err(unavailable)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
+            // Generous: under a connect storm on a saturated machine Redis answers late, and a
+            // timed-out login is worse than a slow one. A dead connection fails at once anyway.
+            .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let commands =
