@@ -124,9 +124,9 @@ fn ceiling_pair_delivers() {
     );
     let mut line = String::new();
     let stdout = server.0.stdout.take().expect("stdout");
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("listening line");
+    // Keep the pipe open until the end: the server prints its totals when it stops.
+    let mut server_out = BufReader::new(stdout);
+    server_out.read_line(&mut line).expect("listening line");
     assert!(line.starts_with("listening"), "{line}");
     let url = format!("ws://127.0.0.1:{port}/ws");
     let r = loadgen(&[
