@@ -351,9 +351,16 @@ impl RedisBroker {
             pipe.add_command(cmd);
         }
         let mut con = self.commands.clone();
+        let started = Instant::now();
         let result: Result<Vec<u64>, RedisError> = pipe.query_async(&mut con).await;
         let restored = match result {
-            Ok(counts) => counts,
+            Ok(counts) => {
+                self.metrics
+                    .redis_command_duration
+                    .with_label_values(&["refresh"])
+                    .observe(started.elapsed().as_secs_f64());
+                counts
+            }
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 // Redis restarted and forgot the script: load it, then go again.
                 self.timed(
