@@ -9,6 +9,17 @@ use serde_json::{json, Value};
 
 const TTL_MS: u64 = 1500;
 
+/// `n` nodes with the short presence TTL of these tests.
+async fn presence_nodes(redis: &RedisServer, n: usize) -> anyhow::Result<Vec<Gateway>> {
+    start_nodes(
+        redis,
+        "p",
+        n,
+        &[("GATEWAY_PRESENCE_TTL_MS", &TTL_MS.to_string())],
+    )
+    .await
+}
+
 async fn members_api(gw: &Gateway, room: &str) -> anyhow::Result<Value> {
     let (status, body) = http_get(&gw.addr(), &format!("/api/rooms/{room}/members")).await?;
     anyhow::ensure!(status == 200, "status {status}: {body}");
@@ -18,13 +29,7 @@ async fn members_api(gw: &Gateway, room: &str) -> anyhow::Result<Value> {
 #[tokio::test]
 async fn counts_are_right_after_every_join_and_leave_across_three_nodes() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(
-        &redis,
-        "p",
-        3,
-        &[("GATEWAY_PRESENCE_TTL_MS", &TTL_MS.to_string())],
-    )
-    .await?;
+    let gws = presence_nodes(&redis, 3).await?;
     let mut watcher = Client::connect(&gws[0].ws_url()).await?;
     assert_eq!(watcher.login("watcher", json!("c")).await?["num"], 1);
     let mut clients = Vec::new();
@@ -49,13 +54,7 @@ async fn counts_are_right_after_every_join_and_leave_across_three_nodes() -> any
 #[tokio::test]
 async fn one_user_on_two_nodes_counts_once() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(
-        &redis,
-        "p",
-        2,
-        &[("GATEWAY_PRESENCE_TTL_MS", &TTL_MS.to_string())],
-    )
-    .await?;
+    let gws = presence_nodes(&redis, 2).await?;
     let mut watcher = Client::connect(&gws[0].ws_url()).await?;
     watcher.login("watcher", json!(3)).await?;
 
@@ -93,13 +92,7 @@ async fn one_user_on_two_nodes_counts_once() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_killed_nodes_users_leave_with_exactly_one_logout_each() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let mut gws = start_nodes(
-        &redis,
-        "p",
-        3,
-        &[("GATEWAY_PRESENCE_TTL_MS", &TTL_MS.to_string())],
-    )
-    .await?;
+    let mut gws = presence_nodes(&redis, 3).await?;
     // Watchers on the two surviving nodes; victims on node 0.
     let mut watchers = Vec::new();
     for (i, gw) in gws.iter().enumerate().skip(1) {
@@ -196,13 +189,7 @@ async fn heartbeats_keep_a_quiet_user_present_and_silence_reaps() -> anyhow::Res
 #[tokio::test]
 async fn counts_come_back_after_redis_is_flushed_without_reconnects() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(
-        &redis,
-        "p",
-        2,
-        &[("GATEWAY_PRESENCE_TTL_MS", &TTL_MS.to_string())],
-    )
-    .await?;
+    let gws = presence_nodes(&redis, 2).await?;
     let mut a = Client::connect(&gws[0].ws_url()).await?;
     a.login("a", json!("f")).await?;
     let mut b = Client::connect(&gws[1].ws_url()).await?;
@@ -225,13 +212,7 @@ async fn counts_come_back_after_redis_is_flushed_without_reconnects() -> anyhow:
 #[tokio::test]
 async fn http_endpoints_agree_with_the_frames() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(
-        &redis,
-        "p",
-        2,
-        &[("GATEWAY_PRESENCE_TTL_MS", &TTL_MS.to_string())],
-    )
-    .await?;
+    let gws = presence_nodes(&redis, 2).await?;
     let mut clients = Vec::new();
     let mut last_num = 0;
     for i in 0..5 {
