@@ -262,6 +262,21 @@ impl RedisBroker {
         })
     }
 
+    /// A join or leave script call with the room's presence keys (the scripts share them).
+    fn presence_invocation<'a>(
+        &self,
+        script: &'a Script,
+        entry: &PresenceEntry,
+    ) -> redis::ScriptInvocation<'a> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.keys.room_conns(&entry.room_key))
+            .key(self.keys.room_users(&entry.room_key))
+            .key(self.keys.presence_expiry())
+            .key(self.keys.rooms());
+        invocation
+    }
+
     pub async fn join(
         &self,
         entry: &PresenceEntry,
@@ -269,12 +284,8 @@ impl RedisBroker {
         announce_header: &str,
         expires_at_ms: u64,
     ) -> Result<JoinOutcome, BrokerError> {
-        let mut invocation = self.scripts.join.prepare_invoke();
+        let mut invocation = self.presence_invocation(&self.scripts.join, entry);
         invocation
-            .key(self.keys.room_conns(&entry.room_key))
-            .key(self.keys.room_users(&entry.room_key))
-            .key(self.keys.presence_expiry())
-            .key(self.keys.rooms())
             .arg(&entry.conn_key)
             .arg(&entry.user_id)
             .arg(&entry.user_fragment)
@@ -301,12 +312,8 @@ impl RedisBroker {
         channel: &str,
         announce_header: &str,
     ) -> Result<LeaveOutcome, BrokerError> {
-        let mut invocation = self.scripts.leave.prepare_invoke();
+        let mut invocation = self.presence_invocation(&self.scripts.leave, entry);
         invocation
-            .key(self.keys.room_conns(&entry.room_key))
-            .key(self.keys.room_users(&entry.room_key))
-            .key(self.keys.presence_expiry())
-            .key(self.keys.rooms())
             .arg(&entry.conn_key)
             .arg(&entry.room_key)
             .arg(&entry.room_fragment)
