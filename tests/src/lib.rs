@@ -22,12 +22,37 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// Default time a test waits for a condition before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
 
-/// A free TCP port on 127.0.0.1 (bound and released; good enough for tests that start at once).
+/// A free TCP port on 127.0.0.1 for a server a test starts.
+///
+/// Picked below the kernel's ephemeral range (32768–60999 here), so the outgoing connections
+/// of every other test (whose local ports come from that range) cannot take it between this
+/// check and the server's bind; a pseudo-random start spreads concurrent tests apart.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    const LOW: u16 = 12_000;
+    const SPAN: u16 = 20_000;
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let seed = std::process::id() as u64
+            ^ std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos() as u64)
+                .unwrap_or(0);
+        let _ = NEXT.compare_exchange(
+            0,
+            (seed % SPAN as u64) as u16 + 1,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+    for _ in 0..SPAN {
+        let offset = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        let port = LOW + offset;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port on loopback between {LOW} and {}", LOW + SPAN)
 }
 
 /// The workspace root (the folder holding the top `Cargo.toml`).
@@ -259,7 +284,20 @@ impl GatewayOpts {
 }
 
 impl Gateway {
+    /// Starts a gateway on free ports and waits for its `/healthz`. A gateway that exits
+    /// before it is healthy (a port taken meanwhile) is started again on other ports.
     pub async fn start(opts: GatewayOpts) -> Result<Gateway> {
+        let mut last_error = anyhow!("gateway not started");
+        for _attempt in 0..3 {
+            match Gateway::start_once(&opts).await {
+                Ok(gw) => return Ok(gw),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    async fn start_once(opts: &GatewayOpts) -> Result<Gateway> {
         let port = free_port();
         let admin_port = free_port();
         let node_id = opts
@@ -283,24 +321,30 @@ impl Gateway {
             cmd.env(k, v);
         }
         let proc = Proc::spawn(&format!("gateway {node_id}"), &mut cmd)?;
-        let gw = Gateway {
+        let mut gw = Gateway {
             node_id,
             port,
             admin_port,
             proc,
         };
-        let admin = gw.admin_addr();
-        wait_for("gateway /healthz", WAIT, || {
-            let admin = admin.clone();
-            async move {
-                match http_get(&admin, "/healthz").await {
-                    Ok((200, _)) => Some(()),
-                    _ => None,
-                }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if !gw.proc.is_running() {
+                bail!("gateway {} exited while starting", gw.node_id);
             }
-        })
-        .await?;
-        Ok(gw)
+            if let Ok((200, _)) = http_get(&gw.admin_addr(), "/healthz").await {
+                // Healthy, and still ours: a gateway that lost a port race exits at once.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                if gw.proc.is_running() {
+                    return Ok(gw);
+                }
+                bail!("gateway {} exited while starting", gw.node_id);
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out after {WAIT:?} waiting for gateway /healthz");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn addr(&self) -> String {
