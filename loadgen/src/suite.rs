@@ -98,7 +98,20 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that an nginx master takes its workers down with it (SIGKILL would
+    /// leave them running, orphaned); SIGKILL if it is still there after a second.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
