@@ -74,11 +74,6 @@ impl StreamCursor {
         before - self.unacked.len()
     }
 
-    /// When the oldest pending message is due for redelivery.
-    pub fn next_due(&self, timeout: Duration) -> Option<Instant> {
-        self.unacked.iter().map(|p| p.sent_at + timeout).min()
-    }
-
     /// Collects the messages due again at `now`.
     pub fn due(&mut self, now: Instant, timeout: Duration, max_redeliveries: u32) -> Redelivery {
         let mut frames = Vec::new();
@@ -184,7 +179,6 @@ mod tests {
             cursor.track(id(ms), Utf8Bytes::from(format!("m{ms}")), start);
         }
         assert_eq!(cursor.ack(id(2)), 2);
-        assert_eq!(cursor.next_due(timeout), Some(start + timeout));
         assert_eq!(
             cursor.due(start + Duration::from_millis(50), timeout, 2),
             Redelivery::Resend(vec![])
@@ -204,6 +198,6 @@ mod tests {
             Redelivery::LimitReached
         );
         assert_eq!(cursor.ack(id(3)), 1);
-        assert_eq!(cursor.next_due(timeout), None);
+        assert!(cursor.unacked.is_empty());
     }
 }

@@ -125,11 +125,6 @@ impl Hub {
         }
     }
 
-    /// Number of local members of a channel.
-    pub fn local_members(&self, channel: &str) -> usize {
-        self.channels().get(channel).map_or(0, |c| c.members.len())
-    }
-
     /// Fans broker messages out to local members until the broker side closes.
     pub async fn dispatch(self: Arc<Self>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
         while let Some(msg) = inbound.recv().await {

@@ -203,6 +203,7 @@ impl MemoryBroker {
         if room.conns.is_empty() {
             state.rooms.remove(&entry.room_key);
         }
+        // Announced if the room was within the limit before this user left (as in leave.lua).
         if last && num < self.announce_max {
             let frame = logout_frame(&fragment, &entry.room_fragment, num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
