@@ -44,7 +44,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(300..=3_600_000))]
     pub presence_ttl_ms: u64,
 
-    /// Approximate number of messages kept per room (stream MAXLEN ~).
+    /// Messages kept per room and per inbox (trimmed exactly, in batches of a tenth).
     #[arg(long, env = "GATEWAY_HISTORY_MAX_LEN", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub history_max_len: u64,
@@ -113,6 +113,35 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LOG_FORMAT", default_value = "text",
           value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// HS256 secret for JWT logins (at least 32 bytes). With no JWT key configured the
+    /// gateway runs anonymous: identities are self-asserted and DMs/inboxes are refused.
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key for JWT logins: RSA (RS256) or EC P-256 (ES256).
+    #[arg(long, env = "GATEWAY_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<std::path::PathBuf>,
+
+    /// Required `iss` of tokens (unset: not checked).
+    #[arg(long, env = "GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Required `aud` of tokens (unset: not checked).
+    #[arg(long, env = "GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Clock skew allowed when checking `exp` and `nbf`, in seconds; a connection is closed
+    /// (4001) this long after its token's `exp` unless a `refresh` frame renewed it.
+    #[arg(long, env = "GATEWAY_JWT_LEEWAY_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub jwt_leeway_secs: u64,
+
+    /// Origins allowed to open WebSockets from a browser, comma-separated
+    /// (`https://chat.example.com`), or `*`. Unset: only the request's own host. Clients that
+    /// send no Origin (not browsers) are always allowed.
+    #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
 }
 
 /// A room listed even when empty.
@@ -167,6 +196,8 @@ impl Config {
             }
         }
         self.parse_default_rooms()?;
+        crate::auth::Authenticator::from_config(self)?;
+        crate::auth::OriginPolicy::parse(self.allowed_origins.as_deref())?;
         Ok(())
     }
 

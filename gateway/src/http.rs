@@ -7,13 +7,14 @@ use std::sync::Arc;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::auth::{AuthError, Claims};
 use crate::node::Node;
 use crate::protocol::RoomId;
 use crate::session;
@@ -65,22 +66,114 @@ async fn static_file(content_type: &'static str, body: &'static str) -> Response
 /// `/`: a WebSocket upgrade (the tutorial's client connects to the bare URL) or the page.
 async fn root(
     State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => accept(node, ws),
+        Ok(ws) => accept(node, &headers, &uri, ws),
         Err(_) => static_file("text/html; charset=utf-8", INDEX_HTML).await,
     }
 }
 
-async fn upgrade(State(node): State<Arc<Node>>, ws: WebSocketUpgrade) -> Response {
-    accept(node, ws)
+async fn upgrade(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    uri: Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
+    accept(node, &headers, &uri, ws)
 }
 
-fn accept(node: Arc<Node>, ws: WebSocketUpgrade) -> Response {
+/// The token of an HTTP request: `Authorization: Bearer …`, else `?token=…`.
+fn request_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_string());
+    }
+    let query = uri.query()?;
+    serde_urlencoded_token(query)
+}
+
+/// `token` from a query string (percent-decoded).
+fn serde_urlencoded_token(query: &str) -> Option<String> {
+    #[derive(Deserialize)]
+    struct TokenQuery {
+        token: Option<String>,
+    }
+    Query::<TokenQuery>::try_from_uri(&format!("/?{query}").parse().ok()?)
+        .ok()?
+        .0
+        .token
+}
+
+/// A refusal as HTTP: 401 for who the client is, 403 for what it asked; the body names the
+/// reason category only.
+fn refused(node: &Node, err: AuthError) -> Response {
+    node.metrics
+        .auth_failures
+        .with_label_values(&[err.reason()])
+        .inc();
+    let (status, error) = if err.is_unauthorized() {
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    } else {
+        (StatusCode::FORBIDDEN, "forbidden")
+    };
+    let mut response = (
+        status,
+        Json(json!({"error": error, "reason": err.reason(), "message": err.to_string()})),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
+/// Claims of a request's token when authentication is configured: `Ok(None)` in anonymous
+/// mode; `Err` for a missing or bad token.
+fn request_claims(
+    node: &Node,
+    headers: &HeaderMap,
+    uri: &Uri,
+) -> Result<Option<Claims>, AuthError> {
+    let Some(auth) = &node.auth else {
+        return Ok(None);
+    };
+    let token = request_token(headers, uri).ok_or(AuthError::Missing)?;
+    auth.verify(&token).map(Some)
+}
+
+fn accept(node: Arc<Node>, headers: &HeaderMap, uri: &Uri, ws: WebSocketUpgrade) -> Response {
     if node.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let header_text = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &header::HeaderValue| v.to_str().ok())
+    };
+    if !node
+        .origins
+        .allows(header_text(header::ORIGIN), header_text(header::HOST))
+    {
+        return refused(&node, AuthError::Origin);
+    }
+    // A token on the upgrade is checked before upgrading; without one, the login frame must
+    // bring it (when authentication is configured).
+    let claims = match (&node.auth, request_token(headers, uri)) {
+        (Some(auth), Some(token)) => match auth.verify(&token) {
+            Ok(claims) => Some(claims),
+            Err(err) => return refused(&node, err),
+        },
+        _ => None,
+    };
     let max_message = node.config.max_message_bytes as usize;
     let ws = ws
         // Small buffers: an idle connection must stay cheap (axum's default read buffer alone
@@ -95,7 +188,7 @@ fn accept(node: Arc<Node>, ws: WebSocketUpgrade) -> Response {
     ws.on_upgrade(move |mut socket| {
         tracker.track_future(async move {
             match node.admit_connection() {
-                Some(slot) => session::run(slot, socket).await,
+                Some(slot) => session::run(slot, socket, claims).await,
                 None => {
                     node.metrics
                         .connections_closed
@@ -147,8 +240,14 @@ fn room_from_fragment(fragment: &str) -> Option<(Value, Value)> {
     Some((value.get("roomId")?.clone(), value.get("roomName")?.clone()))
 }
 
-/// `GET /api/rooms`: rooms with someone online, plus the configured default rooms.
-async fn list_rooms(State(node): State<Arc<Node>>) -> Response {
+/// `GET /api/rooms`: rooms with someone online, plus the configured default rooms. With
+/// authentication configured it needs a token and lists only the rooms the token may join.
+async fn list_rooms(State(node): State<Arc<Node>>, headers: HeaderMap, uri: Uri) -> Response {
+    let claims = match request_claims(&node, &headers, &uri) {
+        Ok(claims) => claims,
+        Err(err) => return refused(&node, err),
+    };
+    let allowed = |key: &str| claims.as_ref().is_none_or(|c| c.allows_room(key));
     let live = match node.broker.rooms(MAX_ROOMS_LISTED).await {
         Ok(rooms) => rooms,
         Err(_) => return unavailable(),
@@ -160,11 +259,14 @@ async fn list_rooms(State(node): State<Arc<Node>>) -> Response {
             .map(|r| r.key)
             .unwrap_or_default();
         let num = live.iter().find(|r| r.room_key == key).map_or(0, |r| r.num);
+        if !allowed(&key) {
+            continue;
+        }
         seen.insert(key);
         rooms.push(json!({"roomId": default.room_id, "roomName": default.room_name, "num": num}));
     }
     for room in live {
-        if seen.contains(&room.room_key) {
+        if seen.contains(&room.room_key) || !allowed(&room.room_key) {
             continue;
         }
         if let Some((room_id, room_name)) = room_from_fragment(&room.room_fragment) {
@@ -178,20 +280,35 @@ async fn list_rooms(State(node): State<Arc<Node>>) -> Response {
 struct MembersQuery {
     limit: Option<usize>,
     cursor: Option<String>,
+    /// Read by `request_token`; named here so the query still parses.
+    #[allow(dead_code)]
+    token: Option<String>,
 }
 
-/// `GET /api/rooms/{roomId}/members?limit=&cursor=`: online users, paginated.
+/// `GET /api/rooms/{roomId}/members?limit=&cursor=`: online users, paginated. With
+/// authentication configured, only for a token that may join the room (members are what its
+/// login broadcasts would show anyway); in anonymous mode anyone may join any room, so the
+/// list is public.
 async fn room_members(
     State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    uri: Uri,
     Path(room_key): Path<String>,
     Query(query): Query<MembersQuery>,
 ) -> Response {
-    if room_key.is_empty() || room_key.len() > crate::protocol::MAX_NAME_BYTES {
+    if crate::protocol::check_name(&room_key).is_err() {
         return (
             StatusCode::BAD_REQUEST,
             Json(json!({"error": "invalid_field", "message": "bad room id"})),
         )
             .into_response();
+    }
+    match request_claims(&node, &headers, &uri) {
+        Ok(Some(claims)) if !claims.allows_room(&room_key) => {
+            return refused(&node, AuthError::Room)
+        }
+        Ok(_) => {}
+        Err(err) => return refused(&node, err),
     }
     let limit = query
         .limit

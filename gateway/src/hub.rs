@@ -22,6 +22,8 @@ pub struct Delivery {
     pub id: Option<StreamId>,
     pub frame: Utf8Bytes,
     pub published_us: u64,
+    /// The local connection that published it, if one did.
+    pub sender_conn: Option<u64>,
 }
 
 /// A connection's queue of deliveries (bounded: a full queue means a slow consumer).
@@ -44,14 +46,16 @@ struct Channel {
 }
 
 pub struct Hub {
+    node_id: String,
     channels: Mutex<HashMap<String, Channel>>,
     broker: Broker,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(broker: Broker, metrics: Arc<Metrics>) -> Hub {
+    pub fn new(node_id: String, broker: Broker, metrics: Arc<Metrics>) -> Hub {
         Hub {
+            node_id,
             channels: Mutex::new(HashMap::new()),
             broker,
             metrics,
@@ -157,6 +161,9 @@ impl Hub {
             id: envelope.id,
             frame,
             published_us: envelope.published_us,
+            sender_conn: envelope
+                .sender_conn
+                .filter(|_| envelope.origin == self.node_id),
         });
         for member in &entry.members {
             match member.outbox.try_send(delivery.clone()) {

@@ -1,8 +1,11 @@
-//! The `gateway` binary: parse the configuration (exit 64 on a bad value), set up logging and
-//! tracing, run the node.
+//! The `gateway` binary: `gateway token …` mints a JWT; otherwise parse the configuration (exit
+//! 64 on a bad value), set up logging and tracing, run the node.
 #![forbid(unsafe_code)]
 
 fn main() -> anyhow::Result<()> {
+    if std::env::args().nth(1).as_deref() == Some("token") {
+        std::process::exit(gateway::auth::TokenCommand::run(std::env::args().skip(1)));
+    }
     let config = gateway::config::Config::from_args();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

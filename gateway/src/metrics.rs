@@ -9,8 +9,9 @@ use prometheus::{
 use crate::protocol::ErrorCode;
 
 /// Why a connection closed (label of `gateway_connections_closed_total`).
-pub const CLOSE_REASONS: [&str; 8] = [
+pub const CLOSE_REASONS: [&str; 9] = [
     "client_close",
+    "token_expired",
     "heartbeat_timeout",
     "slow_consumer",
     "redelivery_limit",
@@ -60,6 +61,7 @@ pub struct Metrics {
     pub slow_consumer_disconnects: IntCounter,
     pub outbound_dropped: IntCounter,
     pub errors: IntCounterVec,
+    pub auth_failures: IntCounterVec,
     pub broker_up: IntGauge,
 }
 
@@ -187,6 +189,13 @@ impl Metrics {
                 ),
                 &["code"]
             )),
+            auth_failures: register!(IntCounterVec::new(
+                Opts::new(
+                    "gateway_auth_failures_total",
+                    "Refused tokens, origins and private requests, by reason category"
+                ),
+                &["reason"]
+            )),
             broker_up: register!(IntGauge::new(
                 "gateway_broker_up",
                 "1 while the broker (Redis pub/sub) is connected"
@@ -202,6 +211,9 @@ impl Metrics {
         }
         for code in ErrorCode::ALL {
             metrics.errors.with_label_values(&[code.as_str()]);
+        }
+        for err in crate::auth::AuthError::ALL {
+            metrics.auth_failures.with_label_values(&[err.reason()]);
         }
         metrics
     }

@@ -9,9 +9,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::{Authenticator, OriginPolicy};
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::{Broker, BrokerError, Limits};
+use crate::broker::{Broker, Limits};
 use crate::config::{Config, DefaultRoom};
 use crate::delivery::AckStore;
 use crate::hub::Hub;
@@ -20,6 +21,9 @@ use crate::presence::Presence;
 
 pub struct Node {
     pub config: Config,
+    /// `None`: anonymous mode (identities are self-asserted; nothing private is served).
+    pub auth: Option<Authenticator>,
+    pub origins: OriginPolicy,
     pub node_id: String,
     pub default_rooms: Vec<DefaultRoom>,
     pub broker: Broker,
@@ -39,11 +43,18 @@ pub struct Node {
 
 impl Node {
     /// Builds the node and starts its background tasks. Must run inside the tokio runtime.
-    pub fn start(config: Config) -> Result<Arc<Node>, BrokerError> {
+    pub fn start(config: Config) -> anyhow::Result<Arc<Node>> {
         let node_id = config.node_id();
-        let default_rooms = config
-            .parse_default_rooms()
-            .map_err(BrokerError::Protocol)?;
+        let default_rooms = config.parse_default_rooms().map_err(anyhow::Error::msg)?;
+        let auth = Authenticator::from_config(&config).map_err(anyhow::Error::msg)?;
+        let origins =
+            OriginPolicy::parse(config.allowed_origins.as_deref()).map_err(anyhow::Error::msg)?;
+        if auth.is_none() {
+            tracing::warn!(
+                "no JWT key configured: anonymous mode — identities are self-asserted, direct \
+                 messages, inboxes and stored positions are refused"
+            );
+        }
         let metrics = Arc::new(Metrics::new(&node_id));
         let shutdown = CancellationToken::new();
         let background_stop = CancellationToken::new();
@@ -93,7 +104,7 @@ impl Node {
                 )?)
             }
         };
-        let hub = Arc::new(Hub::new(broker.clone(), metrics.clone()));
+        let hub = Arc::new(Hub::new(node_id.clone(), broker.clone(), metrics.clone()));
         tokio::spawn(hub.clone().dispatch(inbound_rx));
         let presence = Arc::new(Presence::new(
             broker.clone(),
@@ -108,6 +119,8 @@ impl Node {
 
         Ok(Arc::new(Node {
             config,
+            auth,
+            origins,
             node_id,
             default_rooms,
             broker,

@@ -45,6 +45,7 @@ impl Presence {
             kind: Kind::Presence,
             published_us: now_us(),
             origin: self.node_id.clone(),
+            sender_conn: None,
             traceparent: String::new(),
         }
         .without_id()
@@ -60,10 +61,13 @@ impl Presence {
         entry: PresenceEntry,
         channel: &str,
     ) -> Result<JoinOutcome, BrokerError> {
+        let mut entry = entry;
         let outcome = self
             .broker
             .join(&entry, channel, &self.announce_header(), self.expires_at())
             .await?;
+        // Refreshes must re-create the room under the name in effect, not the one proposed.
+        entry.room_name = outcome.room_name.clone();
         let key = (conn_id, entry.room_key.clone());
         if self.entries().insert(key, entry).is_none() {
             self.metrics.presence_entries.inc();

@@ -10,6 +10,21 @@ use serde_json::{Map, Value};
 /// Longest `userId`, `userName`, `roomId`, `roomName` or `clientMsgId`, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 
+/// User ids the gateway gives connections that log in without one; no client may claim one.
+pub const GUEST_PREFIX: &str = "guest-";
+
+/// Checks an id or name: 1 to 128 bytes, no control characters (they could break a log line,
+/// a terminal or a record; JSON escaping alone protects only JSON).
+pub fn check_name(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() || s.len() > MAX_NAME_BYTES {
+        return Err("must be 1 to 128 bytes");
+    }
+    if s.chars().any(char::is_control) {
+        return Err("must not contain control characters");
+    }
+    Ok(())
+}
+
 /// The pong answer, identical for every connection.
 pub const PONG: &str = r#"{"event":"heartBeat","content":"pong"}"#;
 
@@ -27,12 +42,14 @@ pub enum ErrorCode {
     IdentityMismatch,
     TooManyRooms,
     AcksDisabled,
+    Unauthorized,
+    Forbidden,
     Unavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
         ErrorCode::BadJson,
         ErrorCode::NotObject,
         ErrorCode::BinaryFrame,
@@ -44,6 +61,8 @@ impl ErrorCode {
         ErrorCode::IdentityMismatch,
         ErrorCode::TooManyRooms,
         ErrorCode::AcksDisabled,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -61,6 +80,8 @@ impl ErrorCode {
             ErrorCode::IdentityMismatch => "identity_mismatch",
             ErrorCode::TooManyRooms => "too_many_rooms",
             ErrorCode::AcksDisabled => "acks_disabled",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }
@@ -76,6 +97,8 @@ pub struct FrameError {
     /// `roomId` of the failing frame, as JSON, when it had a valid one.
     pub room_json: Option<String>,
     pub client_msg_id: Option<String>,
+    /// The category of an `unauthorized`/`forbidden` refusal (`expired`, `room`, ...).
+    pub reason: Option<&'static str>,
 }
 
 impl FrameError {
@@ -85,6 +108,20 @@ impl FrameError {
             message: message.into(),
             room_json: None,
             client_msg_id: None,
+            reason: None,
+        }
+    }
+
+    /// The frame for an authentication or authorization refusal.
+    pub fn auth(err: crate::auth::AuthError) -> FrameError {
+        let code = if err.is_unauthorized() {
+            ErrorCode::Unauthorized
+        } else {
+            ErrorCode::Forbidden
+        };
+        FrameError {
+            reason: Some(err.reason()),
+            ..FrameError::new(code, err.to_string())
         }
     }
 
@@ -105,6 +142,11 @@ impl FrameError {
             self.code.as_str(),
             json_string(&self.message)
         );
+        if let Some(reason) = self.reason {
+            out.push_str(r#","reason":""#);
+            out.push_str(reason);
+            out.push('"');
+        }
         if let Some(room) = &self.room_json {
             out.push_str(r#","roomId":"#);
             out.push_str(room);
@@ -133,13 +175,13 @@ impl RoomId {
                 key: n.to_string(),
                 json: n.to_string(),
             }),
-            Value::String(s) if !s.is_empty() && s.len() <= MAX_NAME_BYTES => Ok(RoomId {
+            Value::String(s) if check_name(s).is_ok() => Ok(RoomId {
                 key: s.clone(),
                 json: json_string(s),
             }),
             _ => Err(FrameError::new(
                 ErrorCode::InvalidField,
-                "roomId must be an integer or a non-empty string of at most 128 bytes",
+                "roomId must be an integer or a string of 1 to 128 bytes without control characters",
             )),
         }
     }
@@ -167,14 +209,18 @@ pub struct StreamId {
 
 impl StreamId {
     pub const ZERO: StreamId = StreamId { ms: 0, seq: 0 };
+    pub const MAX: StreamId = StreamId {
+        ms: u64::MAX,
+        seq: u64::MAX,
+    };
 
-    /// The next possible id after this one.
+    /// The next possible id after this one (`MAX` stays `MAX`).
     pub fn next(self) -> StreamId {
         match self.seq.checked_add(1) {
             Some(seq) => StreamId { ms: self.ms, seq },
             None => StreamId {
-                ms: self.ms + 1,
-                seq: 0,
+                ms: self.ms.saturating_add(1),
+                seq: if self.ms == u64::MAX { u64::MAX } else { 0 },
             },
         }
     }
@@ -237,6 +283,13 @@ pub enum ClientFrame {
         room: RoomId,
         content: String,
         client_msg_id: Option<String>,
+        /// The frame's own `userId` as JSON (the tutorial's page sends one with every message
+        /// and recognises its own copy by it); echoed only to a guest sender's own copy.
+        echo_user_id: Option<String>,
+    },
+    /// A renewed token for the connection's user.
+    Refresh {
+        token: String,
     },
     Ack {
         target: Target,
@@ -262,6 +315,9 @@ pub struct Login {
     pub room_name: Option<String>,
     pub ack: bool,
     pub last_id: Option<StreamId>,
+    /// A JWT proving the user (required when authentication is configured, unless the
+    /// upgrade request carried one).
+    pub token: Option<String>,
 }
 
 /// Parses one text frame.
@@ -280,8 +336,19 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         Some("login") => {
             let room = fields.room()?;
             let in_room = |e: FrameError| e.in_room(&room);
+            let user_id = fields.opt_name("userId").map_err(in_room)?;
+            if user_id
+                .as_deref()
+                .is_some_and(|u| u.starts_with(GUEST_PREFIX))
+            {
+                return Err(in_room(FrameError::new(
+                    ErrorCode::InvalidField,
+                    format!("userId must not start with {GUEST_PREFIX:?} (ids the gateway gives guests)"),
+                )));
+            }
             Ok(ClientFrame::Login(Login {
-                user_id: fields.opt_name("userId").map_err(in_room)?,
+                user_id,
+                token: fields.opt_token().map_err(in_room)?,
                 user_name: fields.opt_name("userName").map_err(in_room)?,
                 room_name: fields.opt_name("roomName").map_err(in_room)?,
                 ack: fields.opt_bool("ack").map_err(in_room)?.unwrap_or(false),
@@ -306,10 +373,16 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
             let content = fields
                 .req_str("content")
                 .map_err(|e| e.in_room(&room).with_client_msg_id(cmid))?;
+            let echo_user_id = match obj.get("userId") {
+                Some(Value::String(s)) if check_name(s).is_ok() => Some(json_string(s)),
+                Some(Value::Number(n)) => Some(n.to_string()),
+                _ => None,
+            };
             Ok(ClientFrame::Chat {
                 room,
                 content,
                 client_msg_id,
+                echo_user_id,
             })
         }
         Some("ack") => {
@@ -338,6 +411,9 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                 limit,
             })
         }
+        Some("refresh") => Ok(ClientFrame::Refresh {
+            token: fields.opt_token()?.ok_or_else(|| missing("token"))?,
+        }),
         Some("dm") => {
             let client_msg_id = fields.opt_name("clientMsgId")?;
             let cmid = client_msg_id.as_deref();
@@ -398,13 +474,22 @@ impl Fields<'_> {
         Ok(value)
     }
 
-    /// A short identifier-like string (ids and names): non-empty, at most 128 bytes.
+    /// A short identifier-like string (ids and names): see `check_name`.
     fn opt_name(&self, field: &str) -> Result<Option<String>, FrameError> {
-        match self.opt_str(field)? {
-            Some(s) if s.is_empty() || s.len() > MAX_NAME_BYTES => Err(FrameError::new(
-                ErrorCode::InvalidField,
-                format!("{field} must be 1 to {MAX_NAME_BYTES} bytes"),
-            )),
+        let value = self.opt_str(field)?;
+        if let Some(s) = &value {
+            check_name(s).map_err(|problem| {
+                FrameError::new(ErrorCode::InvalidField, format!("{field} {problem}"))
+            })?;
+        }
+        Ok(value)
+    }
+
+    fn opt_token(&self) -> Result<Option<String>, FrameError> {
+        match self.opt_str("token")? {
+            Some(t) if t.is_empty() || t.len() > crate::auth::MAX_TOKEN_BYTES => Err(
+                FrameError::new(ErrorCode::InvalidField, "token must be 1 to 8192 bytes"),
+            ),
             other => Ok(other),
         }
     }
@@ -562,6 +647,11 @@ pub fn dm_sent_frame(
     }
     out.push_str(&format!(r#","duplicate":{duplicate}}}"#));
     out
+}
+
+/// `refreshed`: the connection's token was renewed; `exp` is its new expiry (Unix seconds).
+pub fn refreshed_frame(expires_at: u64) -> String {
+    format!(r#"{{"event":"refreshed","exp":{expires_at}}}"#)
 }
 
 /// `synced`: the end of a replay page.

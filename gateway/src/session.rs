@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::auth::{AuthError, Claims};
 use crate::broker::keys::{ack_field_room, ACK_FIELD_INBOX};
 use crate::broker::{now_ms, now_us, AppendRequest, EnvelopeHeader, Kind, PresenceEntry};
 use crate::delivery::{Redelivery, StreamCursor};
@@ -19,6 +20,7 @@ use crate::hub::{Delivery, Member};
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{
     self, parse_client_frame, ClientFrame, ErrorCode, FrameError, Login, RoomId, StreamId, Target,
+    GUEST_PREFIX,
 };
 
 /// A write that cannot complete in this time means the client stopped reading.
@@ -72,12 +74,21 @@ impl Close {
         text: "message too big",
         reason: "message_too_big",
     };
+    const TOKEN_EXPIRED: Close = Close {
+        code: Some(4001),
+        text: "token expired",
+        reason: "token_expired",
+    };
 }
 
 struct Identity {
     user_id: String,
     user_name: String,
     user_fragment: String,
+    /// Proven by a token (private data allowed), as opposed to self-asserted.
+    proven: bool,
+    /// The gateway named this connection (it logged in without a userId).
+    guest: bool,
 }
 
 struct JoinedRoom {
@@ -102,15 +113,22 @@ struct Session {
     rooms: Vec<JoinedRoom>,
     inbox: Option<Inbox>,
     unacked_limit: usize,
+    /// What the connection's token proves (authentication configured).
+    claims: Option<Claims>,
+    /// When the connection must close unless its token is refreshed.
+    expires_at: Option<Instant>,
+    /// The `userId` JSON of a guest's latest chat frame, put back on its own copies.
+    echo_user_id: Option<String>,
 }
 
-/// Serves one upgraded connection until it ends.
-pub async fn run(slot: ConnectionSlot, socket: WebSocket) {
+/// Serves one upgraded connection until it ends; `claims` come from a token on the upgrade
+/// request.
+pub async fn run(slot: ConnectionSlot, socket: WebSocket, claims: Option<Claims>) {
     let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
-    serve(slot, socket).instrument(span).await
+    serve(slot, socket, claims).instrument(span).await
 }
 
-async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
+async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claims>) {
     let node = slot.node.clone();
     let conn_id = slot.conn_id;
     let (outbox, mut queue) = mpsc::channel(node.config.outbound_queue as usize);
@@ -129,7 +147,18 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
         unacked_limit: 2 * node.config.outbound_queue.max(node.config.sync_max) as usize,
         node: node.clone(),
         conn_id,
+        claims: None,
+        expires_at: None,
+        echo_user_id: None,
     };
+    if let Some(claims) = claims {
+        session.set_claims(claims);
+    }
+    // The token deadline: far away until a token sets one (reset only when it changes).
+    let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
+    let mut applied_expiry = session.expires_at;
+    let expiry = tokio::time::sleep_until(applied_expiry.unwrap_or(far));
+    tokio::pin!(expiry);
     let heartbeat = node.config.heartbeat_timeout();
     let idle = tokio::time::sleep(heartbeat);
     tokio::pin!(idle);
@@ -143,6 +172,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
             _ = node.shutdown.cancelled() => Err(Close::SHUTDOWN),
             _ = slow.cancelled() => Err(Close::SLOW),
             _ = &mut idle => Err(Close::HEARTBEAT),
+            _ = &mut expiry => Err(Close::TOKEN_EXPIRED),
             incoming = socket.recv() => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
                 match incoming {
@@ -169,6 +199,10 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket) {
         };
         if let Err(close) = step {
             break close;
+        }
+        if session.expires_at != applied_expiry {
+            applied_expiry = session.expires_at;
+            expiry.as_mut().reset(applied_expiry.unwrap_or(far));
         }
     };
 
@@ -262,11 +296,16 @@ impl Session {
                 self.login(socket, login).instrument(span).await
             }
             ClientFrame::Logout { room } => self.logout(socket, room).await,
+            ClientFrame::Refresh { token } => self.refresh(socket, &token).await,
             ClientFrame::Chat {
                 room,
                 content,
                 client_msg_id,
+                echo_user_id,
             } => {
+                if self.identity.as_ref().is_some_and(|i| i.guest) {
+                    self.echo_user_id = echo_user_id;
+                }
                 let span = tracing::info_span!("publish", room = %room.key);
                 self.chat(socket, room, content, client_msg_id)
                     .instrument(span)
@@ -303,6 +342,76 @@ impl Session {
         )
     }
 
+    /// Decides who a login proves: with authentication configured, the token's subject (from
+    /// this frame's token, or the connection's); without, whoever the frame says.
+    fn authenticate(&mut self, login: &Login) -> Result<Option<Claims>, AuthError> {
+        let Some(auth) = &self.node.auth else {
+            return Ok(None);
+        };
+        let claims = match &login.token {
+            Some(token) => auth.verify(token)?,
+            None => self.claims.clone().ok_or(AuthError::Missing)?,
+        };
+        let current_user = self
+            .identity
+            .as_ref()
+            .map(|i| &i.user_id)
+            .or(self.claims.as_ref().map(|c| &c.user_id));
+        if current_user.is_some_and(|u| *u != claims.user_id)
+            || login.user_id.as_ref().is_some_and(|u| *u != claims.user_id)
+        {
+            return Err(AuthError::UserMismatch);
+        }
+        if !claims.allows_room(&login.room.key) {
+            return Err(AuthError::Room);
+        }
+        Ok(Some(claims))
+    }
+
+    /// Counts a refusal and turns it into its error frame.
+    fn refuse(&self, err: AuthError) -> FrameError {
+        self.node
+            .metrics
+            .auth_failures
+            .with_label_values(&[err.reason()])
+            .inc();
+        FrameError::auth(err)
+    }
+
+    /// Adopts a verified token: the connection now closes at its expiry.
+    fn set_claims(&mut self, claims: Claims) {
+        let leeway = self.node.auth.as_ref().map_or(0, |a| a.leeway_secs);
+        self.expires_at = Some(Instant::now() + claims.time_left(leeway));
+        self.claims = Some(claims);
+    }
+
+    /// `refresh`: a new token for the same user pushes the connection's expiry forward.
+    async fn refresh(
+        &mut self,
+        socket: &mut WebSocket,
+        token: &str,
+    ) -> Result<Result<(), FrameError>, Close> {
+        let Some(auth) = &self.node.auth else {
+            return Ok(Err(self.refuse(AuthError::Anonymous)));
+        };
+        let claims = match auth.verify(token) {
+            Ok(claims) => claims,
+            Err(err) => return Ok(Err(self.refuse(err))),
+        };
+        let current_user = self
+            .identity
+            .as_ref()
+            .map(|i| &i.user_id)
+            .or(self.claims.as_ref().map(|c| &c.user_id));
+        if current_user.is_some_and(|u| *u != claims.user_id) {
+            return Ok(Err(self.refuse(AuthError::UserMismatch)));
+        }
+        let expires_at = claims.expires_at;
+        self.set_claims(claims);
+        write(socket, protocol::refreshed_frame(expires_at)).await?;
+        Ok(Ok(()))
+    }
+
     /// Joins a room (and, on the first login, establishes identity and the inbox).
     async fn login(
         &mut self,
@@ -310,6 +419,10 @@ impl Session {
         login: Login,
     ) -> Result<Result<(), FrameError>, Close> {
         let room = login.room.clone();
+        let claims = match self.authenticate(&login) {
+            Ok(claims) => claims,
+            Err(err) => return Ok(Err(self.refuse(err).in_room(&room))),
+        };
         if let Some(identity) = &self.identity {
             if login
                 .user_id
@@ -325,8 +438,16 @@ impl Session {
                 )
                 .in_room(&room)));
             }
-        } else if let Err(err) = self.establish_identity(socket, &login).await? {
+        } else if let Err(err) = self
+            .establish_identity(socket, &login, claims.as_ref())
+            .await?
+        {
             return Ok(Err(err.in_room(&room)));
+        }
+        if let Some(claims) = claims {
+            if login.token.is_some() {
+                self.set_claims(claims);
+            }
         }
         self.ack_mode |= login.ack;
         let identity = self.identity.as_ref().expect("identity established");
@@ -353,8 +474,16 @@ impl Session {
             .in_room(&room)));
         }
 
-        let room_name = login.room_name.clone().unwrap_or_else(|| room.key.clone());
-        let fragment = protocol::room_fragment(&room, &room_name);
+        // A default room keeps its configured name; any other keeps its first joiner's while
+        // anyone is in it (the broker decides): a later joiner cannot rename it.
+        let proposed_name = self
+            .node
+            .default_rooms
+            .iter()
+            .find(|d| RoomId::parse(&d.room_id).is_ok_and(|r| r.key == room.key))
+            .map(|d| d.room_name.clone())
+            .or_else(|| login.room_name.clone())
+            .unwrap_or_else(|| room.key.clone());
         let channel_name = self.node.broker.keys().room_channel(&room.key);
         let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
             Ok(channel) => channel,
@@ -365,16 +494,12 @@ impl Session {
             conn_key: self.conn_key.clone(),
             user_id: identity.user_id.clone(),
             user_fragment: identity.user_fragment.clone(),
-            room_fragment: fragment.clone(),
+            room_json: room.json.clone(),
+            room_name: proposed_name,
         };
         let user_fragment = identity.user_fragment.clone();
         let user_id = identity.user_id.clone();
-        self.rooms.push(JoinedRoom {
-            room: room.clone(),
-            channel,
-            fragment: fragment.clone(),
-            cursor: StreamCursor::default(),
-        });
+        let proven = identity.proven;
         let outcome = match self
             .node
             .presence
@@ -383,11 +508,17 @@ impl Session {
         {
             Ok(outcome) => outcome,
             Err(_) => {
-                self.rooms.pop();
                 self.node.hub.leave(&channel_name, self.conn_id).await;
                 return Ok(Err(self.unavailable("login").in_room(&room)));
             }
         };
+        let fragment = protocol::room_fragment(&room, &outcome.room_name);
+        self.rooms.push(JoinedRoom {
+            room: room.clone(),
+            channel,
+            fragment: fragment.clone(),
+            cursor: StreamCursor::default(),
+        });
         if !outcome.announced {
             // The user was already present (another tab), or the room is too big for
             // broadcasts: only this connection hears it.
@@ -398,17 +529,22 @@ impl Session {
             .await?;
         }
 
+        // Stored positions belong to proven users only: in anonymous mode anyone could claim
+        // a name and move its position.
         let resume_from = match login.last_id {
             Some(id) => Some(id),
-            None if self.ack_mode => self
-                .node
-                .broker
-                .load_ack(
-                    &self.node.broker.keys().acks(&user_id),
-                    &ack_field_room(&room.key),
-                )
-                .await
-                .unwrap_or(None),
+            None if self.ack_mode && proven => {
+                let keys = self.node.broker.keys();
+                match self
+                    .node
+                    .broker
+                    .load_ack(&keys.acks(&user_id), &ack_field_room(&room.key))
+                    .await
+                {
+                    Ok(position) => position,
+                    Err(_) => return Ok(Err(self.unavailable("login").in_room(&room))),
+                }
+            }
             None => None,
         };
         if let Some(after) = resume_from {
@@ -426,6 +562,10 @@ impl Session {
             };
             let target = Target::Room(room);
             let start = newest.unwrap_or(StreamId::ZERO);
+            if let Some(i) = self.room_index_of(&target) {
+                // The client may acknowledge up to here.
+                self.rooms[i].cursor.replayed(start);
+            }
             write(
                 socket,
                 protocol::synced_frame(&target, start, 0, false, false),
@@ -435,41 +575,70 @@ impl Session {
         Ok(Ok(()))
     }
 
-    /// First login: fixes the connection's user and subscribes its inbox.
+    fn room_index_of(&self, target: &Target) -> Option<usize> {
+        match target {
+            Target::Room(room) => self.room_index(room),
+            Target::Inbox => None,
+        }
+    }
+
+    /// First login: fixes the connection's user and, for a proven user, subscribes its inbox.
     async fn establish_identity(
         &mut self,
         socket: &mut WebSocket,
         login: &Login,
+        claims: Option<&Claims>,
     ) -> Result<Result<(), FrameError>, Close> {
-        let user_id = login
-            .user_id
-            .clone()
-            .unwrap_or_else(|| format!("guest-{}", self.conn_key.replace(':', "-")));
-        let user_name = login.user_name.clone().unwrap_or_else(|| user_id.clone());
-        let channel_name = self.node.broker.keys().user_channel(&user_id);
-        let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
-            Ok(channel) => channel,
-            Err(_) => return Ok(Err(self.unavailable("login"))),
+        let (user_id, guest) = match (claims, &login.user_id) {
+            (Some(claims), _) => (claims.user_id.clone(), false),
+            (None, Some(user_id)) => (user_id.clone(), false),
+            // Unguessable and never reused, so nobody can take over a guest's name.
+            (None, None) => (
+                format!("{GUEST_PREFIX}{:032x}", rand::random::<u128>()),
+                true,
+            ),
         };
+        let user_name = claims
+            .and_then(|c| c.user_name.clone())
+            .or_else(|| login.user_name.clone())
+            .unwrap_or_else(|| user_id.clone());
+        let proven = claims.is_some();
+        let mut inbox_after = None;
+        if proven {
+            let channel_name = self.node.broker.keys().user_channel(&user_id);
+            let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
+                Ok(channel) => channel,
+                Err(_) => return Ok(Err(self.unavailable("login"))),
+            };
+            if login.ack {
+                // Everything in the inbox after the stored position is unacknowledged.
+                let keys = self.node.broker.keys();
+                match self
+                    .node
+                    .broker
+                    .load_ack(&keys.acks(&user_id), ACK_FIELD_INBOX)
+                    .await
+                {
+                    Ok(position) => inbox_after = Some(position.unwrap_or(StreamId::ZERO)),
+                    Err(_) => {
+                        self.node.hub.leave(&channel, self.conn_id).await;
+                        return Ok(Err(self.unavailable("login")));
+                    }
+                }
+            }
+            self.inbox = Some(Inbox {
+                channel,
+                cursor: StreamCursor::default(),
+            });
+        }
         self.identity = Some(Identity {
             user_fragment: protocol::user_fragment(&user_id, &user_name),
             user_id: user_id.clone(),
             user_name,
+            proven,
+            guest,
         });
-        self.inbox = Some(Inbox {
-            channel,
-            cursor: StreamCursor::default(),
-        });
-        if login.ack {
-            // Everything in the inbox after the stored position is unacknowledged.
-            let keys = self.node.broker.keys();
-            let after = self
-                .node
-                .broker
-                .load_ack(&keys.acks(&user_id), ACK_FIELD_INBOX)
-                .await
-                .unwrap_or(None)
-                .unwrap_or(StreamId::ZERO);
+        if let Some(after) = inbox_after {
             self.ack_mode = true;
             let limit = self.node.config.sync_max as usize;
             if let Err(err) = self.replay(socket, Target::Inbox, after, limit).await? {
@@ -590,6 +759,11 @@ impl Session {
         let Some(identity) = &self.identity else {
             return Ok(Err(not_logged_in().with_client_msg_id(cmid)));
         };
+        if !identity.proven {
+            return Ok(Err(self
+                .refuse(AuthError::Anonymous)
+                .with_client_msg_id(cmid)));
+        }
         let keys = self.node.broker.keys();
         let (header_before, header_after) = self.header(Kind::Direct).split_at_id();
         let request = AppendRequest {
@@ -631,6 +805,7 @@ impl Session {
             kind,
             published_us: now_us(),
             origin: self.node.node_id.clone(),
+            sender_conn: Some(self.conn_id),
             traceparent: crate::telemetry::current_traceparent(),
         }
     }
@@ -645,7 +820,12 @@ impl Session {
                 "log in with \"ack\": true to acknowledge messages",
             )));
         }
+        if !identity.proven && target == Target::Inbox {
+            return Ok(Err(self.refuse(AuthError::Anonymous)));
+        }
         let keys = self.node.broker.keys();
+        let acks_key = keys.acks(&identity.user_id);
+        let proven = identity.proven;
         let (cursor, field) = match &target {
             Target::Room(room) => match self.room_index(room) {
                 Some(i) => (&mut self.rooms[i].cursor, ack_field_room(&room.key)),
@@ -658,9 +838,12 @@ impl Session {
         };
         cursor.ack(id);
         self.node.metrics.acks.inc();
-        self.node
-            .acks
-            .record(keys.acks(&identity.user_id), field, id);
+        // A stored position never passes what this connection was sent (so never the stream's
+        // newest id), whatever id the client names; anonymous users store none.
+        let stored = id.min(cursor.last_delivered);
+        if proven && stored > StreamId::ZERO {
+            self.node.acks.record(acks_key, field, stored);
+        }
         Ok(Ok(()))
     }
 
@@ -671,8 +854,11 @@ impl Session {
         since: Option<StreamId>,
         limit: Option<u32>,
     ) -> Result<Result<(), FrameError>, Close> {
-        if self.identity.is_none() {
+        let Some(identity) = &self.identity else {
             return Ok(Err(not_logged_in()));
+        };
+        if !identity.proven && target == Target::Inbox {
+            return Ok(Err(self.refuse(AuthError::Anonymous)));
         }
         if let Target::Room(room) = &target {
             if self.room_index(room).is_none() {
@@ -814,13 +1000,23 @@ impl Session {
         if !cursor.accept_live(id) {
             return Ok(None);
         }
+        let mut frame = delivery.frame.clone();
+        if let (Some(echo), Some(identity)) = (&self.echo_user_id, &self.identity) {
+            if delivery.sender_conn == Some(self.conn_id) && delivery.kind == Kind::Message {
+                // The tutorial's page recognises its own messages by the userId its chat frame
+                // carried; only this connection's copy is rewritten.
+                let ours = format!(r#","userId":{},"#, protocol::json_string(&identity.user_id));
+                let echoed = format!(r#","userId":{echo},"#);
+                frame = Utf8Bytes::from(frame.as_str().replacen(&ours, &echoed, 1));
+            }
+        }
         if self.ack_mode {
-            cursor.track(id, delivery.frame.clone(), std::time::Instant::now());
+            cursor.track(id, frame.clone(), std::time::Instant::now());
             if cursor.unacked.len() > self.unacked_limit {
                 return Err(Close::SLOW);
             }
         }
-        Ok(Some(delivery.frame.clone()))
+        Ok(Some(frame))
     }
 
     /// Sends again every message whose ack is overdue.

@@ -281,6 +281,95 @@ impl GatewayOpts {
         self.node_id = Some(id.to_string());
         self
     }
+
+    /// Authentication on, with the harness's HS256 secret (see `mint_token`).
+    pub fn with_jwt(self) -> Self {
+        self.env("GATEWAY_JWT_SECRET", TEST_JWT_SECRET)
+    }
+}
+
+/// The HS256 secret of gateways started `with_jwt`.
+pub const TEST_JWT_SECRET: &str = "e2e-harness-secret-e2e-harness-secret";
+
+/// Mints a token for `sub` with `gateway token` (extra flags: `--ttl`, `--rooms`, `--name`,
+/// `--secret`, `--private-key-file`, ...), signed with `TEST_JWT_SECRET` unless told otherwise.
+pub fn mint_token(sub: &str, extra: &[&str]) -> Result<String> {
+    let output = Command::new(gateway_bin())
+        .arg("token")
+        .args(["--sub", sub])
+        .args(extra)
+        .env("GATEWAY_JWT_SECRET", TEST_JWT_SECRET)
+        .output()
+        .context("running gateway token")?;
+    if !output.status.success() {
+        bail!(
+            "gateway token failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?.trim().to_string())
+}
+
+/// Opens a WebSocket with extra request headers; `Err` carries the HTTP status of a refused
+/// upgrade as `UpgradeRefused`.
+pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Result<Client> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request()?;
+    for (name, value) in headers {
+        request.headers_mut().insert(
+            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())?,
+            value.parse()?,
+        );
+    }
+    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .context("websocket connect timeout")?
+    {
+        Ok((ws, _)) => Ok(Client {
+            ws,
+            pending: Default::default(),
+            closed: None,
+        }),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default();
+            Err(UpgradeRefused {
+                status: response.status().as_u16(),
+                body,
+            }
+            .into())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// An upgrade answered with an HTTP status instead of a WebSocket.
+#[derive(Debug)]
+pub struct UpgradeRefused {
+    pub status: u16,
+    pub body: String,
+}
+
+impl std::fmt::Display for UpgradeRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "upgrade refused with {}: {}", self.status, self.body)
+    }
+}
+
+impl std::error::Error for UpgradeRefused {}
+
+/// The status and body of a refused upgrade (fails if the upgrade succeeded).
+pub async fn refused_upgrade(url: &str, headers: &[(&str, &str)]) -> Result<UpgradeRefused> {
+    match connect_with_headers(url, headers).await {
+        Ok(_) => bail!("upgrade to {url} with {headers:?} was accepted"),
+        Err(e) => match e.downcast::<UpgradeRefused>() {
+            Ok(refused) => Ok(refused),
+            Err(e) => Err(e),
+        },
+    }
 }
 
 impl Gateway {
@@ -407,10 +496,17 @@ pub fn is(event: &'static str) -> impl Fn(&Value) -> bool {
 
 /// A minimal HTTP/1.0 GET; returns the status and the body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    http_get_with(addr, path, &[]).await
+}
+
+/// `http_get` with extra request header lines (`Name: value`).
+pub async fn http_get_with(addr: &str, path: &str, headers: &[&str]) -> Result<(u16, String)> {
     let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .context("connect timeout")??;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let request =
+        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use e2e::{is, start_nodes, Client, RedisServer, WAIT};
+use e2e::{is, mint_token, start_nodes, Client, RedisServer, TEST_JWT_SECRET, WAIT};
 use serde_json::{json, Value};
 
 /// Message ids compare as (ms, seq), never as strings.
@@ -263,15 +263,21 @@ async fn offline_sync_on_another_node_pages_and_reports_truncation() -> anyhow::
         &[
             ("GATEWAY_SYNC_MAX", "50"),
             ("GATEWAY_HISTORY_MAX_LEN", "100"),
+            // Stored positions belong to proven users only.
+            ("GATEWAY_JWT_SECRET", TEST_JWT_SECRET),
         ],
     )
     .await?;
-    let room = json!(77);
+    let off_token = mint_token("off", &[])?;
     let mut sender = Client::connect(&gws[0].ws_url()).await?;
-    sender.login("s", room.clone()).await?;
+    sender
+        .login_with(json!({"event":"login","userId":"s","roomId":77,"token":mint_token("s", &[])?}))
+        .await?;
     let mut reader = Client::connect(&gws[0].ws_url()).await?;
     reader
-        .login_with(json!({"event":"login","userId":"off","roomId":77,"ack":true}))
+        .login_with(
+            json!({"event":"login","userId":"off","roomId":77,"ack":true,"token":off_token}),
+        )
         .await?;
     sender.send(json!({"roomId":77,"content":"before"})).await?;
     sender.recv_until(is("message")).await?;
@@ -308,7 +314,7 @@ async fn offline_sync_on_another_node_pages_and_reports_truncation() -> anyhow::
     }
     // Back, on the other node, acks on, no lastId: resume from the stored position.
     let mut back = Client::connect(&gws[1].ws_url()).await?;
-    back.send(json!({"event":"login","userId":"off","roomId":77,"ack":true}))
+    back.send(json!({"event":"login","roomId":77,"ack":true,"token":off_token}))
         .await?;
     let mut got = Vec::new();
     let mut pages = 0;
@@ -347,8 +353,10 @@ async fn offline_sync_on_another_node_pages_and_reports_truncation() -> anyhow::
         sender.recv_until(is("message")).await?;
     }
     let mut late = Client::connect(&gws[1].ws_url()).await?;
-    late.send(json!({"event":"login","userId":"late","roomId":77,"lastId":missed[0]}))
-        .await?;
+    late.send(
+        json!({"event":"login","roomId":77,"lastId":missed[0],"token":mint_token("late", &[])?}),
+    )
+    .await?;
     let synced = late.recv_until(is("synced")).await?;
     assert_eq!(synced["truncated"], true);
     Ok(())
@@ -385,12 +393,16 @@ async fn a_retried_client_msg_id_yields_one_message() -> anyhow::Result<()> {
 async fn direct_messages_reach_online_users_on_other_nodes_and_offline_users_later(
 ) -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gws = start_nodes(&redis, "d", 2, &[]).await?;
+    // Direct messages need proven identities.
+    let gws = start_nodes(&redis, "d", 2, &[("GATEWAY_JWT_SECRET", TEST_JWT_SECRET)]).await?;
+    let bob_token = mint_token("bob", &["--name", "Bob"])?;
     let mut alice = Client::connect(&gws[0].ws_url()).await?;
-    alice.login("alice", json!("dm")).await?;
+    alice
+        .login_with(json!({"event":"login","userId":"alice","roomId":"dm","token":mint_token("alice", &[])?}))
+        .await?;
     let mut bob = Client::connect(&gws[1].ws_url()).await?;
     bob.login_with(
-        json!({"event":"login","userId":"bob","userName":"Bob","roomId":"dm","ack":true}),
+        json!({"event":"login","userId":"bob","roomId":"dm","ack":true,"token":bob_token}),
     )
     .await?;
     alice
@@ -427,7 +439,7 @@ async fn direct_messages_reach_online_users_on_other_nodes_and_offline_users_lat
         alice.recv_until(is("dmSent")).await?;
     }
     let mut bob = Client::connect(&gws[0].ws_url()).await?;
-    bob.send(json!({"event":"login","userId":"bob","roomId":"dm","ack":true}))
+    bob.send(json!({"event":"login","roomId":"dm","ack":true,"token":bob_token}))
         .await?;
     let first = bob.recv_until(is("dm")).await?;
     let second = bob.recv_until(is("dm")).await?;

@@ -21,7 +21,10 @@ async fn tutorial_flow_on_one_node() -> anyhow::Result<()> {
     let login = alice.recv_until(is("login")).await?;
     assert_eq!(login["num"], 1);
     assert_eq!(login["roomId"], 1, "roomId keeps its JSON type");
-    assert_eq!(login["roomName"], "大厅");
+    assert_eq!(
+        login["roomName"], "大厅 Lobby",
+        "a default room keeps its configured name"
+    );
     assert_eq!(login["userName"], "小红");
     assert!(login["userId"].as_str().unwrap().starts_with("guest-"));
 
@@ -65,7 +68,7 @@ async fn tutorial_flow_on_one_node() -> anyhow::Result<()> {
     assert_eq!(logout["userId"], "b");
     assert_eq!(logout["userName"], "Bob");
     assert_eq!(logout["roomId"], 1);
-    assert_eq!(logout["roomName"], "大厅");
+    assert_eq!(logout["roomName"], "大厅 Lobby");
     assert_eq!(logout["num"], 1);
     Ok(())
 }

@@ -2,7 +2,9 @@
 //! reads (kind, id, publish time, origin, trace context), then the client frame, forwarded to
 //! sockets byte for byte (never re-encoded).
 //!
-//! `kind|id|publish_us|origin|traceparent\n{frame}`
+//! `kind|id|publish_us|origin|sender|traceparent\n{frame}` — `sender` is the publishing
+//! connection's id on the origin node (empty for announcements), so that connection can tell
+//! its own messages apart.
 
 use bytes::Bytes;
 
@@ -34,6 +36,8 @@ pub struct EnvelopeHeader {
     pub kind: Kind,
     pub published_us: u64,
     pub origin: String,
+    /// The publishing connection on `origin`, if a connection published it.
+    pub sender_conn: Option<u64>,
     /// W3C traceparent of the publishing span ("" when tracing is off).
     pub traceparent: String,
 }
@@ -45,8 +49,11 @@ impl EnvelopeHeader {
         (
             format!("{}|", self.kind.tag()),
             format!(
-                "|{}|{}|{}\n",
-                self.published_us, self.origin, self.traceparent
+                "|{}|{}|{}|{}\n",
+                self.published_us,
+                self.origin,
+                self.sender_conn.map(|c| c.to_string()).unwrap_or_default(),
+                self.traceparent
             ),
         )
     }
@@ -64,6 +71,8 @@ pub struct Envelope {
     pub kind: Kind,
     pub id: Option<StreamId>,
     pub published_us: u64,
+    pub origin: String,
+    pub sender_conn: Option<u64>,
     pub traceparent: String,
     pub frame: Bytes,
 }
@@ -72,7 +81,7 @@ impl Envelope {
     pub fn parse(payload: &Bytes) -> Option<Envelope> {
         let newline = payload.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&payload[..newline]).ok()?;
-        let mut parts = header.splitn(5, '|');
+        let mut parts = header.splitn(6, '|');
         let kind = match parts.next()? {
             "m" => Kind::Message,
             "p" => Kind::Presence,
@@ -84,12 +93,18 @@ impl Envelope {
             text => Some(text.parse().ok()?),
         };
         let published_us = parts.next()?.parse().ok()?;
-        let _origin = parts.next()?;
+        let origin = parts.next()?.to_string();
+        let sender_conn = match parts.next()? {
+            "" => None,
+            text => Some(text.parse().ok()?),
+        };
         let traceparent = parts.next().unwrap_or("").to_string();
         Some(Envelope {
             kind,
             id,
             published_us,
+            origin,
+            sender_conn,
             traceparent,
             frame: payload.slice(newline + 1..),
         })
@@ -106,6 +121,7 @@ mod tests {
             kind: Kind::Message,
             published_us: 123,
             origin: "n1".into(),
+            sender_conn: Some(42),
             traceparent: "00-ab-cd-01".into(),
         };
         let (before, after) = header.split_at_id();
@@ -115,6 +131,8 @@ mod tests {
         assert_eq!(env.id, Some(StreamId { ms: 7, seq: 1 }));
         assert_eq!(env.published_us, 123);
         assert_eq!(env.traceparent, "00-ab-cd-01");
+        assert_eq!(env.origin, "n1");
+        assert_eq!(env.sender_conn, Some(42));
         assert_eq!(&env.frame[..], b"{\"x\":1}");
     }
 
@@ -124,6 +142,7 @@ mod tests {
             kind: Kind::Presence,
             published_us: 5,
             origin: "n".into(),
+            sender_conn: None,
             traceparent: String::new(),
         };
         let payload = Bytes::from(format!("{}{{}}", header.without_id()));

@@ -1,7 +1,16 @@
-//! Names of every broker key and channel. Keys of one room (or one user) share a hash tag
-//! (`{r:…}` / `{u:…}`) so they would stay on one Redis Cluster slot.
+//! Names of every broker key and channel, and the encoding that keeps client strings inside
+//! them. Keys of one room (or one user) share a hash tag (`{r:…}` / `{u:…}`) so they stay on
+//! one Redis Cluster slot.
 //!
-//! The Lua scripts in `scripts/` build some of these names themselves; keep them in step.
+//! Every client string (room id, user id, clientMsgId) is percent-encoded before it becomes
+//! part of a name: only `[A-Za-z0-9_.-]` pass unchanged, so an encoded part never contains
+//! `{`, `}`, `:` or `%` followed by anything but its own escape. Hash tags therefore stay
+//! intact, and two distinct (room, user, clientMsgId) never share a key.
+//!
+//! The Lua scripts in `scripts/` build room key names from an *encoded* room key
+//! (`prefix{r:<encoded>}:pc`); keep them in step.
+
+use std::borrow::Cow;
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -16,68 +25,202 @@ impl Default for Keys {
     }
 }
 
+/// Percent-encodes every byte outside `[A-Za-z0-9_.-]`; injective, and the result never
+/// contains `{`, `}`, `:` or a newline.
+pub fn encode_part(s: &str) -> Cow<'_, str> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+    if s.bytes().all(plain) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// Reverses `encode_part`; `None` for text it cannot have produced.
+pub fn decode_part(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 impl Keys {
-    pub fn room_stream(&self, room: &str) -> String {
-        format!("{}{{r:{room}}}:s", self.prefix)
+    fn room(&self, room: &str, suffix: &str) -> String {
+        format!("{}{{r:{}}}:{suffix}", self.prefix, encode_part(room))
     }
 
-    /// Presence: connection → `userId\nuser fragment`.
+    fn user(&self, user: &str, suffix: &str) -> String {
+        format!("{}{{u:{}}}:{suffix}", self.prefix, encode_part(user))
+    }
+
+    pub fn room_stream(&self, room: &str) -> String {
+        self.room(room, "s")
+    }
+
+    /// Presence: connection → length-prefixed record `<len(userId)>:<userId><user fragment>`.
     pub fn room_conns(&self, room: &str) -> String {
-        format!("{}{{r:{room}}}:pc", self.prefix)
+        self.room(room, "pc")
     }
 
     /// Presence: userId → number of its connections in the room. Its size is `num`.
     pub fn room_users(&self, room: &str) -> String {
-        format!("{}{{r:{room}}}:pu", self.prefix)
+        self.room(room, "pu")
     }
 
     pub fn room_channel(&self, room: &str) -> String {
-        format!("{}{{r:{room}}}:ch", self.prefix)
+        self.room(room, "ch")
     }
 
     pub fn room_dedup(&self, room: &str, user: &str, client_msg_id: &str) -> String {
-        format!(
-            "{}{{r:{room}}}:d:{}:{user}:{client_msg_id}",
-            self.prefix,
-            user.len()
+        self.room(
+            room,
+            &format!("d:{}:{}", encode_part(user), encode_part(client_msg_id)),
         )
     }
 
     pub fn inbox_stream(&self, user: &str) -> String {
-        format!("{}{{u:{user}}}:in", self.prefix)
+        self.user(user, "in")
     }
 
     pub fn inbox_dedup(&self, user: &str, from: &str, client_msg_id: &str) -> String {
-        format!(
-            "{}{{u:{user}}}:d:{}:{from}:{client_msg_id}",
-            self.prefix,
-            from.len()
+        self.user(
+            user,
+            &format!("d:{}:{}", encode_part(from), encode_part(client_msg_id)),
         )
     }
 
     pub fn user_channel(&self, user: &str) -> String {
-        format!("{}{{u:{user}}}:ch", self.prefix)
+        self.user(user, "ch")
     }
 
     /// Acknowledged positions of a user: field `r:<room>` or `dm` → id.
     pub fn acks(&self, user: &str) -> String {
-        format!("{}{{u:{user}}}:acks", self.prefix)
+        self.user(user, "acks")
     }
 
-    /// Sorted set of every presence entry in the cluster (`room\nconn`) by expiry time.
+    /// Sorted set of every presence entry in the cluster (`<encoded room>\n<conn>`) by expiry.
     pub fn presence_expiry(&self) -> String {
         format!("{}presence:exp", self.prefix)
     }
 
-    /// Hash of rooms with someone present: room key → room fragment.
+    /// Hash of rooms with someone present: encoded room key → room fragment.
     pub fn rooms(&self) -> String {
         format!("{}rooms", self.prefix)
     }
 }
 
-/// Field of `Keys::acks` for a room.
+/// Field of `Keys::acks` for a room (a hash field holds any bytes: no encoding needed, and the
+/// `r:` prefix keeps rooms apart from `dm`).
 pub fn ack_field_room(room: &str) -> String {
     format!("r:{room}")
 }
 
 pub const ACK_FIELD_INBOX: &str = "dm";
+
+/// The presence record of a connection: `<len(userId)>:<userId><user fragment>`. The length
+/// prefix means no byte of the user id can be mistaken for the separator.
+pub fn presence_record(user_id: &str, user_fragment: &str) -> String {
+    format!("{}:{user_id}{user_fragment}", user_id.len())
+}
+
+/// Splits a presence record into `(userId, user fragment)`.
+pub fn parse_presence_record(record: &str) -> Option<(&str, &str)> {
+    let (len, rest) = record.split_once(':')?;
+    let len: usize = len.parse().ok()?;
+    if rest.len() < len || !rest.is_char_boundary(len) {
+        return None;
+    }
+    Some(rest.split_at(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn encoding_is_reversible_and_keeps_hash_tags_whole() {
+        for s in [
+            "1", "lobby", "a}:s", "x{y}", "大厅", "a%41", "%", "a\nb", "u:1", "",
+        ] {
+            let encoded = encode_part(s);
+            assert!(
+                !encoded.contains(['{', '}', ':', '\n']),
+                "{s:?} → {encoded}"
+            );
+            assert_eq!(decode_part(&encoded).as_deref(), Some(s));
+        }
+        assert_eq!(encode_part("lobby-1_a.b"), "lobby-1_a.b");
+    }
+
+    #[test]
+    fn distinct_rooms_users_and_message_ids_never_share_a_key() {
+        let keys = Keys::default();
+        // Strings chosen to collide under the old `{r:<room>}:d:<len>:<user>:<id>` scheme.
+        let rooms = ["x", "x}:d:1:u:c", "x}", "x}:s", "a:b", "a", "%78"];
+        let users = ["u", "u:c", "1:u", "u}"];
+        let ids = ["c", "c}:s", ":s", "c:u"];
+        let mut seen = HashSet::new();
+        let mut total = 0;
+        for room in rooms {
+            for name in [
+                keys.room_stream(room),
+                keys.room_conns(room),
+                keys.room_users(room),
+                keys.room_channel(room),
+            ] {
+                total += 1;
+                seen.insert(name);
+            }
+            for user in users {
+                for id in ids {
+                    total += 1;
+                    seen.insert(keys.room_dedup(room, user, id));
+                }
+            }
+        }
+        for user in users.iter().chain(rooms.iter()) {
+            for name in [
+                keys.inbox_stream(user),
+                keys.user_channel(user),
+                keys.acks(user),
+            ] {
+                total += 1;
+                seen.insert(name);
+            }
+        }
+        assert_eq!(seen.len(), total, "two inputs produced one key");
+        for name in &seen {
+            let tag = &name[name.find('{').unwrap()..=name.find('}').unwrap()];
+            assert!(name.starts_with(&format!("gw:{tag}:")), "{name}");
+        }
+    }
+
+    #[test]
+    fn presence_records_split_at_the_length_not_at_a_character() {
+        let record = presence_record("a\n:b", r#""userId":"a\n:b""#);
+        assert_eq!(
+            parse_presence_record(&record),
+            Some(("a\n:b", r#""userId":"a\n:b""#))
+        );
+        assert_eq!(parse_presence_record("x"), None);
+        assert_eq!(parse_presence_record("9:ab"), None);
+    }
+}

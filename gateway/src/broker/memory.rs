@@ -28,7 +28,10 @@ struct Room {
     conns: HashMap<String, (String, String)>,
     /// userId → connections; sorted so member pages have a stable cursor.
     users: BTreeMap<String, u32>,
+    /// `"roomId":…,"roomName":…` of the first joiner (listed by `rooms`).
     fragment: String,
+    /// The name the first joiner gave; kept while anyone is in the room.
+    name: String,
 }
 
 #[derive(Default)]
@@ -144,7 +147,16 @@ impl MemoryBroker {
     ) -> Result<JoinOutcome, BrokerError> {
         let mut state = self.state();
         let room = state.rooms.entry(entry.room_key.clone()).or_default();
-        room.fragment = entry.room_fragment.clone();
+        if room.conns.is_empty() {
+            room.fragment = entry.room_fragment();
+            room.name = entry.room_name.clone();
+        }
+        let room_name = room.name.clone();
+        let room_fragment = format!(
+            r#""roomId":{},"roomName":{}"#,
+            entry.room_json,
+            crate::protocol::json_string(&room_name)
+        );
         let added = room
             .conns
             .insert(
@@ -161,14 +173,14 @@ impl MemoryBroker {
         let num = room.users.len() as u64;
         let announced = first && num <= self.announce_max;
         if announced {
-            let frame =
-                crate::protocol::login_frame(&entry.user_fragment, &entry.room_fragment, num);
+            let frame = crate::protocol::login_frame(&entry.user_fragment, &room_fragment, num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
         }
         Ok(JoinOutcome {
             first,
             num,
             announced,
+            room_name,
         })
     }
 
@@ -205,7 +217,7 @@ impl MemoryBroker {
         }
         // Announced if the room was within the limit before this user left (as in leave.lua).
         if last && num < self.announce_max {
-            let frame = logout_frame(&fragment, &entry.room_fragment, num);
+            let frame = logout_frame(&fragment, &entry.room_fragment(), num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
         }
         Ok(LeaveOutcome { last, num })

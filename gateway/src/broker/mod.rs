@@ -1,6 +1,5 @@
 //! The broker: pub/sub between nodes, presence storage, message history and inboxes behind one
-//! interface with two implementations — embedded (in-process, single node) and Redis. Session,
-//! hub and presence code never know which one runs.
+//! interface with two implementations — embedded (in-process, single node) and Redis.
 //!
 //! Everything a client can observe as one step is one broker call (one Redis round trip):
 //! appending a message also publishes it, joining a room also announces the login.
@@ -87,17 +86,49 @@ pub struct PresenceEntry {
     pub user_id: String,
     /// `"userId":…,"userName":…`
     pub user_fragment: String,
-    /// `"roomId":…,"roomName":…`
-    pub room_fragment: String,
+    /// The room id as JSON, as this connection wrote it.
+    pub room_json: String,
+    /// The room's name (the first joiner's while anyone is in the room; configured for
+    /// default rooms).
+    pub room_name: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl PresenceEntry {
+    /// `"roomId":…,"roomName":…`
+    pub fn room_fragment(&self) -> String {
+        format!(
+            r#""roomId":{},"roomName":{}"#,
+            self.room_json,
+            crate::protocol::json_string(&self.room_name)
+        )
+    }
+
+    /// The rooms-hash record: `<roomId JSON>\n<roomName JSON>` (JSON text never holds a raw
+    /// newline, so the first one separates the two).
+    pub fn room_record(&self) -> String {
+        format!(
+            "{}\n{}",
+            self.room_json,
+            crate::protocol::json_string(&self.room_name)
+        )
+    }
+}
+
+/// Splits a rooms-hash record into the room fragment `"roomId":…,"roomName":…`.
+pub fn room_record_fragment(record: &str) -> Option<String> {
+    let (room_json, name_json) = record.split_once('\n')?;
+    Some(format!(r#""roomId":{room_json},"roomName":{name_json}"#))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinOutcome {
     /// This was the user's first connection in the room.
     pub first: bool,
     pub num: u64,
     /// The login was broadcast to the room (first connection, and the room is small enough).
     pub announced: bool,
+    /// The room's name in effect (the first joiner's while the room is live).
+    pub room_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

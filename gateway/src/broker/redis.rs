@@ -13,9 +13,10 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{RedisError, Script, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::keys::{decode_part, encode_part, parse_presence_record, presence_record};
 use super::{
-    AppendRequest, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, Keys, LeaveOutcome,
-    Limits, MemberPage, Page, PresenceEntry, RoomSummary,
+    room_record_fragment, AppendRequest, Appended, BrokerError, Inbound, InboundSender,
+    JoinOutcome, Keys, LeaveOutcome, Limits, MemberPage, Page, PresenceEntry, RoomSummary,
 };
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
@@ -290,19 +291,23 @@ impl RedisBroker {
             .arg(&entry.user_id)
             .arg(&entry.user_fragment)
             .arg(expires_at_ms)
-            .arg(&entry.room_key)
-            .arg(&entry.room_fragment)
+            .arg(encode_part(&entry.room_key).as_ref())
+            .arg(entry.room_record())
             .arg(channel)
             .arg(announce_header)
-            .arg(self.limits.announce_max);
+            .arg(self.limits.announce_max)
+            .arg(&entry.room_json);
         let mut con = self.commands.clone();
-        let (first, num, announced): (i64, u64, i64) = self
+        let (first, num, announced, name_json): (i64, u64, i64, String) = self
             .timed("join", invocation.invoke_async(&mut con))
             .await?;
+        let room_name = serde_json::from_str(&name_json)
+            .map_err(|_| BrokerError::Protocol(format!("bad room name record {name_json:?}")))?;
         Ok(JoinOutcome {
             first: first == 1,
             num,
             announced: announced == 1,
+            room_name,
         })
     }
 
@@ -315,8 +320,8 @@ impl RedisBroker {
         let mut invocation = self.presence_invocation(&self.scripts.leave, entry);
         invocation
             .arg(&entry.conn_key)
-            .arg(&entry.room_key)
-            .arg(&entry.room_fragment)
+            .arg(encode_part(&entry.room_key).as_ref())
+            .arg(entry.room_fragment())
             .arg(channel)
             .arg(announce_header)
             .arg(self.limits.announce_max);
@@ -349,11 +354,11 @@ impl RedisBroker {
                 .arg(expires_at_ms)
                 .arg(&self.keys.prefix);
             for e in batch {
-                cmd.arg(&e.room_key)
+                cmd.arg(encode_part(&e.room_key).as_ref())
                     .arg(&e.conn_key)
                     .arg(&e.user_id)
-                    .arg(&e.user_fragment)
-                    .arg(&e.room_fragment);
+                    .arg(presence_record(&e.user_id, &e.user_fragment))
+                    .arg(e.room_record());
             }
             pipe.add_command(cmd);
         }
@@ -410,6 +415,9 @@ impl RedisBroker {
         after: StreamId,
         limit: usize,
     ) -> Result<Page, BrokerError> {
+        if after == StreamId::MAX {
+            return Ok(Page::default()); // nothing can follow, and `(max` is no valid start
+        }
         let mut invocation = self.scripts.range.prepare_invoke();
         invocation
             .key(stream_key)
@@ -490,9 +498,10 @@ impl RedisBroker {
                     .query_async(&mut con),
             )
             .await?;
+        // Fields are encoded room keys, values room records; anything else is skipped.
         let pairs: Vec<(String, String)> = flat
             .chunks_exact(2)
-            .map(|p| (p[0].clone(), p[1].clone()))
+            .filter_map(|p| Some((decode_part(&p[0])?, room_record_fragment(&p[1])?)))
             .take(limit)
             .collect();
         if pairs.is_empty() {
@@ -546,7 +555,7 @@ impl RedisBroker {
         for value in flat.iter().skip(1).step_by(2) {
             let entry: String = redis::from_redis_value_ref(value)
                 .map_err(|e| BrokerError::Protocol(e.to_string()))?;
-            if let Some((user, fragment)) = entry.split_once('\n') {
+            if let Some((user, fragment)) = parse_presence_record(&entry) {
                 if seen.insert(user.to_string()) {
                     members.push((user.to_string(), fragment.to_string()));
                 }

@@ -1,7 +1,7 @@
 -- Remove one connection's presence in a room; announce the user's logout if it was the user's
 -- last connection there.
 -- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] expiry zset, KEYS[4] rooms hash
--- ARGV[1] conn key, ARGV[2] room key, ARGV[3] room fragment, ARGV[4] channel,
+-- ARGV[1] conn key, ARGV[2] encoded room key, ARGV[3] room fragment, ARGV[4] channel,
 -- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced
 -- Returns {last (1|0), num}.
 redis.call('ZREM', KEYS[3], ARGV[2] .. '\n' .. ARGV[1])
@@ -10,9 +10,14 @@ if not entry then
   return {0, redis.call('HLEN', KEYS[2])}
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-local newline = string.find(entry, '\n', 1, true)
-local user = string.sub(entry, 1, newline - 1)
-local fragment = string.sub(entry, newline + 1)
+-- `<len(userId)>:<userId><user fragment>`
+local colon = string.find(entry, ':', 1, true)
+local len = colon and tonumber(string.sub(entry, 1, colon - 1))
+if not len then
+  return {0, redis.call('HLEN', KEYS[2])} -- not a record this version wrote
+end
+local user = string.sub(entry, colon + 1, colon + len)
+local fragment = string.sub(entry, colon + len + 1)
 local last = 0
 if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
   redis.call('HDEL', KEYS[2], user)
