@@ -99,6 +99,10 @@ pub struct Common {
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
+    /// Log in with HS256 tokens signed with this secret (the gateway's GATEWAY_JWT_SECRET),
+    /// one per user, valid for the run plus an hour.
+    #[arg(long, env = "GATEWAY_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
     #[arg(long, hide = true)]
     pub tag: Option<String>,
     #[arg(long, hide = true)]
@@ -218,6 +222,7 @@ fn base_spec(kind: Kind, c: &Common) -> Spec {
         pause_ms: 0,
         login: true,
         room_size: 50,
+        jwt_secret: c.jwt_secret.clone(),
         tag: c
             .tag
             .clone()

@@ -71,6 +71,10 @@ pub struct Spec {
     /// Unique per run (shared by its workers): prefixes user ids and clientMsgIds, so that a
     /// run never collides with the gateway's stored ack positions or dedup window of another.
     pub tag: String,
+    /// Signs a login token per user when the gateway requires authentication (never written
+    /// to results).
+    #[serde(skip)]
+    pub jwt_secret: Option<String>,
 }
 
 /// A process's position among the worker processes.
@@ -682,7 +686,27 @@ fn login_frame(ctx: &Ctx, spec: &ConnSpec, room: &str, resume_from: Option<&str>
     if let Some(id) = resume_from {
         v["lastId"] = id.into();
     }
+    if let Some(secret) = &ctx.spec.jwt_secret {
+        v["token"] = login_token(
+            secret,
+            &user_id(&ctx.spec.tag, spec.index),
+            ctx.spec.duration_s,
+        )
+        .into();
+    }
     v.to_string()
+}
+
+/// An HS256 token for `user`, valid for the run plus an hour.
+fn login_token(secret: &str, user: &str, duration_s: f64) -> String {
+    let exp = now_us() / 1_000_000 + duration_s as u64 + 3600;
+    let claims = serde_json::json!({"sub": user, "exp": exp});
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail")
 }
 
 fn chat_frame(ctx: &Ctx, room: &str, sender: u64, seq: u64) -> String {

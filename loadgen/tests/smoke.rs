@@ -65,10 +65,15 @@ fn healthy(admin: u16) -> bool {
 }
 
 fn start_gateway() -> (Killed, u16) {
+    start_gateway_with(&[])
+}
+
+fn start_gateway_with(env: &[(&str, &str)]) -> (Killed, u16) {
     let port = free_port();
     let admin = free_port();
     let child = Command::new(gateway_bin())
         .env_remove("GATEWAY_REDIS_URL")
+        .envs(env.iter().copied())
         .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
         .env("GATEWAY_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
         .env("GATEWAY_NODE_ID", "smoke")
@@ -205,4 +210,34 @@ fn bigroom_and_churn_against_one_gateway() {
     ]);
     assert!(n(&r, "expected") > 0);
     assert_eq!(n(&r, "lost"), 0, "{r}");
+}
+
+#[test]
+fn logs_in_with_tokens_when_the_gateway_requires_them() {
+    const SECRET: &str = "loadgen-smoke-secret-loadgen-smoke-secret";
+    let (_gw, port) = start_gateway_with(&[("GATEWAY_JWT_SECRET", SECRET)]);
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let r = loadgen(&[
+        "bigroom",
+        "--url",
+        &url,
+        "-c",
+        "50",
+        "-d",
+        "2",
+        "--rate",
+        "20",
+        "--senders",
+        "2",
+        "--jwt-secret",
+        SECRET,
+    ]);
+    assert_eq!(n(&r, "joined"), 50, "{r}");
+    assert!(n(&r, "sent") > 0, "{r}");
+    assert_eq!(n(&r, "lost"), 0, "{r}");
+    assert!(r["errors"].as_object().expect("errors").is_empty(), "{r}");
+    assert!(
+        !r.to_string().contains(SECRET),
+        "the secret stays out of the report"
+    );
 }

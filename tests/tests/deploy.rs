@@ -19,7 +19,7 @@ use e2e::{gateway_bin, http_get, workspace_root, Client, Gateway, GatewayOpts, R
 use serde_json::{json, Value};
 
 /// The `GATEWAY_*` variables the gateway accepts.
-const ACCEPTED_GATEWAY_ENV: [&str; 18] = [
+const ACCEPTED_GATEWAY_ENV: [&str; 24] = [
     "GATEWAY_LISTEN",
     "GATEWAY_ADMIN_LISTEN",
     "GATEWAY_REDIS_URL",
@@ -38,9 +38,15 @@ const ACCEPTED_GATEWAY_ENV: [&str; 18] = [
     "GATEWAY_SHUTDOWN_GRACE_MS",
     "GATEWAY_DEFAULT_ROOMS",
     "GATEWAY_LOG_FORMAT",
+    "GATEWAY_JWT_SECRET",
+    "GATEWAY_JWT_PUBLIC_KEY_FILE",
+    "GATEWAY_JWT_ISSUER",
+    "GATEWAY_JWT_AUDIENCE",
+    "GATEWAY_JWT_LEEWAY_SECS",
+    "GATEWAY_ALLOWED_ORIGINS",
 ];
 
-const COUNTERS: [&str; 15] = [
+const COUNTERS: [&str; 16] = [
     "gateway_connections_accepted_total",
     "gateway_connections_closed_total",
     "gateway_messages_received_total",
@@ -56,6 +62,7 @@ const COUNTERS: [&str; 15] = [
     "gateway_slow_consumer_disconnects_total",
     "gateway_outbound_dropped_total",
     "gateway_errors_total",
+    "gateway_auth_failures_total",
 ];
 const GAUGES: [&str; 5] = [
     "gateway_connections_open",
@@ -1027,6 +1034,16 @@ async fn nginx_proxies_pages_and_websockets_balances_nodes_and_hides_admin() -> 
     // message crosses nodes through Redis.
     let mut alice = Client::connect(&cluster.ws_url()).await?;
     alice.login("alice", json!(1)).await?;
+    // The Origin check works through nginx (it forwards the client's Host, port included): a
+    // page served by nginx may connect, a foreign page may not.
+    let own_origin = format!("http://{addr}");
+    e2e::connect_with_headers(&cluster.ws_url(), &[("origin", own_origin.as_str())])
+        .await?
+        .close()
+        .await?;
+    let refused =
+        e2e::refused_upgrade(&cluster.ws_url(), &[("origin", "http://evil.example")]).await?;
+    ensure!(refused.status == 403, "foreign origin via nginx: {refused}");
     let mut bob = Client::connect(&format!("ws://{addr}/")).await?;
     bob.login("bob", json!(1)).await?;
     wait_connections(&cluster.nodes, &[1.0, 1.0]).await?;
