@@ -21,7 +21,29 @@
 // - every message sent has a `clientMsgId`; it stays pending until the server's copy of it (or a
 //   `sent` frame) confirms it, and is re-sent with the same `clientMsgId` after a reconnect or
 //   when no confirmation came within `resendAfterMs`, so it is stored exactly once;
-// - exposes the connection state: connecting, connected, reconnecting, offline, closed.
+// - exposes the connection state: connecting, connected, reconnecting, offline, closed
+//   (and `unauthorized`, see below).
+//
+// Authentication (gateways started with a JWT key, docs/protocol.md):
+//
+//   const chat = new ChatClient({
+//     token,                                  // a JWT; userId and userName come from its
+//                                             // `sub` and `name` claims
+//     refreshToken: async () => (await fetch('/my-token')).text(),   // a new token, same sub
+//   });
+//
+// - the token goes in every `login` frame (also the re-joins after a reconnect), never in the
+//   URL;
+// - with `refreshToken`, a new token is fetched and sent in a `refresh` frame before the
+//   current one expires: at 80 % of its remaining lifetime or `refreshBeforeMs` (30 s) before
+//   `exp`, whichever is sooner, but not before half of the remaining lifetime has passed (so
+//   short-lived tokens are not refreshed in a tight loop); re-armed after every `refreshed`;
+// - when the gateway closes the connection because the token expired (close code 4001), or
+//   refuses a login with `unauthorized`/`expired`, `refreshToken()` is called and the client
+//   reconnects / logs in again with the new token;
+// - without `refreshToken` (or when it keeps failing), the state becomes `unauthorized`, an
+//   `error` event says why, and the client stops reconnecting until `setToken()` gives it a
+//   new token.
 
 /** Connection states, in the order a session usually goes through them. */
 export const STATES = Object.freeze({
@@ -30,6 +52,7 @@ export const STATES = Object.freeze({
   CONNECTED: 'connected',
   RECONNECTING: 'reconnecting',
   OFFLINE: 'offline',
+  UNAUTHORIZED: 'unauthorized',
   CLOSED: 'closed',
 });
 
@@ -40,6 +63,7 @@ export const CLOSE_CODES = Object.freeze({
   SERVICE_RESTART: 1012,
   TRY_AGAIN_LATER: 1013,
   HEARTBEAT_TIMEOUT: 4000,
+  TOKEN_EXPIRED: 4001,
   SLOW_CONSUMER: 4008,
   REDELIVERY_LIMIT: 4009,
 });
@@ -99,6 +123,25 @@ function randomToken() {
   return `${Date.now().toString(36)}-${Math.random().toString(36).slice(2)}`;
 }
 
+/**
+ * The payload (claims) of a JWT, decoded without verifying anything (the gateway verifies):
+ * `{sub, name, exp, ...}`, or null when `token` is not a JWT.
+ */
+export function decodeJwtPayload(token) {
+  if (typeof token !== 'string') return null;
+  const parts = token.split('.');
+  if (parts.length !== 3) return null;
+  try {
+    let b64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+    b64 += '='.repeat((4 - (b64.length % 4)) % 4);
+    const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return claims && typeof claims === 'object' && !Array.isArray(claims) ? claims : null;
+  } catch {
+    return null;
+  }
+}
+
 /** Text form of a room id: the room's identity (`1` and `"1"` are the same room). */
 export function roomKey(roomId) {
   return String(roomId);
@@ -119,6 +162,10 @@ const DEFAULTS = {
   syncLimit: 500,
   seenLimit: 5000,
   maxFrameBytes: 65536,
+  token: null,
+  refreshToken: null,
+  refreshBeforeMs: 30000,
+  maxAuthRetries: 3,
   WebSocket: null,
   log: null,
 };
@@ -138,21 +185,46 @@ const DEFAULTS = {
  * - `num`       (roomId, num)   a room's online count changed
  * - `synced`    (frame)         a replay of a room finished (frame.truncated: history was lost)
  * - `dm`        (frame)         a direct message
- * - `error`     (frame)         an `error` frame from the server
+ * - `error`     (frame)         an `error` frame from the server, or a client-side failure
+ *                               (`refresh_failed`; `unauthorized` when the token expired and
+ *                               could not be replaced)
+ * - `refreshed` (frame)         the gateway accepted a new token (frame.exp: its expiry)
  * - `frame`     (frame)         every frame received (for debugging or extensions)
  */
 export class ChatClient {
   /**
    * @param {object} options
-   * @param {string} options.userId      stable id of this user (e.g. kept in localStorage)
-   * @param {string} options.userName    display name
+   * @param {string} options.userId      stable id of this user (e.g. kept in localStorage);
+   *                                     with a token: its `sub` (the default)
+   * @param {string} options.userName    display name (with a token: its `name` claim, if any)
    * @param {string} [options.url]       WebSocket URL; default: same host, path /ws
+   * @param {string} [options.token]     a JWT, sent in every login
+   * @param {() => Promise<string>} [options.refreshToken]  returns a new token (same `sub`)
    */
   constructor(options = {}) {
-    if (!options.userId) throw new Error('ChatClient: userId is required');
+    let claims = null;
+    if (options.token) {
+      claims = decodeJwtPayload(options.token);
+      if (!claims || typeof claims.sub !== 'string' || !claims.sub) {
+        throw new Error('ChatClient: token is not a JWT with a "sub" claim');
+      }
+      if (options.userId && String(options.userId) !== claims.sub) {
+        throw new Error(`ChatClient: userId ${options.userId} is not the token's sub ${claims.sub}`);
+      }
+    }
+    const userId = options.userId || claims?.sub;
+    if (!userId) throw new Error('ChatClient: userId (or a token) is required');
     this.opts = { ...DEFAULTS, ...options };
-    this.userId = String(options.userId);
-    this.userName = String(options.userName ?? options.userId);
+    this.userId = String(userId);
+    // The gateway names a token's user by its `name` claim when there is one.
+    this.userName = String(claims?.name ?? options.userName ?? userId);
+    this.token = options.token || null;
+    this.tokenExp = typeof claims?.exp === 'number' ? claims.exp : null;
+    this.tokenStale = false; // the gateway said the token expired (4001): replace before use
+    this.refreshing = null; // the refreshToken() call in flight
+    this.refreshTimer = null;
+    this.refreshSent = false; // a refresh frame is waiting for its answer
+    this.authRetries = 0;
     this.url = this.opts.url || defaultUrl();
     this.state = STATES.IDLE;
     this.ws = null;
@@ -216,6 +288,7 @@ export class ChatClient {
       globalThis.addEventListener('offline', this._onOffline);
     }
     this._setState(STATES.CONNECTING);
+    this._armRefresh();
     this._open();
     return this;
   }
@@ -228,6 +301,8 @@ export class ChatClient {
       globalThis.removeEventListener('offline', this._onOffline);
     }
     this._clearTimers();
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
     for (const room of this.rooms.values()) this._clearAckTimer(room);
     const ws = this.ws;
     this.ws = null;
@@ -246,6 +321,23 @@ export class ChatClient {
   _open() {
     this._clearTimer('reconnect');
     if (!this.wanted) return;
+    if (this.token && this._tokenNeedsRefresh()) {
+      if (!this.opts.refreshToken) {
+        if (this.tokenStale) {
+          this._stopUnauthorized(CLOSE_CODES.TOKEN_EXPIRED, 'expired');
+          return;
+        }
+        // Only our clock says it expired: the gateway (with its leeway) decides.
+      } else {
+        // Never log in with a token the gateway already called expired.
+        this._refresh('reconnect').then((ok) => {
+          if (!this.wanted || this.ws || this.state === STATES.UNAUTHORIZED) return;
+          if (ok) this._open();
+          else this._scheduleReconnect(CLOSE_CODES.TOKEN_EXPIRED);
+        });
+        return;
+      }
+    }
     const WS = this.opts.WebSocket || globalThis.WebSocket;
     let ws;
     try {
@@ -301,7 +393,16 @@ export class ChatClient {
       room.acked = null; // acks are per connection: the next one acks again
     }
     for (const pending of this.outbox.values()) pending.transmittedOn = 0;
+    this.refreshSent = false;
     if (!this.wanted) return;
+    if (code === CLOSE_CODES.TOKEN_EXPIRED) {
+      // The token expired on this connection (no refresh came in time): replace it first.
+      this.tokenStale = true;
+      if (!this.opts.refreshToken) {
+        this._stopUnauthorized(code, 'expired');
+        return;
+      }
+    }
     // A connection that worked starts the backoff anew; one refused at once (e.g. 1013 from a
     // full node) keeps backing off.
     if (this.healthy || (this.openedAt && Date.now() - this.openedAt > 5000)) this.attempt = 0;
@@ -338,13 +439,13 @@ export class ChatClient {
 
   /** Reconnects now (skipping the backoff wait), e.g. from a "retry" button. */
   reconnectNow() {
-    if (!this.wanted) return;
+    if (!this.wanted || this.state === STATES.UNAUTHORIZED) return;
     if (this.ws && this.ws.readyState <= 1) return;
     this._open();
   }
 
   _browserOnline() {
-    if (this.wanted && !this.ws) {
+    if (this.wanted && !this.ws && this.state !== STATES.UNAUTHORIZED) {
       this.attempt = 0;
       this._setState(STATES.RECONNECTING, { attempt: 0 });
       this._open();
@@ -352,7 +453,192 @@ export class ChatClient {
   }
 
   _browserOffline() {
-    if (this.wanted && !this.ws) this._setState(STATES.OFFLINE, { attempt: this.attempt });
+    if (this.wanted && !this.ws && this.state !== STATES.UNAUTHORIZED) this._setState(STATES.OFFLINE, { attempt: this.attempt });
+  }
+
+  // ---- tokens -------------------------------------------------------------------------
+
+  /** Server time in ms, estimated from the `ts` of messages (our clock until one came). */
+  _serverNow() {
+    return Date.now() + (this.clockOffset || 0);
+  }
+
+  _tokenNeedsRefresh() {
+    if (this.tokenStale) return true;
+    return this.tokenExp !== null && this.tokenExp * 1000 <= this._serverNow();
+  }
+
+  /**
+   * Gives up on the connection until a new token comes (`setToken`): the token expired or was
+   * refused and there is no way to get another.
+   */
+  _stopUnauthorized(code, reason) {
+    this._clearTimers();
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    const ws = this.ws;
+    this.ws = null;
+    if (ws) {
+      this._detach(ws);
+      try { ws.close(1000, 'unauthorized'); } catch { /* ignore */ }
+    }
+    this._setState(STATES.UNAUTHORIZED, { attempt: this.attempt, code, reason });
+    this._emit('error', {
+      event: 'error',
+      code: 'unauthorized',
+      reason,
+      message: reason === 'expired'
+        ? 'the token expired and no new one could be obtained; call setToken() with a new token'
+        : `the gateway refused the token (${reason}); call setToken() with a new token`,
+      closeCode: code ?? undefined,
+    });
+  }
+
+  /**
+   * Takes a new token (same user): used for the next logins and, when connected, sent in a
+   * `refresh` frame at once. Resumes a client stopped in state `unauthorized`. Returns false
+   * (and emits `error`) when the token is unusable.
+   */
+  setToken(token) {
+    if (!this._acceptToken(token)) return false;
+    this._sendRefresh();
+    this._armRefresh();
+    if (this.wanted && this.state === STATES.UNAUTHORIZED) {
+      this.attempt = 0;
+      this.authRetries = 0;
+      this._setState(STATES.RECONNECTING, { attempt: 0 });
+      this._open();
+    }
+    return true;
+  }
+
+  /**
+   * Fetches a new token with `refreshToken()` now and sends it (when connected). Resolves
+   * true when a new token is in place.
+   */
+  refreshNow() {
+    return this._refresh('manual');
+  }
+
+  _acceptToken(token) {
+    const claims = decodeJwtPayload(token);
+    let problem = null;
+    if (!claims || typeof claims.sub !== 'string') problem = 'not a JWT with a "sub" claim';
+    else if (claims.sub !== this.userId) problem = `the token is for ${claims.sub}, not ${this.userId}`;
+    else if (typeof claims.exp === 'number' && this.tokenExp !== null && claims.exp < this.tokenExp) {
+      problem = 'the new token expires before the current one';
+    }
+    if (problem) {
+      this._emit('error', { event: 'error', code: 'refresh_failed', message: `new token refused: ${problem}` });
+      return false;
+    }
+    this.token = token;
+    this.tokenExp = typeof claims.exp === 'number' ? claims.exp : null;
+    this.tokenStale = false;
+    return true;
+  }
+
+  _sendRefresh() {
+    if (this.token && this._raw({ event: 'refresh', token: this.token })) this.refreshSent = true;
+  }
+
+  /** Calls refreshToken() (one call at a time); resolves true with a new token in place. */
+  _refresh(why) {
+    if (this.refreshing) return this.refreshing;
+    const fetchToken = this.opts.refreshToken;
+    if (!fetchToken || !this.token) return Promise.resolve(false);
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    this._log('refreshing token', why);
+    this.refreshing = (async () => {
+      let token;
+      try {
+        token = await fetchToken();
+      } catch (err) {
+        this._emit('error', {
+          event: 'error', code: 'refresh_failed', message: `refreshToken() failed: ${err?.message ?? err}`,
+        });
+        this._armRefreshRetry();
+        return false;
+      }
+      if (!this._acceptToken(typeof token === 'string' ? token.trim() : token)) {
+        this._armRefreshRetry();
+        return false;
+      }
+      this._sendRefresh();
+      this._armRefresh();
+      return true;
+    })().finally(() => {
+      this.refreshing = null;
+    });
+    return this.refreshing;
+  }
+
+  /** Schedules the next proactive refresh from the current token's `exp`. */
+  _armRefresh() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    if (!this.wanted || !this.token || !this.opts.refreshToken || this.tokenExp === null) return;
+    const left = this.tokenExp * 1000 - this._serverNow();
+    // Already expired: the gateway's 4001 or its `expired` answer leads to a refresh.
+    if (left <= 0) return;
+    const delay = Math.max(0, Math.min(0.8 * left, left - this.opts.refreshBeforeMs), 0.5 * left);
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      this._refresh('timer');
+    }, Math.min(delay, 2 ** 31 - 1));
+  }
+
+  /** After a failed refresh: try again in a while if the token still has time left. */
+  _armRefreshRetry() {
+    clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
+    if (!this.wanted || this.tokenExp === null) return;
+    const left = this.tokenExp * 1000 - this._serverNow();
+    if (left <= 0) return;
+    const delay = Math.min(30000, Math.max(1000, left / 4));
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      this._refresh('retry');
+    }, delay);
+  }
+
+  _onRefreshed(frame) {
+    this.refreshSent = false;
+    if (typeof frame.exp === 'number') this.tokenExp = Math.max(this.tokenExp ?? 0, frame.exp);
+    this._armRefresh();
+    this._emit('refreshed', frame);
+  }
+
+  /** An `unauthorized`/`forbidden` error frame: a refused login or refresh. */
+  _onAuthError(frame) {
+    if (frame.roomId !== undefined) {
+      // A refused login (a chat frame to a room not joined is `not_in_room`).
+      if (frame.code !== 'unauthorized' || frame.reason !== 'expired' || !this.token) return;
+      const room = this._room(frame.roomId);
+      if (!room || !room.wanted) return;
+      if (!this.opts.refreshToken) {
+        this.tokenStale = true;
+        this._stopUnauthorized(null, 'expired');
+        return;
+      }
+      this.authRetries += 1;
+      if (this.authRetries > this.opts.maxAuthRetries) {
+        this._stopUnauthorized(null, 'expired');
+        return;
+      }
+      this.tokenStale = true;
+      const ws = this.ws;
+      this._refresh('login expired').then((ok) => {
+        if (ok && this.ws === ws && room.wanted && !room.joined && this.rooms.get(roomKey(room.roomId)) === room) {
+          this._sendLogin(room);
+        }
+      });
+    } else if (this.refreshSent) {
+      // Our refresh frame was refused (e.g. an expired or foreign token): try again later.
+      this.refreshSent = false;
+      this._armRefreshRetry();
+    }
   }
 
   // ---- timers -------------------------------------------------------------------------
@@ -476,6 +762,7 @@ export class ChatClient {
       roomName: room.roomName,
       ack: true,
     };
+    if (this.token) frame.token = this.token;
     let since = room.lastId;
     if (!since && room.everJoined && room.baseline) {
       // Joined before but saw no message: resume from when we joined, so messages sent while
@@ -639,6 +926,8 @@ export class ChatClient {
         return this._onSynced(frame);
       case 'error':
         return this._onError(frame);
+      case 'refreshed':
+        return this._onRefreshed(frame);
       case 'dm':
         if (frame.id) this._raw({ event: 'ack', dm: true, id: frame.id });
         return this._emit('dm', frame);
@@ -722,6 +1011,7 @@ export class ChatClient {
     if (self) this.healthy = true;
     if (self && !room.joined) {
       room.joined = true;
+      this.authRetries = 0;
       rejoin = !!room.rejoin;
       if (room.pendingAck) this._scheduleAck(room, room.pendingAck, false);
       if (!room.everJoined) {
@@ -774,6 +1064,7 @@ export class ChatClient {
         pending.transmittedAt = Date.now() - this.opts.resendAfterMs + 1000;
       }
     }
+    if (frame.code === 'unauthorized' || frame.code === 'forbidden') this._onAuthError(frame);
     this._emit('error', frame);
   }
 

@@ -6,13 +6,15 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { WebSocket } from 'ws';
-import { FakeGateway, STATIC_DIR } from './fake-gateway.mjs';
+import { FakeGateway, STATIC_DIR, fakeToken } from './fake-gateway.mjs';
 import { waitFor } from './helpers.mjs';
 
 // client.js is an ES module in a folder without package.json: load a copy named .mjs.
 const tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'chat-client-'));
 fs.copyFileSync(path.join(STATIC_DIR, 'client.js'), path.join(tmp, 'client.mjs'));
-const { ChatClient, compareIds, parseId, maxId, STATES } = await import(path.join(tmp, 'client.mjs'));
+const {
+  ChatClient, compareIds, parseId, maxId, STATES, decodeJwtPayload,
+} = await import(path.join(tmp, 'client.mjs'));
 
 let fake;
 const clients = [];
@@ -315,4 +317,131 @@ test('leave sends logout and forgets the room; a bad frame fails the message', a
   const big = b.send(room, 'x'.repeat(70000));
   assert.equal(big.status, 'failed');
   await assert.rejects(big.promise, /too long/);
+});
+
+// ---- tokens ----------------------------------------------------------------------------
+
+const nowSecs = () => Math.floor(Date.now() / 1000);
+
+function tokenClient(token, opts = {}) {
+  const c = new ChatClient({
+    url: fake.wsUrl, WebSocket, token, backoffInitialMs: 50, backoffMaxMs: 400, ...opts,
+  });
+  c.seen = [];
+  c.on('message', (m) => c.seen.push(m));
+  c.states = [];
+  c.on('state', (s) => c.states.push(s));
+  c.errors = [];
+  c.on('error', (f) => c.errors.push(f));
+  c.refreshedFrames = [];
+  c.on('refreshed', (f) => c.refreshedFrames.push(f));
+  clients.push(c);
+  return c;
+}
+
+test('a token: userId and userName from its claims, sent in every login, also after a reconnect', async () => {
+  const token = fakeToken({ sub: 'tok-1', name: '小红 🌸', exp: nowSecs() + 3600 });
+  assert.equal(decodeJwtPayload(token).name, '小红 🌸', 'base64url and UTF-8 decoded');
+  assert.equal(decodeJwtPayload('not.a.jwt'), null);
+  assert.throws(() => new ChatClient({ url: fake.wsUrl, WebSocket, token, userId: 'someone-else' }), /sub/);
+  const room = newRoom();
+  const c = tokenClient(token).connect();
+  assert.equal(c.userId, 'tok-1');
+  assert.equal(c.userName, '小红 🌸');
+  c.join(room, 'R');
+  await joined(c, room);
+  const logins = () => fake.framesOf('login').filter((f) => f.userId === 'tok-1');
+  assert.equal(logins().length, 1);
+  assert.equal(logins()[0].token, token);
+  fake.closeAll(1012);
+  await waitFor('re-login', () => logins().length === 2);
+  assert.equal(logins()[1].token, token);
+  await joined(c, room);
+  assert.equal(fake.framesOf('refresh').length, 0, 'no refresh for a long-lived token yet');
+});
+
+test('refreshToken: a refresh frame before expiry keeps the connection past the first exp', async () => {
+  const room = newRoom();
+  const minted = [];
+  const mint = (ttl) => {
+    const t = fakeToken({ sub: 'tok-2', name: 'R', exp: nowSecs() + ttl });
+    minted.push(t);
+    return t;
+  };
+  const c = tokenClient(mint(3), {
+    refreshToken: async () => mint(3),
+  }).connect();
+  c.join(room);
+  await joined(c, room);
+  const firstExp = c.tokenExp;
+  // The fake closes with 4001 at exp (leeway 0): survive well past it.
+  await waitFor('two refreshes, 1 s past the first exp', () => c.refreshedFrames.length >= 2
+    && Date.now() / 1000 > firstExp + 1, 10000);
+  assert.equal(c.state, STATES.CONNECTED);
+  assert.ok(!c.states.includes(STATES.RECONNECTING), `states: ${c.states}`);
+  const refreshes = fake.framesOf('refresh');
+  assert.ok(refreshes.length >= 2);
+  assert.ok(refreshes.every((f) => minted.includes(f.token) && f.token !== minted[0]));
+  assert.ok(c.tokenExp >= firstExp);
+  assert.equal(c.refreshedFrames.at(-1).exp, c.tokenExp);
+  // Still chatting on the same connection.
+  const p = c.send(room, 'still here');
+  await p.promise;
+});
+
+test('close 4001 with refreshToken: a new token, then a reconnect that logs in with it', async () => {
+  const room = newRoom();
+  let n = 0;
+  const c = tokenClient(fakeToken({ sub: 'tok-3', exp: nowSecs() + 3600 }), {
+    refreshToken: async () => fakeToken({ sub: 'tok-3', exp: nowSecs() + 3600 + (n += 1) }),
+  }).connect();
+  c.join(room);
+  await joined(c, room);
+  const before = c.token;
+  fake.closeAll(4001); // as if the token had expired on the server
+  await waitFor('re-login with a new token', () => fake.framesOf('login')
+    .some((f) => f.userId === 'tok-3' && f.token !== before));
+  await joined(c, room);
+  assert.equal(n, 1, 'refreshToken called once');
+  assert.equal(c.state, STATES.CONNECTED);
+});
+
+test('close 4001 without refreshToken: state unauthorized, an error, no reconnect; setToken resumes', async () => {
+  const room = newRoom();
+  const c = tokenClient(fakeToken({ sub: 'tok-4', exp: nowSecs() + 3600 })).connect();
+  c.join(room);
+  await joined(c, room);
+  const conns = fake.connSeq;
+  fake.closeAll(4001);
+  await waitFor('unauthorized', () => c.state === STATES.UNAUTHORIZED);
+  assert.ok(c.errors.some((e) => e.code === 'unauthorized' && e.reason === 'expired'), JSON.stringify(c.errors));
+  await new Promise((r) => setTimeout(r, 600)); // more than the maximum backoff
+  assert.equal(fake.connSeq, conns, 'no reconnect');
+  const fresh = fakeToken({ sub: 'tok-4', exp: nowSecs() + 7200 });
+  assert.equal(c.setToken(fakeToken({ sub: 'other', exp: nowSecs() + 7200 })), false, 'a token for another user');
+  assert.equal(c.setToken(fresh), true);
+  await waitFor('connected again', () => c.state === STATES.CONNECTED);
+  await waitFor('re-login with the new token', () => fake.framesOf('login').some((f) => f.token === fresh));
+  await joined(c, room);
+});
+
+test('a login refused as expired: refreshToken, then the room is joined with the new token', async () => {
+  const room = newRoom();
+  const expired = fakeToken({ sub: 'tok-5', exp: nowSecs() + 1 });
+  const fresh = fakeToken({ sub: 'tok-5', exp: nowSecs() + 3600 });
+  let calls = 0;
+  const c = tokenClient(expired, {
+    refreshToken: async () => { calls += 1; return fresh; },
+  });
+  // Our clock would refresh before connecting; pretend it is behind the server's by 2 s so
+  // the expired token is sent and the gateway's answer has to trigger the refresh.
+  c.clockOffset = -2000;
+  await new Promise((r) => setTimeout(r, 1100)); // the token is now expired on the server
+  c.connect();
+  c.join(room);
+  await joined(c, room);
+  assert.equal(calls, 1);
+  const logins = fake.framesOf('login').filter((f) => f.userId === 'tok-5');
+  assert.deepEqual(logins.map((f) => f.token), [expired, fresh]);
+  assert.ok(c.errors.some((e) => e.code === 'unauthorized' && e.reason === 'expired'));
 });

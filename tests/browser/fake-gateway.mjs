@@ -1,7 +1,9 @@
 // A scripted stand-in for the gateway, for testing client.js and the page without the Rust
 // server: serves gateway/static and speaks a small subset of docs/protocol.md (login with
 // ack/lastId replay and paging, chat with clientMsgId de-duplication, ack, sync, logout,
-// heartBeat). Tests can drop connections, freeze the server, and inspect what it received.
+// heartBeat, and tokens: a login's `token` and the `refresh` frame, with the close 4001 at
+// the token's `exp`; signatures are not checked). Tests can drop connections, freeze the
+// server, and inspect what it received.
 import http from 'node:http';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -176,6 +178,7 @@ export class FakeGateway {
       this.handle(conn, frame);
     });
     ws.on('close', () => {
+      clearTimeout(conn.expiryTimer);
       this.conns.delete(conn);
       for (const key of [...conn.rooms.keys()]) this.leave(conn, key);
     });
@@ -192,6 +195,8 @@ export class FakeGateway {
         return this.send(conn, { event: 'heartBeat', content: 'pong' });
       case 'login':
         return this.login(conn, f);
+      case 'refresh':
+        return this.refresh(conn, f);
       case 'logout':
         return this.leave(conn, String(f.roomId));
       case 'message':
@@ -205,9 +210,49 @@ export class FakeGateway {
     }
   }
 
+  /** Claims of an unexpired token, or an error frame's fields. */
+  checkToken(token) {
+    const claims = decodeToken(token);
+    if (!claims || typeof claims.sub !== 'string') return { error: 'malformed' };
+    if (typeof claims.exp === 'number' && claims.exp * 1000 <= Date.now()) return { error: 'expired' };
+    return { claims };
+  }
+
+  /** Closes the connection with 4001 at the token's exp (like the gateway with leeway 0). */
+  armExpiry(conn, claims) {
+    clearTimeout(conn.expiryTimer);
+    if (typeof claims.exp !== 'number') return;
+    conn.expiryTimer = setTimeout(() => {
+      conn.dead = true;
+      conn.ws.close(4001, 'token expired');
+    }, claims.exp * 1000 - Date.now());
+  }
+
+  refresh(conn, f) {
+    const { claims, error } = this.checkToken(f.token);
+    if (error || (conn.userId && claims.sub !== conn.userId)) {
+      return this.send(conn, {
+        event: 'error', code: 'unauthorized', reason: error ?? 'user_mismatch', message: 'refresh refused',
+      });
+    }
+    this.armExpiry(conn, claims);
+    return this.send(conn, { event: 'refreshed', exp: claims.exp });
+  }
+
   login(conn, f) {
+    if (f.token !== undefined) {
+      const { claims, error } = this.checkToken(f.token);
+      if (error) {
+        return this.send(conn, {
+          event: 'error', code: 'unauthorized', reason: error, roomId: f.roomId, message: 'login refused',
+        });
+      }
+      conn.userId = conn.userId ?? claims.sub;
+      conn.tokenName = claims.name;
+      this.armExpiry(conn, claims);
+    }
     conn.userId = conn.userId ?? String(f.userId);
-    conn.userName = f.userName ?? conn.userId;
+    conn.userName = conn.tokenName ?? f.userName ?? conn.userId;
     const room = this.room(f.roomId, f.roomName);
     const key = String(f.roomId);
     const already = conn.rooms.has(key);
@@ -307,6 +352,21 @@ export class FakeGateway {
       });
     }
   }
+}
+
+/** The payload of a JWT (not verified). */
+export function decodeToken(token) {
+  try {
+    return JSON.parse(Buffer.from(String(token).split('.')[1], 'base64url').toString('utf8'));
+  } catch {
+    return null;
+  }
+}
+
+/** An unsigned-looking JWT for the fake (it checks no signature). */
+export function fakeToken(claims) {
+  const part = (obj) => Buffer.from(JSON.stringify(obj)).toString('base64url');
+  return `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}.c2lnbmF0dXJl`;
 }
 
 function cmp(a, b) {
