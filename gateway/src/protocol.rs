@@ -818,6 +818,68 @@ mod tests {
     }
 
     #[test]
+    fn control_characters_and_guest_ids_are_refused_tokens_and_refresh_parse() {
+        for frame in [
+            r#"{"event":"login","roomId":"a\nb"}"#,
+            r#"{"event":"login","roomId":1,"userId":"a\u0000"}"#,
+            r#"{"event":"login","roomId":1,"userName":"\u001b[2J"}"#,
+            r#"{"event":"login","roomId":1,"roomName":"x\u0085"}"#,
+            r#"{"event":"login","roomId":1,"userId":"guest-1"}"#,
+            r#"{"roomId":1,"content":"hi","clientMsgId":"c\r"}"#,
+            r#"{"event":"dm","toUserId":"b\t","content":"x"}"#,
+            r#"{"event":"login","roomId":1,"token":""}"#,
+        ] {
+            assert_eq!(code(frame), ErrorCode::InvalidField, "{frame}");
+        }
+        // Chat content may hold newlines.
+        assert!(parse_client_frame(r#"{"roomId":1,"content":"a\nb"}"#).is_ok());
+        let ClientFrame::Login(login) =
+            parse_client_frame(r#"{"event":"login","roomId":1,"token":"t.k.n"}"#).unwrap()
+        else {
+            panic!("not a login")
+        };
+        assert_eq!(login.token.as_deref(), Some("t.k.n"));
+        assert_eq!(
+            parse_client_frame(r#"{"event":"refresh","token":"abc"}"#).unwrap(),
+            ClientFrame::Refresh {
+                token: "abc".into()
+            }
+        );
+        assert_eq!(code(r#"{"event":"refresh"}"#), ErrorCode::MissingField);
+    }
+
+    #[test]
+    fn a_chat_frames_own_user_id_is_kept_for_the_echo() {
+        let echo = |text: &str| match parse_client_frame(text).unwrap() {
+            ClientFrame::Chat { echo_user_id, .. } => echo_user_id,
+            other => panic!("not a chat frame: {other:?}"),
+        };
+        assert_eq!(
+            echo(r#"{"userId":"1732550000000","roomId":1,"content":"x"}"#).as_deref(),
+            Some(r#""1732550000000""#)
+        );
+        assert_eq!(
+            echo(r#"{"userId":17,"roomId":1,"content":"x"}"#).as_deref(),
+            Some("17")
+        );
+        assert_eq!(echo(r#"{"userId":{"a":1},"roomId":1,"content":"x"}"#), None);
+        assert_eq!(echo(r#"{"userId":"a\nb","roomId":1,"content":"x"}"#), None);
+    }
+
+    #[test]
+    fn auth_errors_carry_their_reason() {
+        let frame: Value =
+            serde_json::from_str(&FrameError::auth(crate::auth::AuthError::Expired).encode())
+                .unwrap();
+        assert_eq!(frame["code"], "unauthorized");
+        assert_eq!(frame["reason"], "expired");
+        let frame: Value =
+            serde_json::from_str(&FrameError::auth(crate::auth::AuthError::Room).encode()).unwrap();
+        assert_eq!(frame["code"], "forbidden");
+        assert_eq!(frame["reason"], "room");
+    }
+
+    #[test]
     fn errors_echo_room_and_client_msg_id() {
         let err = parse_client_frame(r#"{"roomId":4,"clientMsgId":"c9"}"#).unwrap_err();
         let frame: Value = serde_json::from_str(&err.encode()).unwrap();

@@ -364,6 +364,11 @@ async fn acks_cannot_move_a_position_past_what_was_sent() -> anyhow::Result<()> 
         gina.send(json!({"event":"ack","roomId":"p","id":id}))
             .await?;
     }
+    // Frames are handled in order: the pong means both acks were (else a late one could be
+    // clamped to a message sent after this point).
+    gina.send(json!({"event":"heartBeat","content":"ping"}))
+        .await?;
+    gina.recv_until(is("heartBeat")).await?;
     wait_for("the position to be stored", WAIT, || async {
         let mut con = redis.connection().await.ok()?;
         let stored: Option<String> = redis::cmd("HGET")
