@@ -1,6 +1,13 @@
 // app.js: the chat page (served at /). Plain DOM, no framework, no build step.
 // The connection logic lives in /client.js (docs/client.md); this file only draws.
-import { ChatClient, roomKey } from '/client.js';
+//
+// Signed-in use (a gateway with a JWT key): open the page as `/?token=<JWT>`, optionally with
+// `&tokenUrl=<same-origin URL>` that answers a fresh token (as text, or JSON `{"token": …}`);
+// the page then is the token's user (`sub`, `name`), sends the token in its logins and to
+// /api/rooms, and renews it from tokenUrl before it expires. Both are moved out of the address
+// bar into sessionStorage (this tab only), so a reload keeps them and they do not linger in
+// the history. Without a token the page is anonymous, as before.
+import { ChatClient, roomKey, decodeJwtPayload } from '/client.js';
 
 const $ = (id) => document.getElementById(id);
 const ROOM_POLL_MS = 5000;
@@ -12,6 +19,7 @@ const STATE_LABELS = {
   connected: '已连接',
   reconnecting: '重连中…',
   offline: '离线',
+  unauthorized: '登录已过期',
   closed: '已断开',
 };
 
@@ -24,6 +32,66 @@ const store = {
   },
 };
 
+const session = {
+  get(key) {
+    try { return sessionStorage.getItem(key); } catch { return null; }
+  },
+  set(key, value) {
+    try {
+      if (value === null) sessionStorage.removeItem(key);
+      else sessionStorage.setItem(key, value);
+    } catch { /* storage disabled: the token lives in memory only */ }
+  },
+};
+
+/**
+ * The sign-in of this tab: `?token=` (and `&tokenUrl=`) from the address, moved into
+ * sessionStorage; else what an earlier load of this tab stored. Null when anonymous.
+ */
+function takeAuth() {
+  const url = new URL(window.location.href);
+  const fromUrl = url.searchParams.get('token');
+  if (fromUrl !== null) {
+    session.set('chat.token', fromUrl.trim() || null);
+    session.set('chat.tokenUrl', url.searchParams.get('tokenUrl'));
+    url.searchParams.delete('token');
+    url.searchParams.delete('tokenUrl');
+    try { history.replaceState(history.state, '', url.pathname + url.search + url.hash); } catch { /* ignore */ }
+  }
+  const token = session.get('chat.token');
+  if (!token) return null;
+  const claims = decodeJwtPayload(token);
+  if (!claims || typeof claims.sub !== 'string' || !claims.sub) {
+    console.warn('chat: the token is not a JWT with a sub claim; staying anonymous');
+    session.set('chat.token', null);
+    return null;
+  }
+  let tokenUrl = session.get('chat.tokenUrl');
+  if (tokenUrl) {
+    try {
+      const resolved = new URL(tokenUrl, window.location.href);
+      // Only our own origin: the token must never be fetched from (or sent to) elsewhere.
+      tokenUrl = resolved.origin === window.location.origin ? resolved.href : null;
+    } catch {
+      tokenUrl = null;
+    }
+    if (!tokenUrl) console.warn('chat: tokenUrl is not on this origin; ignored');
+  }
+  return { token, claims, tokenUrl };
+}
+
+/** Fetches a fresh token from the same-origin tokenUrl (text, or JSON {token}). */
+async function fetchToken(tokenUrl) {
+  const res = await fetch(tokenUrl, { cache: 'no-store', credentials: 'same-origin' });
+  if (!res.ok) throw new Error(`tokenUrl: HTTP ${res.status}`);
+  const text = (await res.text()).trim();
+  let token = text;
+  if (text.startsWith('{')) token = JSON.parse(text).token;
+  if (typeof token !== 'string' || !token) throw new Error('tokenUrl: no token in the answer');
+  session.set('chat.token', token);
+  return token;
+}
+
 function newUserId() {
   const c = globalThis.crypto;
   const rand = c && c.randomUUID ? c.randomUUID()
@@ -31,9 +99,14 @@ function newUserId() {
   return `u-${rand}`;
 }
 
+const auth = takeAuth();
+const anonymousId = store.get('chat.userId') || newUserId();
 const app = {
-  userId: store.get('chat.userId') || newUserId(),
-  nickname: store.get('chat.nickname') || '',
+  auth, // { token, claims, tokenUrl } when signed in with a token
+  // Signed in, the token's subject is the user; its `name`, if any, is the nickname.
+  userId: auth ? auth.claims.sub : anonymousId,
+  nickname: (auth && typeof auth.claims.name === 'string' && auth.claims.name)
+    || store.get('chat.nickname') || '',
   client: null,
   rooms: [], // from /api/rooms
   current: null, // { roomId, roomName }
@@ -42,7 +115,7 @@ const app = {
   shownIds: new Set(), // message ids on screen (second guard against doubles)
   roomTimer: null,
 };
-store.set('chat.userId', app.userId);
+store.set('chat.userId', anonymousId);
 window.chatApp = app; // for debugging in the console
 
 // ---- small helpers -------------------------------------------------------------------
@@ -80,9 +153,36 @@ function showState(state) {
   badge.title = `connection: ${state}`;
 }
 
+/** The current token (the client's, refreshed) when signed in, else null. */
+function currentToken() {
+  return app.auth ? (app.client?.token ?? app.auth.token) : null;
+}
+
+/** fetch() of an API path, with the token when signed in. */
+function apiFetch(path) {
+  const token = currentToken();
+  const headers = token ? { Authorization: `Bearer ${token}` } : {};
+  return fetch(path, { cache: 'no-store', headers });
+}
+
+/** A refused API call: a 401 for an expired token asks the client for a new one. */
+async function apiError(res) {
+  let reason = '';
+  try { reason = (await res.json()).reason ?? ''; } catch { /* not JSON */ }
+  if (res.status === 401 && reason === 'expired' && app.client && app.auth?.tokenUrl) {
+    app.client.refreshNow();
+  }
+  return new Error(`HTTP ${res.status}${reason ? ` ${reason}` : ''}`);
+}
+
 function startClient() {
   if (app.client) app.client.close();
-  const client = new ChatClient({ userId: app.userId, userName: app.nickname });
+  const options = { userId: app.userId, userName: app.nickname };
+  if (app.auth) {
+    options.token = currentToken();
+    if (app.auth.tokenUrl) options.refreshToken = () => fetchToken(app.auth.tokenUrl);
+  }
+  const client = new ChatClient(options);
   app.client = client;
   client.on('state', (state) => showState(state));
   client.on('login', (f) => {
@@ -107,7 +207,12 @@ function startClient() {
   });
   client.on('error', (f) => {
     if (f.code === 'too_many_rooms' || f.code === 'identity_mismatch') toast(f.message || f.code, 3000);
+    if (f.code === 'unauthorized' || f.code === 'forbidden') {
+      const why = f.reason === 'expired' ? '登录已过期' : f.code === 'forbidden' ? '没有权限' : '未登录';
+      toast(`${why}(${f.reason ?? f.code})`, 3000);
+    }
   });
+  client.on('refreshed', () => session.set('chat.token', client.token));
   showState(client.state);
   client.connect();
 }
@@ -118,10 +223,16 @@ function isCurrent(roomId) {
 
 // ---- home: nickname and rooms --------------------------------------------------------
 
+/** The token's `name` is the nickname: it cannot be changed on the page. */
+function nameFromToken() {
+  return !!(app.auth && typeof app.auth.claims.name === 'string' && app.auth.claims.name);
+}
+
 function showNickname() {
   const has = app.nickname.length > 0;
   $('name-form').hidden = has;
   $('nickname-box').hidden = !has;
+  $('rename').hidden = nameFromToken();
   $('nickname').textContent = app.nickname;
   $('room-nickname').textContent = app.nickname;
 }
@@ -149,8 +260,8 @@ function rename() {
 
 async function loadRooms() {
   try {
-    const res = await fetch('/api/rooms', { cache: 'no-store' });
-    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const res = await apiFetch('/api/rooms');
+    if (!res.ok) throw await apiError(res);
     const body = await res.json();
     app.rooms = Array.isArray(body.rooms) ? body.rooms : [];
     $('rooms-status').textContent = app.rooms.length ? '' : '还没有房间,输入名字创建一个吧';
@@ -261,8 +372,8 @@ async function toggleMembers(show = $('members').hidden) {
   const list = $('member-list');
   list.replaceChildren(el('li', '', '…'));
   try {
-    const res = await fetch(`/api/rooms/${encodeURIComponent(roomKey(roomId))}/members?limit=100`, { cache: 'no-store' });
-    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const res = await apiFetch(`/api/rooms/${encodeURIComponent(roomKey(roomId))}/members?limit=100`);
+    if (!res.ok) throw await apiError(res);
     const body = await res.json();
     if (!isCurrent(roomId)) return;
     const members = Array.isArray(body.members) ? body.members : [];
