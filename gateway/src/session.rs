@@ -562,10 +562,6 @@ impl Session {
             };
             let target = Target::Room(room);
             let start = newest.unwrap_or(StreamId::ZERO);
-            if let Some(i) = self.room_index_of(&target) {
-                // The client may acknowledge up to here.
-                self.rooms[i].cursor.replayed(start);
-            }
             write(
                 socket,
                 protocol::synced_frame(&target, start, 0, false, false),
@@ -573,13 +569,6 @@ impl Session {
             .await?;
         }
         Ok(Ok(()))
-    }
-
-    fn room_index_of(&self, target: &Target) -> Option<usize> {
-        match target {
-            Target::Room(room) => self.room_index(room),
-            Target::Inbox => None,
-        }
     }
 
     /// First login: fixes the connection's user and, for a proven user, subscribes its inbox.

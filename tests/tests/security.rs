@@ -353,7 +353,8 @@ async fn acks_cannot_move_a_position_past_what_was_sent() -> anyhow::Result<()> 
     let mut gina = Client::connect(&url).await?;
     gina.send(json!({"event":"login","roomId":"p","ack":true,"token":token}))
         .await?;
-    gina.recv_until(is("synced")).await?;
+    gina.recv_until(|f| f["event"] == "synced" && f["roomId"] == "p")
+        .await?;
     sender.send(json!({"roomId":"p","content":"one"})).await?;
     let one = gina.recv_until(is("message")).await?;
     // Hostile acks far past the newest message.
@@ -405,6 +406,21 @@ async fn acks_cannot_move_a_position_past_what_was_sent() -> anyhow::Result<()> 
         .await?;
     let synced = again.recv_until(is("synced")).await?;
     assert_eq!(synced["count"], 0, "{synced}");
+    let _: () = redis::cmd("HSET")
+        .arg("gw:{u:gina}:acks")
+        .arg("r:p")
+        .arg("not-an-id")
+        .query_async(&mut con)
+        .await?;
+    let mut once_more = Client::connect(&url).await?;
+    once_more
+        .send(json!({"event":"login","roomId":"p","ack":true,"token":token}))
+        .await?;
+    let synced = once_more.recv_until(is("synced")).await?;
+    assert_eq!(
+        synced["count"], 0,
+        "a garbled position counts as none: {synced}"
+    );
     Ok(())
 }
 

@@ -482,7 +482,19 @@ impl RedisBroker {
                 redis::cmd("HGET").arg(key).arg(field).query_async(&mut con),
             )
             .await?;
-        value.map(|v| parse_id(&v)).transpose()
+        // A value that is no id (written by hand, or by another program) must not lock the
+        // user out: it counts as no position.
+        Ok(value.and_then(|v| match parse_id(&v) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                tracing::warn!(
+                    key,
+                    field,
+                    "ignoring a stored position that is no message id"
+                );
+                None
+            }
+        }))
     }
 
     pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
