@@ -142,6 +142,89 @@ pub struct Config {
     /// send no Origin (not browsers) are always allowed.
     #[arg(long, env = "GATEWAY_ALLOWED_ORIGINS")]
     pub allowed_origins: Option<String>,
+
+    /// Frames one connection may send per second (every frame counts: chat, DM, sync, acks,
+    /// login/logout, heartBeat and WebSocket pings). Beyond it frames are refused with
+    /// `rate_limited`; a client that keeps going past a whole burst is closed (4029).
+    #[arg(long, env = "GATEWAY_MAX_FRAMES_PER_SEC", default_value_t = 2000,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_frames_per_sec: u32,
+
+    /// Frames a connection may send at once above the rate.
+    #[arg(long, env = "GATEWAY_FRAME_BURST", default_value_t = 4000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub frame_burst: u32,
+
+    /// `sync` requests per second per connection (burst: 4 times as many).
+    #[arg(long, env = "GATEWAY_MAX_SYNCS_PER_SEC", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_syncs_per_sec: u32,
+
+    /// `login`/`logout` frames per second per connection (burst: 4 times as many).
+    #[arg(long, env = "GATEWAY_MAX_JOINS_PER_SEC", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_joins_per_sec: u32,
+
+    /// Direct messages per second per connection (burst: 4 times as many).
+    #[arg(long, env = "GATEWAY_MAX_DMS_PER_SEC", default_value_t = 20,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_dms_per_sec: u32,
+
+    /// A connection that has not logged in this long after the upgrade is closed (4002).
+    #[arg(long, env = "GATEWAY_LOGIN_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub login_timeout_ms: u64,
+
+    /// A TCP connection must complete its HTTP request (and WebSocket upgrade) within this
+    /// long; silent and half-sent connections are dropped. Until then it holds a slot of
+    /// GATEWAY_MAX_CONNECTIONS.
+    #[arg(long, env = "GATEWAY_HANDSHAKE_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub handshake_timeout_ms: u64,
+
+    /// TCP connections that have not finished their HTTP request or upgrade yet; more are
+    /// closed at once (counted in gateway_connections_refused_total{reason="handshakes"}).
+    #[arg(long, env = "GATEWAY_MAX_PENDING_HANDSHAKES", default_value_t = 1024,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_pending_handshakes: u32,
+
+    /// WebSocket connections one client address may hold on this node (HTTP 429 beyond).
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_IP", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections_per_ip: u32,
+
+    /// Proxies (addresses or networks, comma-separated) whose `X-Forwarded-For` names the
+    /// client's address. Unset: the peer's address is the client's.
+    #[arg(long, env = "GATEWAY_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+
+    /// Connections one user may have logged in on this node (`too_many_connections` beyond).
+    #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_USER", default_value_t = 100,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_connections_per_user: u32,
+
+    /// Bytes of history a replay reads from the broker at a time; the next part is read only
+    /// once the client took the previous one (with GATEWAY_MAX_MESSAGE_BYTES, at least one
+    /// message).
+    #[arg(long, env = "GATEWAY_REPLAY_BUFFER_BYTES", default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..=1 << 30))]
+    pub replay_buffer_bytes: u32,
+
+    /// Direct messages kept in one user's inbox. A full inbox refuses new DMs (`inbox_full`)
+    /// rather than evicting older ones: spam cannot push out what a real sender was confirmed.
+    #[arg(long, env = "GATEWAY_INBOX_MAX_LEN", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub inbox_max_len: u64,
+
+    /// Rooms and inboxes nobody wrote to for this long expire (history, positions, markers).
+    #[arg(long, env = "GATEWAY_HISTORY_TTL_MS", default_value_t = 7 * 24 * 3_600_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=3_650 * 24 * 3_600_000))]
+    pub history_ttl_ms: u64,
+
+    /// Rooms (and inboxes) this node may be subscribed to at once (`too_many_rooms` beyond).
+    #[arg(long, env = "GATEWAY_MAX_ROOMS_PER_NODE", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_rooms_per_node: u32,
 }
 
 /// A room listed even when empty.
@@ -198,6 +281,7 @@ impl Config {
         self.parse_default_rooms()?;
         crate::auth::Authenticator::from_config(self)?;
         crate::auth::OriginPolicy::parse(self.allowed_origins.as_deref())?;
+        crate::limits::TrustedProxies::parse(self.trusted_proxies.as_deref())?;
         Ok(())
     }
 
@@ -252,6 +336,14 @@ impl Config {
 
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    pub fn login_timeout(&self) -> Duration {
+        Duration::from_millis(self.login_timeout_ms)
+    }
+
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms)
     }
 }
 

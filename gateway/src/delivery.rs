@@ -40,6 +40,8 @@ pub struct StreamCursor {
     pub paging: bool,
     /// Sent, awaiting an ack (ack mode only), in id order.
     pub unacked: VecDeque<Pending>,
+    /// Bytes of the frames in `unacked`.
+    pub unacked_bytes: usize,
 }
 
 impl StreamCursor {
@@ -59,6 +61,7 @@ impl StreamCursor {
     }
 
     pub fn track(&mut self, id: StreamId, frame: Utf8Bytes, now: Instant) {
+        self.unacked_bytes += frame.len();
         self.unacked.push_back(Pending {
             id,
             frame,
@@ -70,7 +73,15 @@ impl StreamCursor {
     /// Cumulative ack: forgets every pending message up to `id`. Returns how many.
     pub fn ack(&mut self, id: StreamId) -> usize {
         let before = self.unacked.len();
-        self.unacked.retain(|p| p.id > id);
+        let mut freed = 0;
+        self.unacked.retain(|p| {
+            let keep = p.id > id;
+            if !keep {
+                freed += p.frame.len();
+            }
+            keep
+        });
+        self.unacked_bytes -= freed;
         before - self.unacked.len()
     }
 
@@ -95,6 +106,8 @@ impl StreamCursor {
 /// Coalesces acknowledged positions and writes them to the broker periodically.
 pub struct AckStore {
     dirty: Mutex<HashMap<(String, String), StreamId>>,
+    /// Inboxes whose entries up to an id were read and acknowledged: trimmed at the flush.
+    read: Mutex<HashMap<String, StreamId>>,
     broker: Broker,
 }
 
@@ -105,6 +118,7 @@ impl AckStore {
     pub fn new(broker: Broker) -> AckStore {
         AckStore {
             dirty: Mutex::new(HashMap::new()),
+            read: Mutex::new(HashMap::new()),
             broker,
         }
     }
@@ -116,8 +130,22 @@ impl AckStore {
         *slot = (*slot).max(id);
     }
 
-    /// Writes everything recorded since the last flush in one round trip.
+    /// Notes that a stream's owner read and acknowledged it up to `id`.
+    pub fn record_read(&self, stream: String, id: StreamId) {
+        let mut read = self.read.lock().expect("ack store lock");
+        let slot = read.entry(stream).or_insert(id);
+        *slot = (*slot).max(id);
+    }
+
+    /// Writes everything recorded since the last flush in one round trip (plus one for
+    /// trimming read inboxes, when there are any).
     pub async fn flush(&self) {
+        let read: Vec<(String, StreamId)> =
+            self.read.lock().expect("ack store lock").drain().collect();
+        if let Err(e) = self.broker.trim_read(&read).await {
+            // Not retried: the next acknowledgement trims as far.
+            tracing::debug!("trimming read inboxes failed: {e}");
+        }
         let batch: Vec<(String, String, StreamId)> = {
             let mut dirty = self.dirty.lock().expect("ack store lock");
             dirty.drain().map(|((k, f), id)| (k, f, id)).collect()

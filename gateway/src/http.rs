@@ -10,6 +10,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -46,6 +47,76 @@ pub fn public_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
+/// The client's TCP peer, put into every request's extensions by `serve_public`.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer(pub std::net::SocketAddr);
+
+/// Serves the public listener until `stop`: each TCP connection must finish its HTTP request
+/// (or WebSocket upgrade) within GATEWAY_HANDSHAKE_TIMEOUT_MS, and holds one of
+/// GATEWAY_MAX_PENDING_HANDSHAKES slots until then — a silent or half-sent socket can
+/// neither stay nor crowd out real clients. (`axum::serve` sets no header timeout at all.)
+pub async fn serve_public(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    node: Arc<Node>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let deadline = node.config.handshake_timeout();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, most likely: let some close before trying again.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(pending) = node.pending_handshakes.clone().try_acquire_owned() else {
+            node.metrics
+                .connections_refused
+                .with_label_values(&["handshakes"])
+                .inc();
+            drop(tcp);
+            continue;
+        };
+        // Chat frames are small writes: without TCP_NODELAY, Nagle's algorithm holds a frame
+        // back until the previous one is acknowledged (up to the peer's 40 ms delayed ACK).
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!("TCP_NODELAY not set: {e}");
+        }
+        let service = router.clone().map_request(
+            move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                request
+            },
+        );
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(deadline);
+            let connection = builder
+                .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
+                .with_upgrades();
+            // An upgraded connection's HTTP part ends with the upgrade; the WebSocket goes on
+            // in its own task without this slot.
+            if tokio::time::timeout(deadline, connection).await.is_err() {
+                node.metrics.handshake_timeouts.inc();
+            }
+            drop(pending);
+        });
+    }
+}
+
 pub fn admin_router(node: Arc<Node>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -66,23 +137,25 @@ async fn static_file(content_type: &'static str, body: &'static str) -> Response
 /// `/`: a WebSocket upgrade (the tutorial's client connects to the bare URL) or the page.
 async fn root(
     State(node): State<Arc<Node>>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     uri: Uri,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match ws {
-        Ok(ws) => accept(node, &headers, &uri, ws),
+        Ok(ws) => accept(node, peer, &headers, &uri, ws),
         Err(_) => static_file("text/html; charset=utf-8", INDEX_HTML).await,
     }
 }
 
 async fn upgrade(
     State(node): State<Arc<Node>>,
+    peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     uri: Uri,
     ws: WebSocketUpgrade,
 ) -> Response {
-    accept(node, &headers, &uri, ws)
+    accept(node, peer, &headers, &uri, ws)
 }
 
 /// The token of an HTTP request: `Authorization: Bearer …`, else `?token=…`.
@@ -150,7 +223,13 @@ fn request_claims(
     auth.verify(&token).map(Some)
 }
 
-fn accept(node: Arc<Node>, headers: &HeaderMap, uri: &Uri, ws: WebSocketUpgrade) -> Response {
+fn accept(
+    node: Arc<Node>,
+    peer: Option<Extension<Peer>>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    ws: WebSocketUpgrade,
+) -> Response {
     if node.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
@@ -174,6 +253,35 @@ fn accept(node: Arc<Node>, headers: &HeaderMap, uri: &Uri, ws: WebSocketUpgrade)
         },
         _ => None,
     };
+    // One client address may hold only so many of this node's WebSockets.
+    let ip_slot = match peer {
+        Some(Extension(Peer(peer))) => {
+            let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+            let client = node.trusted_proxies.client_ip(peer.ip(), forwarded);
+            match node.per_ip.acquire(client) {
+                Some(slot) => Some(slot),
+                None => {
+                    node.metrics
+                        .connections_refused
+                        .with_label_values(&["per_ip"])
+                        .inc();
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        Json(json!({
+                            "error": "too_many_connections",
+                            "reason": "per_ip",
+                            "message": format!(
+                                "this address holds {} connections to this node already",
+                                node.config.max_connections_per_ip
+                            ),
+                        })),
+                    )
+                        .into_response();
+                }
+            }
+        }
+        None => None,
+    };
     let max_message = node.config.max_message_bytes as usize;
     let ws = ws
         // Small buffers: an idle connection must stay cheap (axum's default read buffer alone
@@ -187,6 +295,7 @@ fn accept(node: Arc<Node>, headers: &HeaderMap, uri: &Uri, ws: WebSocketUpgrade)
     let tracker = node.sessions.clone();
     ws.on_upgrade(move |mut socket| {
         tracker.track_future(async move {
+            let _ip_slot = ip_slot;
             match node.admit_connection() {
                 Some(slot) => session::run(slot, socket, claims).await,
                 None => {

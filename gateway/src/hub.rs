@@ -45,17 +45,30 @@ struct Channel {
     gate: Arc<tokio::sync::Mutex<bool>>,
 }
 
+/// Why a connection could not join a channel.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum JoinError {
+    /// The node listens on as many channels as it may (GATEWAY_MAX_ROOMS_PER_NODE).
+    #[error("this node is at its limit of rooms")]
+    NodeFull,
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
 pub struct Hub {
     node_id: String,
+    /// Most channels this node listens on at once.
+    max_channels: usize,
     channels: Mutex<HashMap<String, Channel>>,
     broker: Broker,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(node_id: String, broker: Broker, metrics: Arc<Metrics>) -> Hub {
+    pub fn new(node_id: String, broker: Broker, metrics: Arc<Metrics>, max_channels: usize) -> Hub {
         Hub {
             node_id,
+            max_channels,
             channels: Mutex::new(HashMap::new()),
             broker,
             metrics,
@@ -68,10 +81,13 @@ impl Hub {
 
     /// Adds a member to a channel and returns once the node is subscribed to it. On error the
     /// member is removed again.
-    pub async fn join(&self, channel: &str, member: Member) -> Result<Arc<str>, BrokerError> {
+    pub async fn join(&self, channel: &str, member: Member) -> Result<Arc<str>, JoinError> {
         let conn_id = member.conn_id;
         let (name, gate) = {
             let mut channels = self.channels();
+            if channels.len() >= self.max_channels && !channels.contains_key(channel) {
+                return Err(JoinError::NodeFull);
+            }
             let entry = channels
                 .entry(channel.to_string())
                 .or_insert_with(|| Channel {
@@ -87,7 +103,7 @@ impl Hub {
             if let Err(e) = self.broker.subscribe(channel).await {
                 drop(subscribed);
                 self.leave(channel, conn_id).await;
-                return Err(e);
+                return Err(e.into());
             }
             *subscribed = true;
             self.metrics.rooms_local.inc();

@@ -9,6 +9,7 @@ pub mod config;
 pub mod delivery;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod presence;
@@ -19,7 +20,6 @@ pub mod telemetry;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -44,20 +44,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "gateway started"
     );
 
-    let stop_accepting = node.shutdown.clone();
-    // Chat frames are small writes: without TCP_NODELAY, Nagle's algorithm holds a frame
-    // back until the previous one is acknowledged (up to the peer's 40 ms delayed ACK).
-    let public = public.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY not set: {e}");
-        }
-    });
-    let public_server = axum::serve(public, http::public_router(node.clone()))
-        .with_graceful_shutdown(async move { stop_accepting.cancelled().await });
+    let public_server = http::serve_public(
+        public,
+        http::public_router(node.clone()),
+        node.clone(),
+        node.shutdown.clone(),
+    );
     let admin_stop = node.background_stop.clone();
     let admin_server = axum::serve(admin, http::admin_router(node.clone()))
         .with_graceful_shutdown(async move { admin_stop.cancelled().await });
-    let public_task = tokio::spawn(async move { public_server.await });
+    let public_task = tokio::spawn(public_server);
     let admin_task = tokio::spawn(async move { admin_server.await });
 
     shutdown_signal().await;

@@ -9,9 +9,13 @@ use prometheus::{
 use crate::protocol::ErrorCode;
 
 /// Why a connection closed (label of `gateway_connections_closed_total`).
-pub const CLOSE_REASONS: [&str; 9] = [
+pub const CLOSE_REASONS: [&str; 13] = [
     "client_close",
     "token_expired",
+    "login_timeout",
+    "rate_limited",
+    "protocol_error",
+    "invalid_utf8",
     "heartbeat_timeout",
     "slow_consumer",
     "redelivery_limit",
@@ -21,8 +25,13 @@ pub const CLOSE_REASONS: [&str; 9] = [
     "error",
 ];
 
+/// Why a connection or login was refused (label of `gateway_connections_refused_total`).
+pub const REFUSAL_REASONS: [&str; 3] = ["handshakes", "per_ip", "per_user"];
+
 /// Redis operations (label `op` of the Redis latency and error series).
-pub const REDIS_OPS: [&str; 14] = [
+pub const REDIS_OPS: [&str; 16] = [
+    "touch",
+    "trim_read",
     "subscribe",
     "unsubscribe",
     "append",
@@ -62,6 +71,9 @@ pub struct Metrics {
     pub outbound_dropped: IntCounter,
     pub errors: IntCounterVec,
     pub auth_failures: IntCounterVec,
+    pub rate_limited: IntCounterVec,
+    pub connections_refused: IntCounterVec,
+    pub handshake_timeouts: IntCounter,
     pub broker_up: IntGauge,
 }
 
@@ -196,6 +208,24 @@ impl Metrics {
                 ),
                 &["reason"]
             )),
+            rate_limited: register!(IntCounterVec::new(
+                Opts::new(
+                    "gateway_rate_limited_total",
+                    "Client frames refused by a per-connection rate limit, by kind"
+                ),
+                &["kind"]
+            )),
+            connections_refused: register!(IntCounterVec::new(
+                Opts::new(
+                    "gateway_connections_refused_total",
+                    "Connections or logins refused by a connection limit, by reason"
+                ),
+                &["reason"]
+            )),
+            handshake_timeouts: register!(IntCounter::new(
+                "gateway_handshake_timeouts_total",
+                "TCP connections dropped for not finishing their HTTP request or upgrade in time"
+            )),
             broker_up: register!(IntGauge::new(
                 "gateway_broker_up",
                 "1 while the broker (Redis pub/sub) is connected"
@@ -214,6 +244,12 @@ impl Metrics {
         }
         for err in crate::auth::AuthError::ALL {
             metrics.auth_failures.with_label_values(&[err.reason()]);
+        }
+        for kind in crate::limits::Limited::ALL {
+            metrics.rate_limited.with_label_values(&[kind.as_str()]);
+        }
+        for reason in REFUSAL_REASONS {
+            metrics.connections_refused.with_label_values(&[reason]);
         }
         metrics
     }

@@ -16,14 +16,23 @@ use crate::broker::{Broker, Limits};
 use crate::config::{Config, DefaultRoom};
 use crate::delivery::AckStore;
 use crate::hub::Hub;
+use crate::limits::{ConnectionCounts, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
+use std::net::IpAddr;
 
 pub struct Node {
     pub config: Config,
     /// `None`: anonymous mode (identities are self-asserted; nothing private is served).
     pub auth: Option<Authenticator>,
     pub origins: OriginPolicy,
+    pub trusted_proxies: TrustedProxies,
+    /// TCP connections still in their HTTP request or upgrade.
+    pub pending_handshakes: Arc<tokio::sync::Semaphore>,
+    /// WebSocket connections per client address.
+    pub per_ip: Arc<ConnectionCounts<IpAddr>>,
+    /// Logged-in connections per user.
+    pub per_user: Arc<ConnectionCounts<String>>,
     pub node_id: String,
     pub default_rooms: Vec<DefaultRoom>,
     pub broker: Broker,
@@ -49,6 +58,8 @@ impl Node {
         let auth = Authenticator::from_config(&config).map_err(anyhow::Error::msg)?;
         let origins =
             OriginPolicy::parse(config.allowed_origins.as_deref()).map_err(anyhow::Error::msg)?;
+        let trusted_proxies =
+            TrustedProxies::parse(config.trusted_proxies.as_deref()).map_err(anyhow::Error::msg)?;
         if auth.is_none() {
             tracing::warn!(
                 "no JWT key configured: anonymous mode — identities are self-asserted, direct \
@@ -63,6 +74,7 @@ impl Node {
             history_max_len: config.history_max_len,
             dedup_ttl_ms: config.dedup_ttl_ms,
             announce_max: config.announce_max_room_size,
+            history_ttl_ms: config.history_ttl_ms,
         };
 
         // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted;
@@ -104,7 +116,12 @@ impl Node {
                 )?)
             }
         };
-        let hub = Arc::new(Hub::new(node_id.clone(), broker.clone(), metrics.clone()));
+        let hub = Arc::new(Hub::new(
+            node_id.clone(),
+            broker.clone(),
+            metrics.clone(),
+            config.max_rooms_per_node as usize,
+        ));
         tokio::spawn(hub.clone().dispatch(inbound_rx));
         let presence = Arc::new(Presence::new(
             broker.clone(),
@@ -118,9 +135,15 @@ impl Node {
         acks.clone().spawn_flusher(background_stop.clone());
 
         Ok(Arc::new(Node {
+            pending_handshakes: Arc::new(tokio::sync::Semaphore::new(
+                config.max_pending_handshakes as usize,
+            )),
+            per_ip: ConnectionCounts::new(config.max_connections_per_ip),
+            per_user: ConnectionCounts::new(config.max_connections_per_user),
             config,
             auth,
             origins,
+            trusted_proxies,
             node_id,
             default_rooms,
             broker,

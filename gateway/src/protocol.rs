@@ -44,12 +44,16 @@ pub enum ErrorCode {
     AcksDisabled,
     Unauthorized,
     Forbidden,
+    RateLimited,
+    TooManyConnections,
+    InboxFull,
+    UnknownUser,
     Unavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::BadJson,
         ErrorCode::NotObject,
         ErrorCode::BinaryFrame,
@@ -63,6 +67,10 @@ impl ErrorCode {
         ErrorCode::AcksDisabled,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
+        ErrorCode::RateLimited,
+        ErrorCode::TooManyConnections,
+        ErrorCode::InboxFull,
+        ErrorCode::UnknownUser,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -82,6 +90,10 @@ impl ErrorCode {
             ErrorCode::AcksDisabled => "acks_disabled",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Forbidden => "forbidden",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::InboxFull => "inbox_full",
+            ErrorCode::UnknownUser => "unknown_user",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

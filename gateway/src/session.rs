@@ -14,9 +14,12 @@ use tracing::Instrument;
 
 use crate::auth::{AuthError, Claims};
 use crate::broker::keys::{ack_field_room, ACK_FIELD_INBOX};
-use crate::broker::{now_ms, now_us, AppendRequest, EnvelopeHeader, Kind, PresenceEntry};
+use crate::broker::{
+    now_ms, now_us, AppendRequest, BrokerError, EnvelopeHeader, Kind, PresenceEntry,
+};
 use crate::delivery::{Redelivery, StreamCursor};
-use crate::hub::{Delivery, Member};
+use crate::hub::{Delivery, JoinError, Member};
+use crate::limits::{CountGuard, Limited, TokenBucket};
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{
     self, parse_client_frame, ClientFrame, ErrorCode, FrameError, Login, RoomId, StreamId, Target,
@@ -79,6 +82,85 @@ impl Close {
         text: "token expired",
         reason: "token_expired",
     };
+    const LOGIN_TIMEOUT: Close = Close {
+        code: Some(4002),
+        text: "no login in time",
+        reason: "login_timeout",
+    };
+    const RATE_LIMITED: Close = Close {
+        code: Some(4029),
+        text: "rate limit exceeded",
+        reason: "rate_limited",
+    };
+    const PROTOCOL: Close = Close {
+        code: Some(1002),
+        text: "protocol error",
+        reason: "protocol_error",
+    };
+    const BAD_UTF8: Close = Close {
+        code: Some(1007),
+        text: "invalid UTF-8",
+        reason: "invalid_utf8",
+    };
+}
+
+/// What one connection may ask for per second, and how it has been doing.
+struct Budgets {
+    frames: TokenBucket,
+    syncs: TokenBucket,
+    joins: TokenBucket,
+    dms: TokenBucket,
+    /// Frames refused in the current one-second window, and when it started.
+    refused: u32,
+    window_start: std::time::Instant,
+    /// Frames refused per window before the connection is closed.
+    close_after: u32,
+}
+
+/// The verdict on one incoming frame.
+enum Admission {
+    Accept,
+    /// Refused; `warn`: the first refusal of its window, answered with an error frame.
+    Refuse {
+        warn: bool,
+    },
+    Close,
+}
+
+impl Budgets {
+    fn new(config: &crate::config::Config) -> Budgets {
+        let per_sec = |rate: u32| TokenBucket::new(rate as f64, 4.0 * rate as f64);
+        Budgets {
+            frames: TokenBucket::new(config.max_frames_per_sec as f64, config.frame_burst as f64),
+            syncs: per_sec(config.max_syncs_per_sec),
+            joins: per_sec(config.max_joins_per_sec),
+            dms: per_sec(config.max_dms_per_sec),
+            refused: 0,
+            window_start: std::time::Instant::now(),
+            close_after: config.max_frames_per_sec,
+        }
+    }
+
+    /// A client over its rate has its frames refused (one error frame per second); one that
+    /// keeps sending as many refused frames in a second as its whole rate is closed.
+    fn admit_frame(&mut self) -> Admission {
+        let now = std::time::Instant::now();
+        if self.frames.take(now) {
+            return Admission::Accept;
+        }
+        if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+            self.window_start = now;
+            self.refused = 0;
+        }
+        self.refused += 1;
+        if self.refused >= self.close_after {
+            Admission::Close
+        } else {
+            Admission::Refuse {
+                warn: self.refused == 1,
+            }
+        }
+    }
 }
 
 struct Identity {
@@ -113,12 +195,17 @@ struct Session {
     rooms: Vec<JoinedRoom>,
     inbox: Option<Inbox>,
     unacked_limit: usize,
+    /// Bytes of unacknowledged frames kept for redelivery, at most.
+    unacked_bytes_limit: usize,
     /// What the connection's token proves (authentication configured).
     claims: Option<Claims>,
     /// When the connection must close unless its token is refreshed.
     expires_at: Option<Instant>,
     /// The `userId` JSON of a guest's latest chat frame, put back on its own copies.
     echo_user_id: Option<String>,
+    budgets: Budgets,
+    /// This connection's place in its user's per-node connection limit.
+    user_slot: Option<CountGuard<String>>,
 }
 
 /// Serves one upgraded connection until it ends; `claims` come from a token on the upgrade
@@ -145,11 +232,18 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
         rooms: Vec::new(),
         inbox: None,
         unacked_limit: 2 * node.config.outbound_queue.max(node.config.sync_max) as usize,
+        // Room for a few replay parts and a burst of live traffic, never a whole history.
+        unacked_bytes_limit: 8 * node
+            .config
+            .replay_buffer_bytes
+            .max(node.config.max_message_bytes) as usize,
         node: node.clone(),
         conn_id,
         claims: None,
         expires_at: None,
         echo_user_id: None,
+        budgets: Budgets::new(&node.config),
+        user_slot: None,
     };
     if let Some(claims) = claims {
         session.set_claims(claims);
@@ -162,6 +256,8 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
     let heartbeat = node.config.heartbeat_timeout();
     let idle = tokio::time::sleep(heartbeat);
     tokio::pin!(idle);
+    let login_deadline = tokio::time::sleep(node.config.login_timeout());
+    tokio::pin!(login_deadline);
     let ack_check_every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
     let mut ack_check = tokio::time::interval(ack_check_every);
 
@@ -173,9 +269,17 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
             _ = slow.cancelled() => Err(Close::SLOW),
             _ = &mut idle => Err(Close::HEARTBEAT),
             _ = &mut expiry => Err(Close::TOKEN_EXPIRED),
+            _ = &mut login_deadline, if session.identity.is_none() => Err(Close::LOGIN_TIMEOUT),
             incoming = socket.recv() => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
+                let admission = match &incoming {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Admission::Accept,
+                    Some(Ok(_)) => session.budgets.admit_frame(),
+                };
                 match incoming {
+                    Some(Ok(_)) if !matches!(admission, Admission::Accept) => {
+                        Box::pin(session.refuse_frame(&mut socket, admission)).await
+                    }
                     // Boxed: frame handling is the deepest future here, and keeping it out of
                     // the connection's state machine keeps idle connections small.
                     Some(Ok(Message::Text(text))) => {
@@ -191,7 +295,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
                     // Pings are answered by the WebSocket layer; both count as signs of life.
                     Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
                     Some(Ok(Message::Close(_))) | None => Err(Close::CLIENT),
-                    Some(Err(e)) => Err(classify_read_error(&e)),
+                    Some(Err(e)) => Err(classify_read_error(e)),
                 }
             }
             Some(delivery) = queue.recv() => session.deliver(&mut socket, delivery, &mut queue).await,
@@ -229,12 +333,14 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
     drop(slot);
 }
 
-fn classify_read_error(e: &axum::Error) -> Close {
-    let text = e.to_string();
-    if text.contains("too long") || text.contains("too big") || text.contains("Space limit") {
-        Close::TOO_BIG
-    } else {
-        Close::BROKEN
+/// The close for a failed read: the WebSocket error behind axum's says what the client broke.
+fn classify_read_error(e: axum::Error) -> Close {
+    use tungstenite::Error as WsError;
+    match e.into_inner().downcast::<WsError>().map(|e| *e) {
+        Ok(WsError::Capacity(_)) => Close::TOO_BIG,
+        Ok(WsError::Utf8(_)) => Close::BAD_UTF8,
+        Ok(WsError::Protocol(_)) => Close::PROTOCOL,
+        _ => Close::BROKEN,
     }
 }
 
@@ -275,6 +381,67 @@ impl Session {
         self.rooms.iter().position(|r| r.room.key == room.key)
     }
 
+    /// Answers a frame refused by the rate limit (or closes a client that keeps flooding).
+    async fn refuse_frame(
+        &mut self,
+        socket: &mut WebSocket,
+        admission: Admission,
+    ) -> Result<(), Close> {
+        self.count_limited(Limited::Frames);
+        match admission {
+            Admission::Close => Err(Close::RATE_LIMITED),
+            Admission::Refuse { warn: true } => {
+                let err = self.rate_limited(Limited::Frames);
+                self.send_error(socket, err).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn count_limited(&self, what: Limited) {
+        self.node
+            .metrics
+            .rate_limited
+            .with_label_values(&[what.as_str()])
+            .inc();
+    }
+
+    /// Takes a token for `what`; `Err` with the error frame when the budget is spent.
+    fn budget(&mut self, what: Limited) -> Result<(), FrameError> {
+        let now = std::time::Instant::now();
+        let bucket = match what {
+            Limited::Frames => &mut self.budgets.frames,
+            Limited::Sync => &mut self.budgets.syncs,
+            Limited::Join => &mut self.budgets.joins,
+            Limited::Dm => &mut self.budgets.dms,
+        };
+        if bucket.take(now) {
+            return Ok(());
+        }
+        self.count_limited(what);
+        Err(self.rate_limited(what))
+    }
+
+    fn rate_limited(&self, what: Limited) -> FrameError {
+        let config = &self.node.config;
+        let rate = match what {
+            Limited::Frames => config.max_frames_per_sec,
+            Limited::Sync => config.max_syncs_per_sec,
+            Limited::Join => config.max_joins_per_sec,
+            Limited::Dm => config.max_dms_per_sec,
+        };
+        FrameError {
+            reason: Some(what.as_str()),
+            ..FrameError::new(
+                ErrorCode::RateLimited,
+                format!(
+                    "too many {} frames: at most {rate} per second; this one was not processed",
+                    what.as_str()
+                ),
+            )
+        }
+    }
+
     async fn send_error(&mut self, socket: &mut WebSocket, err: FrameError) -> Result<(), Close> {
         self.node
             .metrics
@@ -289,6 +456,22 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => return self.send_error(socket, err).await,
         };
+        // Requests that cost the broker or other clients more than a frame have budgets of
+        // their own.
+        let budget = match &frame {
+            ClientFrame::Login(login) => self
+                .budget(Limited::Join)
+                .map_err(|e| e.in_room(&login.room)),
+            ClientFrame::Logout { room } => self.budget(Limited::Join).map_err(|e| e.in_room(room)),
+            ClientFrame::Sync { .. } => self.budget(Limited::Sync),
+            ClientFrame::Dm { client_msg_id, .. } => self
+                .budget(Limited::Dm)
+                .map_err(|e| e.with_client_msg_id(client_msg_id.as_deref())),
+            _ => Ok(()),
+        };
+        if let Err(err) = budget {
+            return self.send_error(socket, err).await;
+        }
         let result = match frame {
             ClientFrame::Ping => return write(socket, protocol::PONG).await,
             ClientFrame::Login(login) => {
@@ -487,7 +670,8 @@ impl Session {
         let channel_name = self.node.broker.keys().room_channel(&room.key);
         let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
             Ok(channel) => channel,
-            Err(_) => return Ok(Err(self.unavailable("login").in_room(&room))),
+            Err(JoinError::NodeFull) => return Ok(Err(node_full().in_room(&room))),
+            Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login").in_room(&room))),
         };
         let entry = PresenceEntry {
             room_key: room.key.clone(),
@@ -591,14 +775,41 @@ impl Session {
             .and_then(|c| c.user_name.clone())
             .or_else(|| login.user_name.clone())
             .unwrap_or_else(|| user_id.clone());
+        let Some(user_slot) = self.node.per_user.acquire(user_id.clone()) else {
+            self.node
+                .metrics
+                .connections_refused
+                .with_label_values(&["per_user"])
+                .inc();
+            return Ok(Err(FrameError::new(
+                ErrorCode::TooManyConnections,
+                format!(
+                    "this user has {} connections on this node already",
+                    self.node.config.max_connections_per_user
+                ),
+            )));
+        };
         let proven = claims.is_some();
         let mut inbox_after = None;
         if proven {
             let channel_name = self.node.broker.keys().user_channel(&user_id);
             let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
                 Ok(channel) => channel,
-                Err(_) => return Ok(Err(self.unavailable("login"))),
+                Err(JoinError::NodeFull) => return Ok(Err(node_full())),
+                Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login"))),
             };
+            // The user now exists for DMs (for the history TTL after its last login).
+            let seen = self.node.broker.keys().user_seen(&user_id);
+            if self
+                .node
+                .broker
+                .touch(&seen, self.node.config.history_ttl_ms)
+                .await
+                .is_err()
+            {
+                self.node.hub.leave(&channel, self.conn_id).await;
+                return Ok(Err(self.unavailable("login")));
+            }
             if login.ack {
                 // Everything in the inbox after the stored position is unacknowledged.
                 let keys = self.node.broker.keys();
@@ -620,6 +831,7 @@ impl Session {
                 cursor: StreamCursor::default(),
             });
         }
+        self.user_slot = Some(user_slot);
         self.identity = Some(Identity {
             user_fragment: protocol::user_fragment(&user_id, &user_name),
             user_id: user_id.clone(),
@@ -717,6 +929,9 @@ impl Session {
             frame_head: protocol::MESSAGE_HEAD,
             body: template.body,
             tail: template.tail,
+            max_len: self.node.config.history_max_len,
+            refuse_when_full: false,
+            require_key: None,
         };
         match self.node.broker.append(&request).await {
             Ok(appended) if appended.created => {
@@ -772,6 +987,12 @@ impl Session {
                 cmid,
             ),
             tail: String::new(),
+            // A full inbox refuses new DMs rather than evicting confirmed ones; what its owner
+            // acknowledged is removed, which makes room again.
+            max_len: self.node.config.inbox_max_len,
+            refuse_when_full: true,
+            // No inbox for a user who never logged in (within the history TTL).
+            require_key: Some(keys.user_seen(&to_user_id)),
         };
         match self.node.broker.append(&request).await {
             Ok(appended) => {
@@ -785,6 +1006,16 @@ impl Session {
                 write(socket, frame).await?;
                 Ok(Ok(()))
             }
+            Err(BrokerError::Full) => Ok(Err(FrameError::new(
+                ErrorCode::InboxFull,
+                format!("{to_user_id}'s inbox is full; the message was not sent"),
+            )
+            .with_client_msg_id(cmid))),
+            Err(BrokerError::UnknownRecipient) => Ok(Err(FrameError::new(
+                ErrorCode::UnknownUser,
+                format!("{to_user_id} has not logged in recently; the message was not sent"),
+            )
+            .with_client_msg_id(cmid))),
             Err(_) => Ok(Err(self.unavailable("sending").with_client_msg_id(cmid))),
         }
     }
@@ -832,6 +1063,12 @@ impl Session {
         let stored = id.min(cursor.last_delivered);
         if proven && stored > StreamId::ZERO {
             self.node.acks.record(acks_key, field, stored);
+            if target == Target::Inbox {
+                // Read and acknowledged: the inbox need not keep it (room for new DMs).
+                self.node
+                    .acks
+                    .record_read(keys.inbox_stream(&identity.user_id), stored);
+            }
         }
         Ok(Ok(()))
     }
@@ -879,60 +1116,101 @@ impl Session {
                 (keys.inbox_stream(&identity.user_id), protocol::DM_HEAD)
             }
         };
-        // One extra entry tells whether another page follows.
-        let mut page = match self
-            .node
-            .broker
-            .range(&stream_key, head, after, limit + 1)
-            .await
-        {
-            Ok(page) => page,
-            Err(_) => {
-                let err = self.unavailable("sync");
-                return Ok(Err(match &target {
-                    Target::Room(room) => err.in_room(room),
-                    Target::Inbox => err,
-                }));
-            }
+        let unavailable = |session: &Session| {
+            let err = session.unavailable("sync");
+            Ok(Err(match &target {
+                Target::Room(room) => err.in_room(room),
+                Target::Inbox => err,
+            }))
         };
-        let more = page.entries.len() > limit;
-        page.entries.truncate(limit);
-        let ack_mode = self.ack_mode;
-        let now = std::time::Instant::now();
-        let unacked_limit = self.unacked_limit;
-        let cursor = match &target {
-            Target::Room(room) => {
-                let Some(i) = self.room_index(room) else {
-                    return Ok(Err(not_in_room(room)));
-                };
-                &mut self.rooms[i].cursor
+        match &target {
+            Target::Room(room) if self.room_index(room).is_none() => {
+                return Ok(Err(not_in_room(room)))
             }
-            Target::Inbox => match self.inbox.as_mut() {
-                Some(inbox) => &mut inbox.cursor,
-                None => return Ok(Err(not_logged_in())),
-            },
-        };
-        let count = page.entries.len();
+            Target::Inbox if self.inbox.is_none() => return Ok(Err(not_logged_in())),
+            _ => {}
+        }
+        // The page is read in parts of about GATEWAY_REPLAY_BUFFER_BYTES, each written (and
+        // taken by the client) before the next is read: a client that does not read holds at
+        // most one part here, never the whole page.
+        let config = &self.node.config;
+        let per_read =
+            (config.replay_buffer_bytes / config.max_message_bytes).clamp(1, 1000) as usize;
+        let mut count = 0;
         let mut last = after;
-        for (id, frame) in page.entries {
-            let frame = Utf8Bytes::from(frame);
-            if ack_mode {
-                cursor.track(id, frame.clone(), now);
+        let mut truncated = None;
+        let more = loop {
+            let want = (limit - count).min(per_read);
+            if want == 0 {
+                // The page is full: one more entry tells whether another page follows.
+                match self.node.broker.range(&stream_key, head, last, 1).await {
+                    Ok(probe) => break !probe.entries.is_empty(),
+                    Err(_) => return unavailable(self),
+                }
             }
-            cursor.replayed(id);
-            last = id;
-            feed(socket, frame).await?;
+            let part = match self.node.broker.range(&stream_key, head, last, want).await {
+                Ok(part) => part,
+                Err(_) => return unavailable(self),
+            };
+            truncated.get_or_insert(part.truncated);
+            let got = part.entries.len();
+            let now = std::time::Instant::now();
+            let ack_mode = self.ack_mode;
+            let cursor = self.cursor_of(&target).expect("checked above");
+            for (id, frame) in part.entries {
+                let frame = Utf8Bytes::from(frame);
+                if ack_mode {
+                    cursor.track(id, frame.clone(), now);
+                }
+                cursor.replayed(id);
+                last = id;
+                feed(socket, frame).await?;
+            }
+            count += got;
+            self.check_unacked()?;
+            flush(socket).await?;
+            if got < want {
+                break false; // the end of the stream
+            }
+        };
+        if let Some(cursor) = self.cursor_of(&target) {
+            cursor.paging = more;
         }
-        cursor.paging = more;
-        if cursor.unacked.len() > unacked_limit {
-            return Err(Close::SLOW);
-        }
-        let synced = protocol::synced_frame(&target, last, count, page.truncated, more);
+        let synced = protocol::synced_frame(&target, last, count, truncated.unwrap_or(false), more);
         feed(socket, Utf8Bytes::from(synced)).await?;
         flush(socket).await?;
         self.node.metrics.sync_replays.inc();
         self.node.metrics.sync_messages.inc_by(count as u64);
         Ok(Ok(()))
+    }
+
+    fn cursor_of(&mut self, target: &Target) -> Option<&mut StreamCursor> {
+        match target {
+            Target::Room(room) => {
+                let i = self.room_index(room)?;
+                Some(&mut self.rooms[i].cursor)
+            }
+            Target::Inbox => self.inbox.as_mut().map(|i| &mut i.cursor),
+        }
+    }
+
+    /// Unacknowledged messages are kept for redelivery: bounded in number and in bytes, or
+    /// the connection is closed as a slow consumer (4008).
+    fn check_unacked(&self) -> Result<(), Close> {
+        let cursors = self
+            .rooms
+            .iter()
+            .map(|r| &r.cursor)
+            .chain(self.inbox.as_ref().map(|i| &i.cursor));
+        let (mut frames, mut bytes) = (0, 0);
+        for cursor in cursors {
+            frames += cursor.unacked.len();
+            bytes += cursor.unacked_bytes;
+        }
+        if frames > self.unacked_limit || bytes > self.unacked_bytes_limit {
+            return Err(Close::SLOW);
+        }
+        Ok(())
     }
 
     /// Writes a delivery and whatever else is queued (up to a batch) with one flush.
@@ -1001,7 +1279,9 @@ impl Session {
         }
         if self.ack_mode {
             cursor.track(id, frame.clone(), std::time::Instant::now());
-            if cursor.unacked.len() > self.unacked_limit {
+            if cursor.unacked.len() > self.unacked_limit
+                || cursor.unacked_bytes > self.unacked_bytes_limit
+            {
                 return Err(Close::SLOW);
             }
         }
@@ -1034,6 +1314,13 @@ impl Session {
         }
         flush(socket).await
     }
+}
+
+fn node_full() -> FrameError {
+    FrameError::new(
+        ErrorCode::TooManyRooms,
+        "this node is at its limit of rooms; try again later or on another node",
+    )
 }
 
 fn not_logged_in() -> FrameError {

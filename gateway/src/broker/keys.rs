@@ -106,6 +106,12 @@ impl Keys {
         )
     }
 
+    /// Exists while the user logged in (with proof) within the history TTL: DMs are accepted
+    /// only for such users.
+    pub fn user_seen(&self, user: &str) -> String {
+        self.user(user, "seen")
+    }
+
     pub fn user_channel(&self, user: &str) -> String {
         self.user(user, "ch")
     }

@@ -20,6 +20,8 @@ struct Stream {
     entries: VecDeque<(StreamId, String)>,
     last: StreamId,
     max_deleted: StreamId,
+    /// Renewed by every append; an idle stream is dropped after it.
+    expires: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -40,15 +42,35 @@ struct State {
     streams: HashMap<String, Stream>,
     dedup: HashMap<String, (StreamId, Instant)>,
     rooms: HashMap<String, Room>,
-    acks: HashMap<(String, String), StreamId>,
+    /// Positions, each expiring like the history.
+    acks: HashMap<(String, String), (StreamId, Instant)>,
+    /// Keys marked by `touch`, until they expire.
+    touched: HashMap<String, Instant>,
+    /// Appends since the last sweep of expired streams, positions and marks.
+    appends_since_sweep: usize,
 }
+
+impl State {
+    /// Drops what expired. Run every so many appends, so its cost is spread thin.
+    fn sweep(&mut self, now: Instant) {
+        self.streams
+            .retain(|_, s| s.expires.is_none_or(|expires| expires > now));
+        self.acks.retain(|_, (_, expires)| *expires > now);
+        self.touched.retain(|_, expires| *expires > now);
+        self.dedup.retain(|_, (_, expires)| *expires > now);
+        self.appends_since_sweep = 0;
+    }
+}
+
+/// Appends between two sweeps of expired state.
+const SWEEP_EVERY: usize = 4096;
 
 pub struct MemoryBroker {
     pub keys: Keys,
     state: Mutex<State>,
     inbound: InboundSender,
-    history_max_len: usize,
     dedup_ttl: Duration,
+    history_ttl: Duration,
     /// Rooms with more users than this get no login/logout broadcasts.
     announce_max: u64,
 }
@@ -59,8 +81,8 @@ impl MemoryBroker {
             keys: Keys::default(),
             state: Mutex::new(State::default()),
             inbound,
-            history_max_len: limits.history_max_len.clamp(1, usize::MAX as u64) as usize,
             dedup_ttl: Duration::from_millis(limits.dedup_ttl_ms),
+            history_ttl: Duration::from_millis(limits.history_ttl_ms),
             announce_max: limits.announce_max,
         }
     }
@@ -103,14 +125,36 @@ impl MemoryBroker {
                 }
             }
         }
+        if let Some(key) = &req.require_key {
+            if state.touched.get(key).is_none_or(|expires| *expires <= now) {
+                return Err(BrokerError::UnknownRecipient);
+            }
+        }
+        let max_len = req.max_len.clamp(1, usize::MAX as u64) as usize;
+        if req.refuse_when_full
+            && state
+                .streams
+                .get(&req.stream_key)
+                .is_some_and(|s| s.entries.len() >= max_len && s.expires.is_none_or(|e| e > now))
+        {
+            return Err(BrokerError::Full);
+        }
+        state.appends_since_sweep += 1;
+        if state.appends_since_sweep >= SWEEP_EVERY {
+            state.sweep(now);
+        }
         let mut rest = req.body.clone();
         if let Some(room) = &req.count_room {
             let num = state.rooms.get(room).map_or(0, |r| r.users.len());
             rest.push_str(&num.to_string());
             rest.push_str(&req.tail);
         }
-        let max_len = self.history_max_len;
+        let history_ttl = self.history_ttl;
         let stream = state.streams.entry(req.stream_key.clone()).or_default();
+        if stream.expires.is_some_and(|expires| expires <= now) {
+            *stream = Stream::default(); // expired: gone, as in Redis
+        }
+        stream.expires = Some(now + history_ttl);
         let ms = now_ms();
         let id = if ms > stream.last.ms {
             StreamId { ms, seq: 0 }
@@ -240,7 +284,12 @@ impl MemoryBroker {
         limit: usize,
     ) -> Result<Page, BrokerError> {
         let state = self.state();
-        let Some(stream) = state.streams.get(stream_key) else {
+        let now = Instant::now();
+        let Some(stream) = state
+            .streams
+            .get(stream_key)
+            .filter(|s| s.expires.is_none_or(|e| e > now))
+        else {
             return Ok(Page::default());
         };
         let start = stream.entries.partition_point(|(id, _)| *id <= after);
@@ -262,24 +311,48 @@ impl MemoryBroker {
             .state()
             .streams
             .get(stream_key)
+            .filter(|s| s.expires.is_none_or(|e| e > Instant::now()))
             .and_then(|s| s.entries.back())
             .map(|(id, _)| *id))
     }
 
     pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
         let mut state = self.state();
+        let expires = Instant::now() + self.history_ttl;
         for (key, field, id) in acks {
-            state.acks.insert((key.clone(), field.clone()), *id);
+            state
+                .acks
+                .insert((key.clone(), field.clone()), (*id, expires));
         }
         Ok(())
     }
 
     pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
+        let now = Instant::now();
         Ok(self
             .state()
             .acks
             .get(&(key.to_string(), field.to_string()))
-            .copied())
+            .filter(|(_, expires)| *expires > now)
+            .map(|(id, _)| *id))
+    }
+
+    pub async fn touch(&self, key: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+        let expires = Instant::now() + Duration::from_millis(ttl_ms);
+        self.state().touched.insert(key.to_string(), expires);
+        Ok(())
+    }
+
+    pub async fn trim_read(&self, streams: &[(String, StreamId)]) -> Result<(), BrokerError> {
+        let mut state = self.state();
+        for (key, id) in streams {
+            if let Some(stream) = state.streams.get_mut(key) {
+                while stream.entries.front().is_some_and(|(first, _)| first <= id) {
+                    stream.entries.pop_front();
+                }
+            }
+        }
+        Ok(())
     }
 
     pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {

@@ -27,6 +27,12 @@ pub enum BrokerError {
     /// The broker answered something this code does not understand.
     #[error("unexpected broker reply: {0}")]
     Protocol(String),
+    /// The stream holds as many entries as it may and refuses more (inboxes).
+    #[error("the stream is full")]
+    Full,
+    /// The append required a key that does not exist (a DM to a user never seen).
+    #[error("the recipient is unknown")]
+    UnknownRecipient,
 }
 
 /// Limits both broker implementations apply.
@@ -38,6 +44,8 @@ pub struct Limits {
     pub dedup_ttl_ms: u64,
     /// Rooms with more users than this get no login/logout broadcasts.
     pub announce_max: u64,
+    /// Streams (and their markers) nobody appended to for this long expire.
+    pub history_ttl_ms: u64,
 }
 
 /// A message received from the broker on a subscribed channel.
@@ -67,6 +75,13 @@ pub struct AppendRequest {
     /// The frame after the id; with `count_room`, the count and `tail` follow it.
     pub body: String,
     pub tail: String,
+    /// Entries the stream keeps.
+    pub max_len: u64,
+    /// When the stream holds `max_len` entries: refuse (`BrokerError::Full`) instead of
+    /// trimming the oldest.
+    pub refuse_when_full: bool,
+    /// A key that must exist for the append to happen (`BrokerError::UnknownRecipient`).
+    pub require_key: Option<String>,
 }
 
 /// What an append did.
@@ -264,6 +279,17 @@ impl Broker {
     /// The id of the newest entry of a stream (`None` when it is empty or absent).
     pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
         dispatch!(self.newest_id(stream_key))
+    }
+
+    /// Marks `key` as existing for `ttl_ms` (a user seen at a login).
+    pub async fn touch(&self, key: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+        dispatch!(self.touch(key, ttl_ms))
+    }
+
+    /// Removes the entries up to and including each id from each stream (inboxes read and
+    /// acknowledged by their owner).
+    pub async fn trim_read(&self, streams: &[(String, StreamId)]) -> Result<(), BrokerError> {
+        dispatch!(self.trim_read(streams))
     }
 
     /// Stores acknowledged positions: `(acks key, field, id)`.

@@ -245,18 +245,30 @@ impl RedisBroker {
                     .unwrap_or_default(),
             )
             .key(trim_marker(&req.stream_key))
-            .arg(self.limits.history_max_len)
+            .key(req.require_key.as_deref().unwrap_or(""))
+            .arg(req.max_len)
             .arg(self.limits.dedup_ttl_ms)
             .arg(&req.channel)
             .arg(&req.header_before)
             .arg(&req.header_after)
             .arg(req.frame_head)
             .arg(&req.body)
-            .arg(&req.tail);
+            .arg(&req.tail)
+            .arg(if req.refuse_when_full {
+                "refuse"
+            } else {
+                "trim"
+            })
+            .arg(self.limits.history_ttl_ms);
         let mut con = self.commands.clone();
         let (id, created): (String, i64) = self
             .timed("append", invocation.invoke_async(&mut con))
             .await?;
+        match created {
+            -1 => return Err(BrokerError::UnknownRecipient),
+            -2 => return Err(BrokerError::Full),
+            _ => {}
+        }
         Ok(Appended {
             id: parse_id(&id)?,
             created: created == 1,
@@ -468,9 +480,44 @@ impl RedisBroker {
         let mut pipe = redis::pipe();
         for (key, field, id) in acks {
             pipe.hset(key, field, id.to_string()).ignore();
+            // Positions of users who stay away expire with their history.
+            pipe.pexpire(key, self.limits.history_ttl_ms as i64)
+                .ignore();
         }
         let mut con = self.commands.clone();
         self.timed("save_acks", pipe.query_async::<()>(&mut con))
+            .await
+    }
+
+    pub async fn touch(&self, key: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+        let mut con = self.commands.clone();
+        self.timed(
+            "touch",
+            redis::cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async::<()>(&mut con),
+        )
+        .await
+    }
+
+    pub async fn trim_read(&self, streams: &[(String, StreamId)]) -> Result<(), BrokerError> {
+        if streams.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for (stream, id) in streams {
+            // MINID removes the entries below it: everything up to and including `id`.
+            pipe.cmd("XTRIM")
+                .arg(stream)
+                .arg("MINID")
+                .arg(id.next().to_string())
+                .ignore();
+        }
+        let mut con = self.commands.clone();
+        self.timed("trim_read", pipe.query_async::<()>(&mut con))
             .await
     }
 

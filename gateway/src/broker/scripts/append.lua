@@ -1,13 +1,23 @@
 -- Append a message to a stream and publish it, atomically, in one round trip.
 -- KEYS[1] stream, KEYS[2] dedup key or "" (none), KEYS[3] presence-users hash or "" (no count),
--- KEYS[4] trim marker (id of the newest entry trimmed away)
+-- KEYS[4] trim marker (id of the newest entry trimmed away), KEYS[5] a key that must exist or ""
 -- ARGV[1] MAXLEN, ARGV[2] dedup TTL ms, ARGV[3] channel,
 -- ARGV[4] header before id, ARGV[5] header after id, ARGV[6] frame head (up to the id),
--- ARGV[7] frame body after the id, ARGV[8] frame tail after the count
--- Returns {id, created (1|0)}.
+-- ARGV[7] frame body after the id, ARGV[8] frame tail after the count,
+-- ARGV[9] "refuse" (a full stream refuses) or "trim" (a full stream drops its oldest),
+-- ARGV[10] TTL ms of the stream and its marker (renewed by every append)
+-- Returns {id, 1} (appended), {id, 0} (a retried clientMsgId), {'', -1} (KEYS[5] missing),
+-- {'', -2} (full).
 if KEYS[2] ~= "" then
   local previous = redis.call('GET', KEYS[2])
   if previous then return {previous, 0} end
+end
+if KEYS[5] ~= "" and redis.call('EXISTS', KEYS[5]) == 0 then
+  return {'', -1}
+end
+local maxlen = tonumber(ARGV[1])
+if ARGV[9] == 'refuse' and redis.call('XLEN', KEYS[1]) >= maxlen then
+  return {'', -2}
 end
 local rest = ARGV[7]
 if KEYS[3] ~= "" then
@@ -17,13 +27,15 @@ local id = redis.call('XADD', KEYS[1], '*', 'f', rest)
 -- Trim in batches (amortised O(1) per message) and remember the newest id trimmed, so a
 -- replay can tell a client exactly whether it missed anything. (Redis 7.0's XADD MAXLEN ~
 -- does not record what it trimmed.)
-local maxlen = tonumber(ARGV[1])
 local len = redis.call('XLEN', KEYS[1])
 if len > maxlen + math.max(1, math.floor(maxlen / 10)) then
   local trimmed = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - maxlen)
   redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen)
   redis.call('SET', KEYS[4], trimmed[#trimmed][1])
 end
+-- Idle rooms and inboxes expire as a whole.
+redis.call('PEXPIRE', KEYS[1], ARGV[10])
+redis.call('PEXPIRE', KEYS[4], ARGV[10])
 if KEYS[2] ~= "" then
   redis.call('SET', KEYS[2], id, 'PX', ARGV[2])
 end
