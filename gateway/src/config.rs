@@ -113,6 +113,19 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LOG_FORMAT", default_value = "text",
           value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Enables the server API (/v1/ on the admin listener) for requests carrying
+    /// `Authorization: Bearer <key>`; at least 16 characters. Unset: /v1/ answers 404.
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// userId shown on messages the server API publishes without a userId of their own.
+    #[arg(long, env = "GATEWAY_API_USER_ID", default_value = "system")]
+    pub api_user_id: String,
+
+    /// userName shown on messages the server API publishes without a userName of their own.
+    #[arg(long, env = "GATEWAY_API_USER_NAME", default_value = "System")]
+    pub api_user_name: String,
 }
 
 /// A room listed even when empty.
@@ -167,6 +180,28 @@ impl Config {
             }
         }
         self.parse_default_rooms()?;
+        self.validate_api()?;
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), String> {
+        if let Some(key) = &self.api_key {
+            if key.len() < 16 || key.len() > 4096 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(
+                    "GATEWAY_API_KEY must be 16 to 4096 printable ASCII characters \
+                            without spaces"
+                        .into(),
+                );
+            }
+        }
+        for (name, value) in [
+            ("GATEWAY_API_USER_ID", &self.api_user_id),
+            ("GATEWAY_API_USER_NAME", &self.api_user_name),
+        ] {
+            if value.is_empty() || value.len() > crate::protocol::MAX_NAME_BYTES {
+                return Err(format!("{name} must be 1 to 128 bytes, got {value:?}"));
+            }
+        }
         Ok(())
     }
 
@@ -256,6 +291,12 @@ mod tests {
         assert!(parse(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1"]).is_err());
         assert!(parse(&["--default-rooms", "nocolon"]).is_err());
         assert!(parse(&["--node-id", "a b"]).is_err());
+        assert!(parse(&["--api-key", "short"])
+            .unwrap_err()
+            .contains("GATEWAY_API_KEY"));
+        assert!(parse(&["--api-key", "sixteen chars ok"]).is_err());
+        assert!(parse(&["--api-key", "0123456789abcdef"]).is_ok());
+        assert!(parse(&["--api-user-id", ""]).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! HTTP: the public router (WebSocket upgrade at `/` and `/ws`, the chat page and client
-//! module, the room API) and the admin router (`/healthz`, `/readyz`, `/metrics`), which is
-//! never served on the public listener.
+//! module, the room API) and the admin router (`/healthz`, `/readyz`, `/metrics`, the server API
+//! under `/v1/` from `api.rs`), which is never served on the public listener.
 
 use std::sync::Arc;
 
@@ -50,7 +50,8 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(node)
+        .with_state(node.clone())
+        .merge(crate::api::router(node))
 }
 
 const INDEX_HTML: &str = include_str!("../static/index.html");

@@ -3,6 +3,7 @@
 //! node), with presence, persisted history, acks and offline sync.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod broker;
 pub mod config;
 pub mod delivery;

@@ -9,7 +9,7 @@ use prometheus::{
 use crate::protocol::ErrorCode;
 
 /// Why a connection closed (label of `gateway_connections_closed_total`).
-pub const CLOSE_REASONS: [&str; 8] = [
+pub const CLOSE_REASONS: [&str; 9] = [
     "client_close",
     "heartbeat_timeout",
     "slow_consumer",
@@ -18,10 +18,11 @@ pub const CLOSE_REASONS: [&str; 8] = [
     "connection_limit",
     "message_too_big",
     "error",
+    "api_disconnect",
 ];
 
 /// Redis operations (label `op` of the Redis latency and error series).
-pub const REDIS_OPS: [&str; 14] = [
+pub const REDIS_OPS: [&str; 15] = [
     "subscribe",
     "unsubscribe",
     "append",
@@ -36,6 +37,7 @@ pub const REDIS_OPS: [&str; 14] = [
     "room_count",
     "members",
     "script_load",
+    "publish",
 ];
 
 pub struct Metrics {
