@@ -587,3 +587,18 @@ impl Client {
         Ok(())
     }
 }
+
+/// A tool of the test suite's Python venv (`tests/.venv`, made by scripts/test from
+/// tests/requirements.txt: schemathesis, kubernetes-validate); a missing one fails with the
+/// command that installs it.
+pub fn venv_bin(tool: &str) -> Result<PathBuf> {
+    let bin = workspace_root().join("tests/.venv/bin").join(tool);
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: run scripts/test, or python3 -m venv tests/.venv && \
+             tests/.venv/bin/pip install -r tests/requirements.txt",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}

@@ -5,9 +5,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
+use anyhow::{anyhow, ensure, Context, Result};
 use e2e::{
-    http_get, is, wait_for, workspace_root, Client, Gateway, GatewayOpts, RedisServer, WAIT,
+    http_get, is, venv_bin, wait_for, workspace_root, Client, Gateway, GatewayOpts, RedisServer,
+    WAIT,
 };
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -384,19 +385,6 @@ async fn the_api_refuses_bad_requests_with_json_errors_and_is_off_without_a_key(
         "/v1/openapi.json differs from gateway/openapi.json"
     );
     Ok(())
-}
-
-/// Where the test venv's tools live (scripts/test makes it: schemathesis, kubernetes-validate).
-pub fn venv_bin(tool: &str) -> Result<std::path::PathBuf> {
-    let bin = workspace_root().join("tests/.venv/bin").join(tool);
-    if !bin.is_file() {
-        bail!(
-            "{} is missing: run scripts/test (or: python3 -m venv tests/.venv && \
-             tests/.venv/bin/pip install -r tests/requirements.txt)",
-            bin.display()
-        );
-    }
-    Ok(bin)
 }
 
 #[tokio::test]
