@@ -23,15 +23,20 @@ use crate::{RedisServer, WAIT};
 pub const TEMPLATE: &str = "deploy/nginx/nginx.conf.template";
 
 /// Every placeholder of the template; [`render`] substitutes exactly these names.
-pub const TEMPLATE_VARS: [&str; 7] = [
+pub const TEMPLATE_VARS: [&str; 8] = [
     "NGINX_LISTEN",
     "NGINX_UPSTREAM_SERVERS",
+    "NGINX_RESOLVER",
     "NGINX_WORKER_PROCESSES",
     "NGINX_WORKER_CONNECTIONS",
     "NGINX_WORKER_RLIMIT_NOFILE",
     "NGINX_PREFIX",
     "NGINX_ACCESS_LOG",
 ];
+
+/// The local runner's NGINX_RESOLVER: none (its upstreams are fixed loopback addresses, and
+/// Debian's nginx may predate `server ... resolve`, which came in 1.27.3).
+pub const LOCAL_RESOLVER: &str = "# no resolver: fixed upstream addresses";
 
 /// Open files per process on this machine (hard limit, not raisable).
 pub const WORKER_RLIMIT_NOFILE: u32 = 20_000;
@@ -132,6 +137,8 @@ pub fn upstream_servers(addrs: &[String]) -> String {
 pub struct NginxConfig {
     pub listen: String,
     pub upstream_servers: String,
+    /// A `resolver ...;` directive, or a comment when the upstream addresses are fixed.
+    pub resolver: String,
     pub worker_processes: String,
     pub worker_connections: u32,
     pub worker_rlimit_nofile: u32,
@@ -145,6 +152,7 @@ impl NginxConfig {
         NginxConfig {
             listen: listen.to_string(),
             upstream_servers: upstream_servers(upstreams),
+            resolver: LOCAL_RESOLVER.into(),
             worker_processes: "1".into(),
             worker_connections: WORKER_CONNECTIONS,
             worker_rlimit_nofile: WORKER_RLIMIT_NOFILE,
@@ -157,6 +165,7 @@ impl NginxConfig {
         let pairs = [
             ("NGINX_LISTEN", self.listen.clone()),
             ("NGINX_UPSTREAM_SERVERS", self.upstream_servers.clone()),
+            ("NGINX_RESOLVER", self.resolver.clone()),
             ("NGINX_WORKER_PROCESSES", self.worker_processes.clone()),
             (
                 "NGINX_WORKER_CONNECTIONS",

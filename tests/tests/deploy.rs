@@ -914,7 +914,7 @@ fn render_like_the_nginx_image(env: &BTreeMap<String, String>) -> Result<String>
         ),
         ("HOSTNAME", "3f2a1b0c9d8e"),
         ("HOME", "/root"),
-        ("NGINX_VERSION", "1.27.5"),
+        ("NGINX_VERSION", "1.28.0"),
         ("NJS_VERSION", "0.8.10"),
         ("PKG_RELEASE", "1~bookworm"),
     ] {
@@ -970,14 +970,91 @@ fn nginx_t_passes_on_the_template_rendered_the_compose_way() -> Result<()> {
     // `nginx -t` resolves upstream host names and creates the temp paths: point the compose
     // service name at loopback and the prefix at a scratch directory, keep everything else.
     let dir = tempfile::tempdir()?;
-    env.insert(
-        "NGINX_UPSTREAM_SERVERS".into(),
-        env["NGINX_UPSTREAM_SERVERS"].replace("server gateway:", "server 127.0.0.1:"),
-    );
+    let mut upstreams =
+        env["NGINX_UPSTREAM_SERVERS"].replace("server gateway:", "server 127.0.0.1:");
+    let mut resolver = env["NGINX_RESOLVER"].clone();
+    if nginx_version()? < (1, 27, 3) {
+        // This nginx predates open-source `server ... resolve` (the compose image has it):
+        // check everything else here, `resolve` only by the rules of
+        // compose_nginx_re_resolves_gateway_replicas.
+        upstreams = upstreams.replace(" resolve ", " ");
+    } else {
+        // Resolve against loopback's own name service instead of Docker's.
+        resolver = "resolver 127.0.0.53 valid=5s ipv6=off;".into();
+    }
+    env.insert("NGINX_UPSTREAM_SERVERS".into(), upstreams);
+    env.insert("NGINX_RESOLVER".into(), resolver);
     env.insert("NGINX_PREFIX".into(), dir.path().display().to_string());
     let conf = dir.path().join("nginx.conf");
     std::fs::write(&conf, render_like_the_nginx_image(&env)?)?;
     ngx::check_config(&conf)?;
+    Ok(())
+}
+
+/// The local nginx's version (`nginx -v`).
+fn nginx_version() -> Result<(u32, u32, u32)> {
+    let bin = require_tool(&ngx::nginx_bin().display().to_string(), "nginx")?;
+    let text = run(Command::new(bin).arg("-v"))?;
+    let version = text
+        .split("nginx/")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| anyhow!("no version in {text:?}"))?;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    Ok((
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    ))
+}
+
+#[test]
+fn compose_nginx_re_resolves_gateway_replicas() -> Result<()> {
+    // `docker compose up --scale gateway=N` changes what `gateway` resolves to; nginx follows
+    // without a restart when the upstream server has `resolve`, a `resolver` is configured (Docker's
+    // embedded DNS) and the upstream has a shared zone, with nginx >= 1.27.3 (open source).
+    let doc = compose()?;
+    let nginx = service(&doc, "nginx")?;
+    let image = nginx["image"].as_str().unwrap_or_default();
+    let tag = image
+        .strip_prefix("nginx:")
+        .ok_or_else(|| anyhow!("nginx image {image:?} is not the official nginx"))?;
+    let mut parts = tag
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok())
+        .chain(std::iter::repeat(Some(0)));
+    let version = (
+        parts.next().flatten().unwrap_or(0),
+        parts.next().flatten().unwrap_or(0),
+        parts.next().flatten().unwrap_or(0),
+    );
+    ensure!(
+        version >= (1, 27, 3),
+        "nginx image {image}: `server ... resolve` needs 1.27.3 or later (and a tag that \
+         cannot float below it)"
+    );
+    let env = environment(nginx)?;
+    let upstreams = &env["NGINX_UPSTREAM_SERVERS"];
+    ensure!(
+        upstreams.contains("server gateway:8080 resolve"),
+        "the gateway upstream is not re-resolved: {upstreams:?}"
+    );
+    let resolver = &env["NGINX_RESOLVER"];
+    ensure!(
+        resolver.starts_with("resolver 127.0.0.11 ") && resolver.contains("valid="),
+        "compose nginx must ask Docker's DNS (127.0.0.11) with a short valid=: {resolver:?}"
+    );
+    let rendered = render_like_the_nginx_image(&env)?;
+    ensure!(rendered.contains(resolver.as_str()));
+    ensure!(
+        rendered.contains("zone gateways "),
+        "the upstream has no shared zone"
+    );
+
+    // The local runner keeps fixed addresses and no resolver (Debian's nginx may be older).
+    let dir = tempfile::tempdir()?;
+    let local = NginxConfig::local(dir.path(), "127.0.0.1:1", &["127.0.0.1:2".into()]).render()?;
+    ensure!(!local.contains(" resolve ") && local.contains(ngx::LOCAL_RESOLVER));
     Ok(())
 }
 
