@@ -124,6 +124,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.ready.set(i64::from(node.is_ready()));
     (
         [(
             header::CONTENT_TYPE,

@@ -63,6 +63,12 @@ pub struct Metrics {
     pub outbound_dropped: IntCounter,
     pub errors: IntCounterVec,
     pub broker_up: IntGauge,
+    /// 1 while `/readyz` answers 200 (set when metrics are rendered).
+    pub ready: IntGauge,
+    /// Seconds since presence was last pruned successfully (set when metrics are rendered).
+    pub presence_prune_lag: prometheus::Gauge,
+    /// When presence was last pruned (ms since the epoch); `u64::MAX`: nothing to prune.
+    pub presence_last_prune_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -193,6 +199,16 @@ impl Metrics {
                 "gateway_broker_up",
                 "1 while the broker (Redis pub/sub) is connected"
             )),
+            ready: register!(IntGauge::new(
+                "gateway_ready",
+                "1 while this node is ready (/readyz answers 200: broker up, not shutting down)"
+            )),
+            presence_prune_lag: register!(prometheus::Gauge::new(
+                "gateway_presence_prune_lag_seconds",
+                "Seconds since this node last pruned expired presence entries (0 with the \
+                 embedded broker, where nothing expires)"
+            )),
+            presence_last_prune_ms: std::sync::atomic::AtomicU64::new(crate::broker::now_ms()),
             registry,
         };
         // Pre-create labelled series so dashboards see zeros, not gaps.
@@ -208,8 +224,19 @@ impl Metrics {
         metrics
     }
 
+    /// Records a successful presence prune (`u64::MAX`: this node never needs to prune).
+    pub fn presence_pruned(&self, at_ms: u64) {
+        self.presence_last_prune_ms
+            .store(at_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        let last = self
+            .presence_last_prune_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let lag_ms = crate::broker::now_ms().saturating_sub(last);
+        self.presence_prune_lag.set(lag_ms as f64 / 1000.0);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

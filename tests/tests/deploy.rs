@@ -57,8 +57,10 @@ const COUNTERS: [&str; 15] = [
     "gateway_outbound_dropped_total",
     "gateway_errors_total",
 ];
-const GAUGES: [&str; 5] = [
+const GAUGES: [&str; 7] = [
     "gateway_connections_open",
+    "gateway_ready",
+    "gateway_presence_prune_lag_seconds",
     "gateway_rooms_local",
     "gateway_presence_entries",
     "gateway_build_info",
@@ -69,7 +71,13 @@ const HISTOGRAMS: [&str; 2] = [
     "gateway_redis_command_duration_seconds",
 ];
 
-const DASHBOARDS: [&str; 3] = ["overview", "redis", "delivery"];
+/// Metrics that dashboards and alerts use before this branch's binary exports them:
+/// `gateway_auth_failures_total{reason}` comes with the authentication of issue 10. Exempt from
+/// the "exported by a live node" and "answered by Prometheus" checks only; remove the name once
+/// the gateway exports it.
+const PENDING_METRICS: [&str; 1] = ["gateway_auth_failures_total"];
+
+const DASHBOARDS: [&str; 4] = ["overview", "redis", "delivery", "alerts"];
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -260,6 +268,7 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
 /// Whether `name` is a series name of one of the allowed metrics.
 fn allowed_series(name: &str) -> bool {
     COUNTERS.contains(&name)
+        || PENDING_METRICS.contains(&name)
         || GAUGES.contains(&name)
         || HISTOGRAMS.iter().any(|h| {
             ["_bucket", "_sum", "_count"]
@@ -1091,7 +1100,7 @@ async fn nginx_proxies_pages_and_websockets_balances_nodes_and_hides_admin() -> 
         proxied == direct,
         "GET /api/rooms via nginx {proxied:?}, from the node {direct:?}"
     );
-    for admin in ["/metrics", "/healthz", "/readyz"] {
+    for admin in ["/metrics", "/healthz", "/readyz", "/v1/openapi.json"] {
         let (status, body) = http_get(&addr, admin).await?;
         ensure!(status == 404, "GET {admin} via nginx: {status} {body}");
         ensure!(
@@ -1377,7 +1386,11 @@ async fn assert_dashboard_metrics_exposed(node: &Gateway, exempt: &[&str]) -> Re
     let mut missing = BTreeMap::<String, Vec<String>>::new();
     for (dash, expr) in all_exprs()? {
         for metric in metric_names(&expr) {
-            if !exposed.contains(&metric) && !exempt.iter().any(|p| metric.starts_with(p)) {
+            let pending = PENDING_METRICS.contains(&metric.as_str());
+            if !exposed.contains(&metric)
+                && !pending
+                && !exempt.iter().any(|p| metric.starts_with(p))
+            {
                 missing.entry(metric).or_default().push(dash.clone());
             }
         }
@@ -1411,6 +1424,147 @@ async fn every_dashboard_metric_is_exported_by_a_redis_node() -> Result<()> {
     node.wait_ready(200).await?;
     sample_traffic(&node.ws_url()).await?;
     assert_dashboard_metrics_exposed(&node, &[]).await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alerting rules
+
+/// Every rule of deploy/prometheus/alerts.yml.
+fn alert_rules() -> Result<Vec<Value>> {
+    let rules = yaml("deploy/prometheus/alerts.yml")?;
+    Ok(rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .collect())
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_each_alert_is_unit_tested_both_ways() -> Result<()> {
+    let promtool = require_tool("/usr/bin/promtool", "prometheus")?;
+    run(Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(path("deploy/prometheus/alerts.yml")))?;
+    run(Command::new(&promtool)
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(path("deploy/prometheus")))?;
+
+    // What the alerts must watch (issue 14).
+    let rules = alert_rules()?;
+    let names: BTreeSet<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for (alert, watches) in [
+        ("GatewayBrokerDown", "gateway_broker_up"),
+        ("GatewayNotReady", "gateway_ready"),
+        ("GatewayDown", "up{job=\"gateway\"}"),
+        (
+            "GatewaySlowConsumers",
+            "gateway_slow_consumer_disconnects_total",
+        ),
+        ("GatewayErrorRate", "gateway_errors_total"),
+        (
+            "GatewayFanoutLatencyHigh",
+            "gateway_fanout_latency_seconds_bucket",
+        ),
+        (
+            "GatewayPresencePruneLag",
+            "gateway_presence_prune_lag_seconds",
+        ),
+        ("GatewayAuthFailures", "gateway_auth_failures_total"),
+    ] {
+        let rule = rules
+            .iter()
+            .find(|r| r["alert"] == alert)
+            .ok_or_else(|| anyhow!("alerts.yml has no {alert} (has {names:?})"))?;
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        ensure!(
+            expr.contains(watches),
+            "{alert} does not read {watches}: {expr}"
+        );
+        ensure!(
+            rule["labels"]["severity"].is_string(),
+            "{alert}: no severity"
+        );
+        ensure!(
+            rule["annotations"]["summary"].is_string(),
+            "{alert}: no summary"
+        );
+    }
+
+    // Every alert is seen firing in some unit test and silent in another.
+    let tests = yaml("deploy/prometheus/alerts.test.yml")?;
+    for alert in &names {
+        let cases: Vec<&Value> = tests["tests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+            .filter(|c| c["alertname"] == *alert)
+            .collect();
+        let fires = cases
+            .iter()
+            .any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()));
+        let silent = cases
+            .iter()
+            .any(|c| c["exp_alerts"].as_array().is_some_and(|a| a.is_empty()));
+        ensure!(
+            fires && silent,
+            "{alert}: unit-tested firing {fires}, silent {silent}"
+        );
+    }
+
+    // Loaded by the compose Prometheus: listed in its config and mounted beside it.
+    let config = yaml("deploy/prometheus/prometheus.yml")?;
+    ensure!(
+        config["rule_files"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "alerts.yml")),
+        "prometheus.yml does not load alerts.yml"
+    );
+    let prometheus = service(&compose()?, "prometheus")?.clone();
+    ensure!(
+        mount_source(&prometheus, "/etc/prometheus/alerts.yml")? == "deploy/prometheus/alerts.yml"
+    );
+    Ok(())
+}
+
+#[test]
+fn every_alerting_series_has_a_panel_on_the_alerts_dashboard() -> Result<()> {
+    let dash = dashboard("alerts")?;
+    let panels: Vec<(String, String)> = dash["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |t| Some((title.clone(), t["expr"].as_str()?.to_string())))
+        })
+        .collect();
+    for rule in alert_rules()? {
+        let alert = rule["alert"].as_str().unwrap_or_default();
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        let (title, panel_expr) = panels
+            .iter()
+            .find(|(title, _)| title.contains(&format!("({alert}")))
+            .ok_or_else(|| anyhow!("no panel titled with ({alert}...) on the alerts dashboard"))?;
+        for metric in metric_names(expr) {
+            ensure!(
+                metric_names(panel_expr).contains(&metric),
+                "panel {title:?} does not chart {metric}, which {alert} reads"
+            );
+        }
+        if expr.contains("up{job=") {
+            ensure!(
+                panel_expr.contains("up{job="),
+                "panel {title:?} does not chart up"
+            );
+        }
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1474,6 +1628,11 @@ async fn prometheus_answers_every_dashboard_query_on_a_live_cluster() -> Result<
     // their window: 5 s windows at a 1 s scrape interval).
     let mut pending: Vec<(String, String)> = all_exprs()?
         .into_iter()
+        .filter(|(_, e)| {
+            metric_names(e)
+                .iter()
+                .all(|m| !PENDING_METRICS.contains(&m.as_str()))
+        })
         .map(|(d, e)| (d, concrete(&e, "5s")))
         .collect();
     pending.push((
@@ -1507,6 +1666,30 @@ async fn prometheus_answers_every_dashboard_query_on_a_live_cluster() -> Result<
     }
     stop.store(true, Ordering::Relaxed);
     let sent = traffic.await??;
+    // The alerting rules are loaded and evaluate without error on the live metrics.
+    let (status, body) = http_get(&prometheus.addr(), "/api/v1/rules").await?;
+    ensure!(status == 200, "/api/v1/rules answered {status}");
+    let rules: Value = serde_json::from_str(&body)?;
+    let loaded: Vec<&Value> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    ensure!(
+        loaded.len() == alert_rules()?.len(),
+        "Prometheus loaded {} rules, alerts.yml has {}",
+        loaded.len(),
+        alert_rules()?.len()
+    );
+    for rule in loaded {
+        ensure!(
+            rule["health"] == "ok" || rule["health"] == "unknown",
+            "rule {} is unhealthy: {}",
+            rule["name"],
+            rule["lastError"]
+        );
+    }
     ensure!(sent > 0, "no traffic was sent");
     if !pending.is_empty() {
         let report: Vec<String> = pending
