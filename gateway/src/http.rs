@@ -33,6 +33,10 @@ pub fn public_router(node: Arc<Node>) -> Router {
             get(|| static_file("text/javascript; charset=utf-8", CLIENT_JS)),
         )
         .route(
+            "/client.d.ts",
+            get(|| static_file("application/typescript; charset=utf-8", CLIENT_D_TS)),
+        )
+        .route(
             "/app.js",
             get(|| static_file("text/javascript; charset=utf-8", APP_JS)),
         )
@@ -56,6 +60,7 @@ pub fn admin_router(node: Arc<Node>) -> Router {
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const CLIENT_JS: &str = include_str!("../static/client.js");
+const CLIENT_D_TS: &str = include_str!("../static/client.d.ts");
 const APP_JS: &str = include_str!("../static/app.js");
 const APP_CSS: &str = include_str!("../static/app.css");
 

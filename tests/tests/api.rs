@@ -450,3 +450,20 @@ async fn schemathesis_contract_fuzzing_finds_no_server_error() -> Result<()> {
     ensure!(gws[0].proc.is_running(), "the gateway died under fuzzing");
     Ok(())
 }
+
+/// Not the server API, but its sibling for application code: the client module's TypeScript
+/// declarations are served beside it on the public listener (docs/client.md).
+#[tokio::test]
+async fn client_typings_are_served_beside_client_js() -> Result<()> {
+    let node = Gateway::start(GatewayOpts::default()).await?;
+    let (status, served) = http_get(&node.addr(), "/client.d.ts").await?;
+    ensure!(status == 200, "/client.d.ts answered {status}");
+    let committed = std::fs::read_to_string(workspace_root().join("gateway/static/client.d.ts"))?;
+    ensure!(
+        served == committed,
+        "/client.d.ts differs from gateway/static/client.d.ts"
+    );
+    let (status, _) = http_get(&node.addr(), "/client.js").await?;
+    ensure!(status == 200);
+    Ok(())
+}
