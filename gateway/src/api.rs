@@ -122,7 +122,7 @@ async fn openapi() -> Response {
 
 /// Lets a request through with the right bearer key; 404 when the API is disabled.
 async fn authenticate(State(node): State<Arc<Node>>, request: Request, next: Next) -> Response {
-    let Some(key) = node.config.api_key.as_deref() else {
+    let Some(key) = node.config.api_key() else {
         return error(
             StatusCode::NOT_FOUND,
             "api_disabled",

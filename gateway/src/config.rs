@@ -115,7 +115,7 @@ pub struct Config {
     pub log_format: String,
 
     /// Enables the server API (/v1/ on the admin listener) for requests carrying
-    /// `Authorization: Bearer <key>`; at least 16 characters. Unset: /v1/ answers 404.
+    /// `Authorization: Bearer <key>`; at least 16 characters. Unset or empty: /v1/ answers 404.
     #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -185,7 +185,7 @@ impl Config {
     }
 
     fn validate_api(&self) -> Result<(), String> {
-        if let Some(key) = &self.api_key {
+        if let Some(key) = self.api_key() {
             if key.len() < 16 || key.len() > 4096 || !key.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(
                     "GATEWAY_API_KEY must be 16 to 4096 printable ASCII characters \
@@ -242,6 +242,11 @@ impl Config {
         })
     }
 
+    /// The server API key; `None` (API disabled) when unset or empty.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref().filter(|k| !k.is_empty())
+    }
+
     pub fn heartbeat_timeout(&self) -> Duration {
         Duration::from_millis(self.heartbeat_timeout_ms)
     }
@@ -296,6 +301,7 @@ mod tests {
             .contains("GATEWAY_API_KEY"));
         assert!(parse(&["--api-key", "sixteen chars ok"]).is_err());
         assert!(parse(&["--api-key", "0123456789abcdef"]).is_ok());
+        assert_eq!(parse(&["--api-key", ""]).unwrap().api_key(), None);
         assert!(parse(&["--api-user-id", ""]).is_err());
     }
 

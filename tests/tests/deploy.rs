@@ -19,7 +19,7 @@ use e2e::{gateway_bin, http_get, workspace_root, Client, Gateway, GatewayOpts, R
 use serde_json::{json, Value};
 
 /// The `GATEWAY_*` variables the gateway accepts.
-const ACCEPTED_GATEWAY_ENV: [&str; 18] = [
+const ACCEPTED_GATEWAY_ENV: [&str; 21] = [
     "GATEWAY_LISTEN",
     "GATEWAY_ADMIN_LISTEN",
     "GATEWAY_REDIS_URL",
@@ -38,6 +38,9 @@ const ACCEPTED_GATEWAY_ENV: [&str; 18] = [
     "GATEWAY_SHUTDOWN_GRACE_MS",
     "GATEWAY_DEFAULT_ROOMS",
     "GATEWAY_LOG_FORMAT",
+    "GATEWAY_API_KEY",
+    "GATEWAY_API_USER_ID",
+    "GATEWAY_API_USER_NAME",
 ];
 
 const COUNTERS: [&str; 15] = [
