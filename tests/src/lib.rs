@@ -407,10 +407,31 @@ pub fn is(event: &'static str) -> impl Fn(&Value) -> bool {
 
 /// A minimal HTTP/1.0 GET; returns the status and the body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    http_request(addr, "GET", path, &[], None).await
+}
+
+/// A minimal HTTP/1.0 request with extra header lines (`Name: value`) and an optional body
+/// (sent with its Content-Length); returns the status and the body.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .context("connect timeout")??;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))

@@ -7,16 +7,14 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context, Result};
 use e2e::{
-    http_get, is, venv_bin, wait_for, workspace_root, Client, Gateway, GatewayOpts, RedisServer,
-    WAIT,
+    http_get, http_request, is, venv_bin, wait_for, workspace_root, Client, Gateway, GatewayOpts,
+    RedisServer, WAIT,
 };
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const KEY: &str = "test-api-key-0123456789";
 
-/// An HTTP/1.0 request with an optional bearer key and JSON body; returns status and body.
+/// A request to the admin listener with an optional bearer key and JSON body.
 async fn request(
     addr: &str,
     method: &str,
@@ -24,35 +22,28 @@ async fn request(
     key: Option<&str>,
     body: Option<&str>,
 ) -> Result<(u16, String)> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
-        .await
-        .context("connect timeout")??;
-    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut headers = Vec::new();
     if let Some(key) = key {
-        head.push_str(&format!("Authorization: Bearer {key}\r\n"));
+        headers.push(format!("Authorization: Bearer {key}"));
     }
-    let body = body.unwrap_or("");
-    if !body.is_empty() || method == "POST" {
-        head.push_str("Content-Type: application/json\r\n");
-        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    if body.is_some() {
+        headers.push("Content-Type: application/json".to_string());
     }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
-        .await
-        .context("read timeout")??;
-    let text = String::from_utf8_lossy(&raw).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| anyhow!("no HTTP header in {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("bad status line in {head:?}"))?;
-    Ok((status, body.to_string()))
+    http_request(addr, method, path, &headers, body).await
+}
+
+/// A POST with the key and a JSON body; returns the status and the JSON answer.
+async fn post(gw: &Gateway, path: &str, body: &Value) -> Result<(u16, Value)> {
+    let (status, text) = request(
+        &gw.admin_addr(),
+        "POST",
+        path,
+        Some(KEY),
+        Some(&body.to_string()),
+    )
+    .await?;
+    let value = serde_json::from_str(&text).with_context(|| format!("POST {path}: {text:?}"))?;
+    Ok((status, value))
 }
 
 /// A request with the key whose answer must be `status` and JSON; returns the JSON.
@@ -114,16 +105,8 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
 
     // Publish as the system identity, through the node alice is not on.
     let body = json!({"content": "maintenance at 18:00", "idempotencyKey": "notice-1"});
-    let (status, text) = request(
-        &gws[1].admin_addr(),
-        "POST",
-        "/v1/rooms/7/messages",
-        Some(KEY),
-        Some(&body.to_string()),
-    )
-    .await?;
-    ensure!(status == 201, "publish answered {status}: {text}");
-    let published: Value = serde_json::from_str(&text)?;
+    let (status, published) = post(&gws[1], "/v1/rooms/7/messages", &body).await?;
+    ensure!(status == 201, "publish answered {status}: {published}");
     ensure!(published["duplicate"] == false && published["roomId"] == json!(7));
     let id = published["id"].as_str().context("no id")?.to_string();
     for client in [&mut alice, &mut bob] {
@@ -135,16 +118,8 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
     }
 
     // A retry with the same key publishes nothing and answers the original id.
-    let (status, text) = request(
-        &gws[0].admin_addr(),
-        "POST",
-        "/v1/rooms/7/messages",
-        Some(KEY),
-        Some(&body.to_string()),
-    )
-    .await?;
-    ensure!(status == 200, "retry answered {status}: {text}");
-    let retry: Value = serde_json::from_str(&text)?;
+    let (status, retry) = post(&gws[0], "/v1/rooms/7/messages", &body).await?;
+    ensure!(status == 200, "retry answered {status}: {retry}");
     ensure!(retry["duplicate"] == true && retry["id"] == id.as_str());
 
     // As a given user.
@@ -273,101 +248,72 @@ async fn the_api_refuses_bad_requests_with_json_errors_and_is_off_without_a_key(
         "unauthorized",
     )
     .await?;
-    let post = |body: &'static str, status: u16, code: &'static str| {
-        let on = &on;
-        async move {
-            refused(
-                on,
-                "POST",
-                "/v1/rooms/1/messages",
-                Some(KEY),
-                Some(body),
-                status,
-                code,
-            )
-            .await
-        }
-    };
-    post("not json", 400, "bad_json").await?;
-    post("[1]", 400, "not_object").await?;
-    post("{}", 400, "invalid_field").await?;
-    post(r#"{"content": ""}"#, 400, "invalid_field").await?;
-    post(r#"{"content": 5}"#, 400, "invalid_field").await?;
-    post(r#"{"content": "x", "extra": 1}"#, 400, "invalid_field").await?;
-    post(r#"{"content": "x", "userId": ""}"#, 400, "invalid_field").await?;
-    let long = format!(r#"{{"content": "{}"}}"#, "x".repeat(70_000));
-    refused(
-        &on,
-        "POST",
-        "/v1/rooms/1/messages",
-        Some(KEY),
-        Some(&long),
-        413,
-        "content_too_large",
-    )
-    .await?;
+    let long_content = format!(r#"{{"content": "{}"}}"#, "x".repeat(70_000));
     let long_room = format!("/v1/rooms/{}", "r".repeat(129));
-    refused(
-        &on,
-        "GET",
-        &long_room,
-        Some(KEY),
-        None,
-        400,
-        "invalid_field",
-    )
-    .await?;
-    refused(
-        &on,
-        "GET",
-        "/v1/rooms/1/messages?after=x",
-        Some(KEY),
-        None,
-        400,
-        "invalid_field",
-    )
-    .await?;
-    refused(
-        &on,
-        "GET",
-        "/v1/rooms?limit=0",
-        Some(KEY),
-        None,
-        400,
-        "invalid_field",
-    )
-    .await?;
-    refused(
-        &on,
-        "GET",
-        "/v1/rooms?limit=abc",
-        Some(KEY),
-        None,
-        400,
-        "invalid_field",
-    )
-    .await?;
-    refused(
-        &on,
-        "GET",
-        "/v1/rooms/%FF",
-        Some(KEY),
-        None,
-        400,
-        "invalid_field",
-    )
-    .await?;
-    refused(&on, "GET", "/v1/nothing", Some(KEY), None, 404, "not_found").await?;
-    refused(
-        &on,
-        "DELETE",
-        "/v1/rooms/1/messages",
-        Some(KEY),
-        None,
-        405,
-        "method_not_allowed",
-    )
-    .await?;
+    let messages = "/v1/rooms/1/messages";
+    let cases: [(&str, &str, Option<&str>, u16, &str); 16] = [
+        ("POST", messages, Some("not json"), 400, "bad_json"),
+        ("POST", messages, Some("[1]"), 400, "not_object"),
+        ("POST", messages, Some("{}"), 400, "invalid_field"),
+        (
+            "POST",
+            messages,
+            Some(r#"{"content": ""}"#),
+            400,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            messages,
+            Some(r#"{"content": 5}"#),
+            400,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            messages,
+            Some(r#"{"content": "x", "extra": 1}"#),
+            400,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            messages,
+            Some(r#"{"content": "x", "userId": ""}"#),
+            400,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            messages,
+            Some(r#"{"content": "x", "userId": null}"#),
+            400,
+            "invalid_field",
+        ),
+        (
+            "POST",
+            messages,
+            Some(&long_content),
+            413,
+            "content_too_large",
+        ),
+        ("GET", &long_room, None, 400, "invalid_field"),
+        (
+            "GET",
+            "/v1/rooms/1/messages?after=x",
+            None,
+            400,
+            "invalid_field",
+        ),
+        ("GET", "/v1/rooms?limit=0", None, 400, "invalid_field"),
+        ("GET", "/v1/rooms?limit=abc", None, 400, "invalid_field"),
+        ("GET", "/v1/rooms/%FF", None, 400, "invalid_field"),
+        ("GET", "/v1/nothing", None, 404, "not_found"),
+        ("DELETE", messages, None, 405, "method_not_allowed"),
+    ];
+    for (method, path, body, status, code) in cases {
+        refused(&on, method, path, Some(KEY), body, status, code).await?;
+    }
 
     // The public listener has no /v1 at all.
     let (status, _) = http_get(&on.addr(), "/v1/rooms").await?;
