@@ -119,6 +119,23 @@ fn dns_reply(query: &[u8], ip: Ipv4Addr) -> Option<(Vec<u8>, bool)> {
     Some((reply, ours))
 }
 
+/// nginx, stopped with its workers on drop: SIGTERM first (the master stops its workers), then
+/// SIGKILL for what is left (SIGKILL to the master alone would leave the workers listening).
+struct NginxProc(Proc);
+
+impl Drop for NginxProc {
+    fn drop(&mut self) {
+        if self.0.is_running() {
+            self.0.signal(15);
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while self.0.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        self.0.kill();
+    }
+}
+
 /// Which node answered `GET /api/rooms` through nginx (each lists a default room of its own).
 async fn served_by(addr: &str) -> Option<&'static str> {
     let (status, body) = http_get(addr, "/api/rooms").await.ok()?;
@@ -174,7 +191,7 @@ async fn nginx_follows_a_changed_dns_answer_without_a_reload() -> Result<()> {
         .args(["-e", "stderr"])
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.path().join("error.log"))?);
-    let mut nginx = Proc::spawn("nginx", &mut cmd)?;
+    let mut nginx = NginxProc(Proc::spawn("nginx", &mut cmd)?);
     let addr = format!("127.0.0.1:{listen}");
     let log = || std::fs::read_to_string(dir.path().join("error.log")).unwrap_or_default();
 
@@ -183,7 +200,7 @@ async fn nginx_follows_a_changed_dns_answer_without_a_reload() -> Result<()> {
     })
     .await
     .with_context(log)?;
-    let nginx_pid = nginx.pid();
+    let nginx_pid = nginx.0.pid();
 
     // The name now points at the other replica: new requests follow within `valid`.
     dns.point_at(beta_ip);
@@ -195,7 +212,7 @@ async fn nginx_follows_a_changed_dns_answer_without_a_reload() -> Result<()> {
     .with_context(log)?;
     let took = switched.elapsed();
     anyhow::ensure!(
-        nginx.is_running() && nginx.pid() == nginx_pid,
+        nginx.0.is_running() && nginx.0.pid() == nginx_pid,
         "nginx restarted"
     );
     // And back (a replica removed): followed again.
@@ -215,7 +232,7 @@ async fn nginx_follows_a_changed_dns_answer_without_a_reload() -> Result<()> {
         took < Duration::from_secs(5),
         "took {took:?} to follow the DNS change"
     );
-    nginx.kill();
+    drop(nginx);
     Ok(())
 }
 
