@@ -1531,6 +1531,45 @@ fn alert_rules_pass_promtool_and_each_alert_is_unit_tested_both_ways() -> Result
     Ok(())
 }
 
+/// Waits until `metric` on `node` satisfies `ok`; returns the value.
+async fn wait_metric(node: &Gateway, metric: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
+    e2e::wait_for(
+        &format!("{metric} on {}", node.node_id),
+        e2e::WAIT,
+        || async {
+            let value = node.metric(metric).await.ok()?;
+            ok(value).then_some(value)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_gauges_the_alerts_read_follow_a_live_node() -> Result<()> {
+    // Embedded broker: always ready, nothing to prune.
+    let single = Gateway::start(GatewayOpts::default()).await?;
+    wait_metric(&single, "gateway_ready", |v| v == 1.0).await?;
+    wait_metric(&single, "gateway_presence_prune_lag_seconds", |v| v == 0.0).await?;
+
+    // Redis: ready and pruning every second while Redis is up; not ready, broker down and a
+    // growing prune lag once it is gone (what GatewayNotReady, GatewayBrokerDown and
+    // GatewayPresencePruneLag fire on); back to normal when it returns.
+    let mut redis = RedisServer::start().await?;
+    let node = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    node.wait_ready(200).await?;
+    wait_metric(&node, "gateway_ready", |v| v == 1.0).await?;
+    wait_metric(&node, "gateway_presence_prune_lag_seconds", |v| v < 2.0).await?;
+    redis.kill();
+    wait_metric(&node, "gateway_ready", |v| v == 0.0).await?;
+    wait_metric(&node, "gateway_broker_up", |v| v == 0.0).await?;
+    let lag = wait_metric(&node, "gateway_presence_prune_lag_seconds", |v| v > 2.0).await?;
+    redis.restart().await?;
+    wait_metric(&node, "gateway_ready", |v| v == 1.0).await?;
+    wait_metric(&node, "gateway_presence_prune_lag_seconds", |v| v < 2.0).await?;
+    println!("prune lag reached {lag} s while Redis was down");
+    Ok(())
+}
+
 #[test]
 fn every_alerting_series_has_a_panel_on_the_alerts_dashboard() -> Result<()> {
     let dash = dashboard("alerts")?;
