@@ -225,6 +225,19 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_MAX_ROOMS_PER_NODE", default_value_t = 100_000,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_rooms_per_node: u32,
+
+    /// Enables the server API (/v1/ on the admin listener) for requests carrying
+    /// `Authorization: Bearer <key>`; at least 16 characters. Unset or empty: /v1/ answers 404.
+    #[arg(long, env = "GATEWAY_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// userId shown on messages the server API publishes without a userId of their own.
+    #[arg(long, env = "GATEWAY_API_USER_ID", default_value = "system")]
+    pub api_user_id: String,
+
+    /// userName shown on messages the server API publishes without a userName of their own.
+    #[arg(long, env = "GATEWAY_API_USER_NAME", default_value = "System")]
+    pub api_user_name: String,
 }
 
 /// A room listed even when empty.
@@ -282,6 +295,28 @@ impl Config {
         crate::auth::Authenticator::from_config(self)?;
         crate::auth::OriginPolicy::parse(self.allowed_origins.as_deref())?;
         crate::limits::TrustedProxies::parse(self.trusted_proxies.as_deref())?;
+        self.validate_api()?;
+        Ok(())
+    }
+
+    fn validate_api(&self) -> Result<(), String> {
+        if let Some(key) = self.api_key() {
+            if key.len() < 16 || key.len() > 4096 || !key.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(
+                    "GATEWAY_API_KEY must be 16 to 4096 printable ASCII characters \
+                            without spaces"
+                        .into(),
+                );
+            }
+        }
+        for (name, value) in [
+            ("GATEWAY_API_USER_ID", &self.api_user_id),
+            ("GATEWAY_API_USER_NAME", &self.api_user_name),
+        ] {
+            if value.is_empty() || value.len() > crate::protocol::MAX_NAME_BYTES {
+                return Err(format!("{name} must be 1 to 128 bytes, got {value:?}"));
+            }
+        }
         Ok(())
     }
 
@@ -320,6 +355,11 @@ impl Config {
             let suffix: u32 = rand::random::<u32>() % 0x10000;
             format!("{host}-{suffix:04x}")
         })
+    }
+
+    /// The server API key; `None` (API disabled) when unset or empty.
+    pub fn api_key(&self) -> Option<&str> {
+        self.api_key.as_deref().filter(|k| !k.is_empty())
     }
 
     pub fn heartbeat_timeout(&self) -> Duration {
@@ -379,6 +419,13 @@ mod tests {
         assert!(parse(&["--listen", "127.0.0.1:1", "--admin-listen", "127.0.0.1:1"]).is_err());
         assert!(parse(&["--default-rooms", "nocolon"]).is_err());
         assert!(parse(&["--node-id", "a b"]).is_err());
+        assert!(parse(&["--api-key", "short"])
+            .unwrap_err()
+            .contains("GATEWAY_API_KEY"));
+        assert!(parse(&["--api-key", "sixteen chars ok"]).is_err());
+        assert!(parse(&["--api-key", "0123456789abcdef"]).is_ok());
+        assert_eq!(parse(&["--api-key", ""]).unwrap().api_key(), None);
+        assert!(parse(&["--api-user-id", ""]).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! HTTP: the public router (WebSocket upgrade at `/` and `/ws`, the chat page and client
-//! module, the room API) and the admin router (`/healthz`, `/readyz`, `/metrics`), which is
-//! never served on the public listener.
+//! module, the room API) and the admin router (`/healthz`, `/readyz`, `/metrics`, the server API
+//! under `/v1/` from `api.rs`), which is never served on the public listener.
 
 use std::sync::Arc;
 
@@ -33,6 +33,10 @@ pub fn public_router(node: Arc<Node>) -> Router {
         .route(
             "/client.js",
             get(|| static_file("text/javascript; charset=utf-8", CLIENT_JS)),
+        )
+        .route(
+            "/client.d.ts",
+            get(|| static_file("application/typescript; charset=utf-8", CLIENT_D_TS)),
         )
         .route(
             "/app.js",
@@ -122,11 +126,13 @@ pub fn admin_router(node: Arc<Node>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(node)
+        .with_state(node.clone())
+        .merge(crate::api::router(node))
 }
 
 const INDEX_HTML: &str = include_str!("../static/index.html");
 const CLIENT_JS: &str = include_str!("../static/client.js");
+const CLIENT_D_TS: &str = include_str!("../static/client.d.ts");
 const APP_JS: &str = include_str!("../static/app.js");
 const APP_CSS: &str = include_str!("../static/app.css");
 
@@ -325,6 +331,7 @@ async fn readyz(State(node): State<Arc<Node>>) -> Response {
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    node.metrics.ready.set(i64::from(node.is_ready()));
     (
         [(
             header::CONTENT_TYPE,

@@ -3,6 +3,7 @@
 //! node), with presence, persisted history, acks and offline sync.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;

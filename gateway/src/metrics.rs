@@ -9,7 +9,7 @@ use prometheus::{
 use crate::protocol::ErrorCode;
 
 /// Why a connection closed (label of `gateway_connections_closed_total`).
-pub const CLOSE_REASONS: [&str; 13] = [
+pub const CLOSE_REASONS: [&str; 14] = [
     "client_close",
     "token_expired",
     "login_timeout",
@@ -23,13 +23,14 @@ pub const CLOSE_REASONS: [&str; 13] = [
     "connection_limit",
     "message_too_big",
     "error",
+    "api_disconnect",
 ];
 
 /// Why a connection or login was refused (label of `gateway_connections_refused_total`).
 pub const REFUSAL_REASONS: [&str; 3] = ["handshakes", "per_ip", "per_user"];
 
 /// Redis operations (label `op` of the Redis latency and error series).
-pub const REDIS_OPS: [&str; 16] = [
+pub const REDIS_OPS: [&str; 17] = [
     "touch",
     "trim_read",
     "subscribe",
@@ -46,6 +47,7 @@ pub const REDIS_OPS: [&str; 16] = [
     "room_count",
     "members",
     "script_load",
+    "publish",
 ];
 
 pub struct Metrics {
@@ -75,6 +77,12 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub handshake_timeouts: IntCounter,
     pub broker_up: IntGauge,
+    /// 1 while `/readyz` answers 200 (set when metrics are rendered).
+    pub ready: IntGauge,
+    /// Seconds since presence was last pruned successfully (set when metrics are rendered).
+    pub presence_prune_lag: prometheus::Gauge,
+    /// When presence was last pruned (ms since the epoch); `u64::MAX`: nothing to prune.
+    pub presence_last_prune_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Metrics {
@@ -230,6 +238,16 @@ impl Metrics {
                 "gateway_broker_up",
                 "1 while the broker (Redis pub/sub) is connected"
             )),
+            ready: register!(IntGauge::new(
+                "gateway_ready",
+                "1 while this node is ready (/readyz answers 200: broker up, not shutting down)"
+            )),
+            presence_prune_lag: register!(prometheus::Gauge::new(
+                "gateway_presence_prune_lag_seconds",
+                "Seconds since this node last pruned expired presence entries (0 with the \
+                 embedded broker, where nothing expires)"
+            )),
+            presence_last_prune_ms: std::sync::atomic::AtomicU64::new(crate::broker::now_ms()),
             registry,
         };
         // Pre-create labelled series so dashboards see zeros, not gaps.
@@ -254,8 +272,19 @@ impl Metrics {
         metrics
     }
 
+    /// Records a successful presence prune (`u64::MAX`: this node never needs to prune).
+    pub fn presence_pruned(&self, at_ms: u64) {
+        self.presence_last_prune_ms
+            .store(at_ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
+        let last = self
+            .presence_last_prune_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let lag_ms = crate::broker::now_ms().saturating_sub(last);
+        self.presence_prune_lag.set(lag_ms as f64 / 1000.0);
         let mut out = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut out)

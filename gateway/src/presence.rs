@@ -109,6 +109,7 @@ impl Presence {
     /// Refreshes well inside the TTL and prunes dead nodes' entries, until `shutdown`.
     pub fn spawn_maintenance(self: Arc<Self>, shutdown: CancellationToken) {
         if self.broker.is_embedded() {
+            self.metrics.presence_pruned(u64::MAX);
             return; // one process: nothing can expire
         }
         let refresh_every = self.ttl / 3;
@@ -136,7 +137,12 @@ impl Presence {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match self.broker.prune(now_ms(), &self.announce_header()).await {
+                let now = now_ms();
+                let pruned = self.broker.prune(now, &self.announce_header()).await;
+                if pruned.is_ok() {
+                    self.metrics.presence_pruned(now);
+                }
+                match pruned {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "pruned expired presence entries"),
                     Err(e) => tracing::debug!("presence prune failed: {e}"),

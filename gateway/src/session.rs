@@ -72,6 +72,12 @@ impl Close {
         text: "redelivery limit reached",
         reason: "redelivery_limit",
     };
+    /// The server API disconnected the user (`POST /v1/users/{userId}/disconnect`).
+    const API_DISCONNECT: Close = Close {
+        code: Some(4010),
+        text: "disconnected by the server",
+        reason: "api_disconnect",
+    };
     const TOO_BIG: Close = Close {
         code: Some(1009),
         text: "message too big",
@@ -1252,6 +1258,7 @@ impl Session {
     fn accept(&mut self, delivery: &Delivery) -> Result<Option<Utf8Bytes>, Close> {
         let cursor = match delivery.kind {
             Kind::Presence => return Ok(Some(delivery.frame.clone())),
+            Kind::Control => return Err(Close::API_DISCONNECT),
             Kind::Message => self
                 .rooms
                 .iter_mut()

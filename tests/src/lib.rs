@@ -496,17 +496,37 @@ pub fn is(event: &'static str) -> impl Fn(&Value) -> bool {
 
 /// A minimal HTTP/1.0 GET; returns the status and the body.
 pub async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    http_get_with(addr, path, &[]).await
+    http_request(addr, "GET", path, &[], None).await
 }
 
 /// `http_get` with extra request header lines (`Name: value`).
 pub async fn http_get_with(addr: &str, path: &str, headers: &[&str]) -> Result<(u16, String)> {
+    let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+    http_request(addr, "GET", path, &headers, None).await
+}
+
+/// A minimal HTTP/1.0 request with extra header lines (`Name: value`) and an optional body
+/// (sent with its Content-Length); returns the status and the body.
+pub async fn http_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[String],
+    body: Option<&str>,
+) -> Result<(u16, String)> {
     let mut stream = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
         .await
         .context("connect timeout")??;
-    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
-    let request =
-        format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n");
+    let mut request = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
+    for header in headers {
+        request.push_str(header);
+        request.push_str("\r\n");
+    }
+    if let Some(body) = body {
+        request.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    request.push_str("\r\n");
+    request.push_str(body.unwrap_or_default());
     stream.write_all(request.as_bytes()).await?;
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut raw))
@@ -682,4 +702,19 @@ impl Client {
             .await?;
         Ok(())
     }
+}
+
+/// A tool of the test suite's Python venv (`tests/.venv`, made by scripts/test from
+/// tests/requirements.txt: schemathesis, kubernetes-validate); a missing one fails with the
+/// command that installs it.
+pub fn venv_bin(tool: &str) -> Result<PathBuf> {
+    let bin = workspace_root().join("tests/.venv/bin").join(tool);
+    if !bin.is_file() {
+        bail!(
+            "{} is missing: run scripts/test, or python3 -m venv tests/.venv && \
+             tests/.venv/bin/pip install -r tests/requirements.txt",
+            bin.display()
+        );
+    }
+    Ok(bin)
 }

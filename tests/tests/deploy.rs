@@ -19,7 +19,7 @@ use e2e::{gateway_bin, http_get, workspace_root, Client, Gateway, GatewayOpts, R
 use serde_json::{json, Value};
 
 /// The `GATEWAY_*` variables the gateway accepts.
-const ACCEPTED_GATEWAY_ENV: [&str; 24] = [
+const ACCEPTED_GATEWAY_ENV: [&str; 27] = [
     "GATEWAY_LISTEN",
     "GATEWAY_ADMIN_LISTEN",
     "GATEWAY_REDIS_URL",
@@ -44,6 +44,9 @@ const ACCEPTED_GATEWAY_ENV: [&str; 24] = [
     "GATEWAY_JWT_AUDIENCE",
     "GATEWAY_JWT_LEEWAY_SECS",
     "GATEWAY_ALLOWED_ORIGINS",
+    "GATEWAY_API_KEY",
+    "GATEWAY_API_USER_ID",
+    "GATEWAY_API_USER_NAME",
 ];
 
 const COUNTERS: [&str; 16] = [
@@ -64,8 +67,10 @@ const COUNTERS: [&str; 16] = [
     "gateway_errors_total",
     "gateway_auth_failures_total",
 ];
-const GAUGES: [&str; 5] = [
+const GAUGES: [&str; 7] = [
     "gateway_connections_open",
+    "gateway_ready",
+    "gateway_presence_prune_lag_seconds",
     "gateway_rooms_local",
     "gateway_presence_entries",
     "gateway_build_info",
@@ -76,7 +81,7 @@ const HISTOGRAMS: [&str; 2] = [
     "gateway_redis_command_duration_seconds",
 ];
 
-const DASHBOARDS: [&str; 3] = ["overview", "redis", "delivery"];
+const DASHBOARDS: [&str; 4] = ["overview", "redis", "delivery", "alerts"];
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -921,7 +926,7 @@ fn render_like_the_nginx_image(env: &BTreeMap<String, String>) -> Result<String>
         ),
         ("HOSTNAME", "3f2a1b0c9d8e"),
         ("HOME", "/root"),
-        ("NGINX_VERSION", "1.27.5"),
+        ("NGINX_VERSION", "1.28.0"),
         ("NJS_VERSION", "0.8.10"),
         ("PKG_RELEASE", "1~bookworm"),
     ] {
@@ -977,14 +982,91 @@ fn nginx_t_passes_on_the_template_rendered_the_compose_way() -> Result<()> {
     // `nginx -t` resolves upstream host names and creates the temp paths: point the compose
     // service name at loopback and the prefix at a scratch directory, keep everything else.
     let dir = tempfile::tempdir()?;
-    env.insert(
-        "NGINX_UPSTREAM_SERVERS".into(),
-        env["NGINX_UPSTREAM_SERVERS"].replace("server gateway:", "server 127.0.0.1:"),
-    );
+    let mut upstreams =
+        env["NGINX_UPSTREAM_SERVERS"].replace("server gateway:", "server 127.0.0.1:");
+    let mut resolver = env["NGINX_RESOLVER"].clone();
+    if nginx_version()? < (1, 27, 3) {
+        // This nginx predates open-source `server ... resolve` (the compose image has it):
+        // check everything else here, `resolve` only by the rules of
+        // compose_nginx_re_resolves_gateway_replicas.
+        upstreams = upstreams.replace(" resolve ", " ");
+    } else {
+        // Resolve against loopback's own name service instead of Docker's.
+        resolver = "resolver 127.0.0.53 valid=5s ipv6=off;".into();
+    }
+    env.insert("NGINX_UPSTREAM_SERVERS".into(), upstreams);
+    env.insert("NGINX_RESOLVER".into(), resolver);
     env.insert("NGINX_PREFIX".into(), dir.path().display().to_string());
     let conf = dir.path().join("nginx.conf");
     std::fs::write(&conf, render_like_the_nginx_image(&env)?)?;
     ngx::check_config(&conf)?;
+    Ok(())
+}
+
+/// The local nginx's version (`nginx -v`).
+fn nginx_version() -> Result<(u32, u32, u32)> {
+    let bin = require_tool(&ngx::nginx_bin().display().to_string(), "nginx")?;
+    let text = run(Command::new(bin).arg("-v"))?;
+    let version = text
+        .split("nginx/")
+        .nth(1)
+        .and_then(|v| v.split_whitespace().next())
+        .ok_or_else(|| anyhow!("no version in {text:?}"))?;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    Ok((
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    ))
+}
+
+#[test]
+fn compose_nginx_re_resolves_gateway_replicas() -> Result<()> {
+    // `docker compose up --scale gateway=N` changes what `gateway` resolves to; nginx follows
+    // without a restart when the upstream server has `resolve`, a `resolver` is configured (Docker's
+    // embedded DNS) and the upstream has a shared zone, with nginx >= 1.27.3 (open source).
+    let doc = compose()?;
+    let nginx = service(&doc, "nginx")?;
+    let image = nginx["image"].as_str().unwrap_or_default();
+    let tag = image
+        .strip_prefix("nginx:")
+        .ok_or_else(|| anyhow!("nginx image {image:?} is not the official nginx"))?;
+    let mut parts = tag
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().ok())
+        .chain(std::iter::repeat(Some(0)));
+    let version = (
+        parts.next().flatten().unwrap_or(0),
+        parts.next().flatten().unwrap_or(0),
+        parts.next().flatten().unwrap_or(0),
+    );
+    ensure!(
+        version >= (1, 27, 3),
+        "nginx image {image}: `server ... resolve` needs 1.27.3 or later (and a tag that \
+         cannot float below it)"
+    );
+    let env = environment(nginx)?;
+    let upstreams = &env["NGINX_UPSTREAM_SERVERS"];
+    ensure!(
+        upstreams.contains("server gateway:8080 resolve"),
+        "the gateway upstream is not re-resolved: {upstreams:?}"
+    );
+    let resolver = &env["NGINX_RESOLVER"];
+    ensure!(
+        resolver.starts_with("resolver 127.0.0.11 ") && resolver.contains("valid="),
+        "compose nginx must ask Docker's DNS (127.0.0.11) with a short valid=: {resolver:?}"
+    );
+    let rendered = render_like_the_nginx_image(&env)?;
+    ensure!(rendered.contains(resolver.as_str()));
+    ensure!(
+        rendered.contains("zone gateways "),
+        "the upstream has no shared zone"
+    );
+
+    // The local runner keeps fixed addresses and no resolver (Debian's nginx may be older).
+    let dir = tempfile::tempdir()?;
+    let local = NginxConfig::local(dir.path(), "127.0.0.1:1", &["127.0.0.1:2".into()]).render()?;
+    ensure!(!local.contains(" resolve ") && local.contains(ngx::LOCAL_RESOLVER));
     Ok(())
 }
 
@@ -1021,7 +1103,7 @@ async fn nginx_proxies_pages_and_websockets_balances_nodes_and_hides_admin() -> 
         proxied == direct,
         "GET /api/rooms via nginx {proxied:?}, from the node {direct:?}"
     );
-    for admin in ["/metrics", "/healthz", "/readyz"] {
+    for admin in ["/metrics", "/healthz", "/readyz", "/v1/openapi.json"] {
         let (status, body) = http_get(&addr, admin).await?;
         ensure!(status == 404, "GET {admin} via nginx: {status} {body}");
         ensure!(
@@ -1354,6 +1436,186 @@ async fn every_dashboard_metric_is_exported_by_a_redis_node() -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Alerting rules
+
+/// Every rule of deploy/prometheus/alerts.yml.
+fn alert_rules() -> Result<Vec<Value>> {
+    let rules = yaml("deploy/prometheus/alerts.yml")?;
+    Ok(rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .collect())
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_each_alert_is_unit_tested_both_ways() -> Result<()> {
+    let promtool = require_tool("/usr/bin/promtool", "prometheus")?;
+    run(Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(path("deploy/prometheus/alerts.yml")))?;
+    run(Command::new(&promtool)
+        .args(["test", "rules", "alerts.test.yml"])
+        .current_dir(path("deploy/prometheus")))?;
+
+    // What the alerts must watch (issue 14).
+    let rules = alert_rules()?;
+    let names: BTreeSet<&str> = rules.iter().filter_map(|r| r["alert"].as_str()).collect();
+    for (alert, watches) in [
+        ("GatewayBrokerDown", "gateway_broker_up"),
+        ("GatewayNotReady", "gateway_ready"),
+        ("GatewayDown", "up{job=\"gateway\"}"),
+        (
+            "GatewaySlowConsumers",
+            "gateway_slow_consumer_disconnects_total",
+        ),
+        ("GatewayErrorRate", "gateway_errors_total"),
+        (
+            "GatewayFanoutLatencyHigh",
+            "gateway_fanout_latency_seconds_bucket",
+        ),
+        (
+            "GatewayPresencePruneLag",
+            "gateway_presence_prune_lag_seconds",
+        ),
+        ("GatewayAuthFailures", "gateway_auth_failures_total"),
+    ] {
+        let rule = rules
+            .iter()
+            .find(|r| r["alert"] == alert)
+            .ok_or_else(|| anyhow!("alerts.yml has no {alert} (has {names:?})"))?;
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        ensure!(
+            expr.contains(watches),
+            "{alert} does not read {watches}: {expr}"
+        );
+        ensure!(
+            rule["labels"]["severity"].is_string(),
+            "{alert}: no severity"
+        );
+        ensure!(
+            rule["annotations"]["summary"].is_string(),
+            "{alert}: no summary"
+        );
+    }
+
+    // Every alert is seen firing in some unit test and silent in another.
+    let tests = yaml("deploy/prometheus/alerts.test.yml")?;
+    for alert in &names {
+        let cases: Vec<&Value> = tests["tests"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t["alert_rule_test"].as_array().into_iter().flatten())
+            .filter(|c| c["alertname"] == *alert)
+            .collect();
+        let fires = cases
+            .iter()
+            .any(|c| c["exp_alerts"].as_array().is_some_and(|a| !a.is_empty()));
+        let silent = cases
+            .iter()
+            .any(|c| c["exp_alerts"].as_array().is_some_and(|a| a.is_empty()));
+        ensure!(
+            fires && silent,
+            "{alert}: unit-tested firing {fires}, silent {silent}"
+        );
+    }
+
+    // Loaded by the compose Prometheus: listed in its config and mounted beside it.
+    let config = yaml("deploy/prometheus/prometheus.yml")?;
+    ensure!(
+        config["rule_files"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f == "alerts.yml")),
+        "prometheus.yml does not load alerts.yml"
+    );
+    let prometheus = service(&compose()?, "prometheus")?.clone();
+    ensure!(
+        mount_source(&prometheus, "/etc/prometheus/alerts.yml")? == "deploy/prometheus/alerts.yml"
+    );
+    Ok(())
+}
+
+/// Waits until `metric` on `node` satisfies `ok`; returns the value.
+async fn wait_metric(node: &Gateway, metric: &str, ok: impl Fn(f64) -> bool) -> Result<f64> {
+    e2e::wait_for(
+        &format!("{metric} on {}", node.node_id),
+        e2e::WAIT,
+        || async {
+            let value = node.metric(metric).await.ok()?;
+            ok(value).then_some(value)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_gauges_the_alerts_read_follow_a_live_node() -> Result<()> {
+    // Embedded broker: always ready, nothing to prune.
+    let single = Gateway::start(GatewayOpts::default()).await?;
+    wait_metric(&single, "gateway_ready", |v| v == 1.0).await?;
+    wait_metric(&single, "gateway_presence_prune_lag_seconds", |v| v == 0.0).await?;
+
+    // Redis: ready and pruning every second while Redis is up; not ready, broker down and a
+    // growing prune lag once it is gone (what GatewayNotReady, GatewayBrokerDown and
+    // GatewayPresencePruneLag fire on); back to normal when it returns.
+    let mut redis = RedisServer::start().await?;
+    let node = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    node.wait_ready(200).await?;
+    wait_metric(&node, "gateway_ready", |v| v == 1.0).await?;
+    wait_metric(&node, "gateway_presence_prune_lag_seconds", |v| v < 2.0).await?;
+    redis.kill();
+    wait_metric(&node, "gateway_ready", |v| v == 0.0).await?;
+    wait_metric(&node, "gateway_broker_up", |v| v == 0.0).await?;
+    let lag = wait_metric(&node, "gateway_presence_prune_lag_seconds", |v| v > 2.0).await?;
+    redis.restart().await?;
+    wait_metric(&node, "gateway_ready", |v| v == 1.0).await?;
+    wait_metric(&node, "gateway_presence_prune_lag_seconds", |v| v < 2.0).await?;
+    println!("prune lag reached {lag} s while Redis was down");
+    Ok(())
+}
+
+#[test]
+fn every_alerting_series_has_a_panel_on_the_alerts_dashboard() -> Result<()> {
+    let dash = dashboard("alerts")?;
+    let panels: Vec<(String, String)> = dash["panels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_string();
+            p["targets"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(move |t| Some((title.clone(), t["expr"].as_str()?.to_string())))
+        })
+        .collect();
+    for rule in alert_rules()? {
+        let alert = rule["alert"].as_str().unwrap_or_default();
+        let expr = rule["expr"].as_str().unwrap_or_default();
+        let (title, panel_expr) = panels
+            .iter()
+            .find(|(title, _)| title.contains(&format!("({alert}")))
+            .ok_or_else(|| anyhow!("no panel titled with ({alert}...) on the alerts dashboard"))?;
+        for metric in metric_names(expr) {
+            ensure!(
+                metric_names(panel_expr).contains(&metric),
+                "panel {title:?} does not chart {metric}, which {alert} reads"
+            );
+        }
+        if expr.contains("up{job=") {
+            ensure!(
+                panel_expr.contains("up{job="),
+                "panel {title:?} does not chart up"
+            );
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // (d) every dashboard query answered by a real Prometheus scraping a live cluster
 
 /// Chat between two users through nginx (so on two nodes) until `stop` or a bound is reached:
@@ -1447,6 +1709,30 @@ async fn prometheus_answers_every_dashboard_query_on_a_live_cluster() -> Result<
     }
     stop.store(true, Ordering::Relaxed);
     let sent = traffic.await??;
+    // The alerting rules are loaded and evaluate without error on the live metrics.
+    let (status, body) = http_get(&prometheus.addr(), "/api/v1/rules").await?;
+    ensure!(status == 200, "/api/v1/rules answered {status}");
+    let rules: Value = serde_json::from_str(&body)?;
+    let loaded: Vec<&Value> = rules["data"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .collect();
+    ensure!(
+        loaded.len() == alert_rules()?.len(),
+        "Prometheus loaded {} rules, alerts.yml has {}",
+        loaded.len(),
+        alert_rules()?.len()
+    );
+    for rule in loaded {
+        ensure!(
+            rule["health"] == "ok" || rule["health"] == "unknown",
+            "rule {} is unhealthy: {}",
+            rule["name"],
+            rule["lastError"]
+        );
+    }
     ensure!(sent > 0, "no traffic was sent");
     if !pending.is_empty() {
         let report: Vec<String> = pending

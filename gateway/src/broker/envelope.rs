@@ -18,6 +18,9 @@ pub enum Kind {
     Presence,
     /// A direct message to a user (has an id).
     Direct,
+    /// A command for the nodes holding a user's connections (no id, never stored), sent on
+    /// the user's channel; the frame says what to do (see `crate::api`).
+    Control,
 }
 
 impl Kind {
@@ -26,6 +29,7 @@ impl Kind {
             Kind::Message => 'm',
             Kind::Presence => 'p',
             Kind::Direct => 'd',
+            Kind::Control => 'c',
         }
     }
 }
@@ -86,6 +90,7 @@ impl Envelope {
             "m" => Kind::Message,
             "p" => Kind::Presence,
             "d" => Kind::Direct,
+            "c" => Kind::Control,
             _ => return None,
         };
         let id = match parts.next()? {

@@ -419,4 +419,10 @@ impl MemoryBroker {
             next_cursor,
         })
     }
+
+    pub async fn publish_control(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        let state = self.state();
+        self.publish(&state, channel, payload.to_string());
+        Ok(())
+    }
 }

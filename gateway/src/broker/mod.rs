@@ -317,6 +317,12 @@ impl Broker {
     ) -> Result<MemberPage, BrokerError> {
         dispatch!(self.members(room_key, cursor, limit))
     }
+
+    /// Publishes `payload` (an envelope) on `channel` without storing anything: control
+    /// messages such as the server API's disconnect.
+    pub async fn publish(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        dispatch!(self.publish_control(channel, payload))
+    }
 }
 
 /// Milliseconds since the Unix epoch.

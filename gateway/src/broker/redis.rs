@@ -626,6 +626,19 @@ impl RedisBroker {
             next_cursor: (next != "0").then_some(next),
         })
     }
+
+    pub async fn publish_control(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+        let mut con = self.commands.clone();
+        self.timed(
+            "publish",
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async::<u64>(&mut con),
+        )
+        .await
+        .map(drop)
+    }
 }
 
 /// The key holding the id of the newest entry trimmed from `stream_key`.
