@@ -104,10 +104,10 @@ pub async fn serve_public(
         );
         let node = node.clone();
         tokio::spawn(async move {
+            // The deadline below covers the whole request (hyper's own header timeout would
+            // not cover a socket that sends nothing at all).
             let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                .header_read_timeout(deadline);
+            builder.timer(TokioTimer::new()).header_read_timeout(None);
             let connection = builder
                 .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
                 .with_upgrades();

@@ -797,13 +797,15 @@ impl Session {
         };
         let proven = claims.is_some();
         let mut inbox_after = None;
+        // Every connection listens on its user's channel (the server API's disconnect comes
+        // that way); direct messages on it reach proven users only (see `accept`).
+        let channel_name = self.node.broker.keys().user_channel(&user_id);
+        let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
+            Ok(channel) => channel,
+            Err(JoinError::NodeFull) => return Ok(Err(node_full())),
+            Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login"))),
+        };
         if proven {
-            let channel_name = self.node.broker.keys().user_channel(&user_id);
-            let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
-                Ok(channel) => channel,
-                Err(JoinError::NodeFull) => return Ok(Err(node_full())),
-                Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login"))),
-            };
             // The user now exists for DMs (for the history TTL after its last login).
             let seen = self.node.broker.keys().user_seen(&user_id);
             if self
@@ -832,11 +834,11 @@ impl Session {
                     }
                 }
             }
-            self.inbox = Some(Inbox {
-                channel,
-                cursor: StreamCursor::default(),
-            });
         }
+        self.inbox = Some(Inbox {
+            channel,
+            cursor: StreamCursor::default(),
+        });
         self.user_slot = Some(user_slot);
         self.identity = Some(Identity {
             user_fragment: protocol::user_fragment(&user_id, &user_name),
@@ -1266,6 +1268,8 @@ impl Session {
                     Arc::ptr_eq(&r.channel, &delivery.channel) || *r.channel == *delivery.channel
                 })
                 .map(|r| &mut r.cursor),
+            // Anyone may claim any name in anonymous mode: no direct message for them.
+            Kind::Direct if !self.identity.as_ref().is_some_and(|i| i.proven) => None,
             Kind::Direct => self.inbox.as_mut().map(|i| &mut i.cursor),
         };
         let (Some(cursor), Some(id)) = (cursor, delivery.id) else {

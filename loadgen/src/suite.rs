@@ -250,6 +250,9 @@ impl Stack {
                     )
                     .env("GATEWAY_NODE_ID", format!("node-{k}"))
                     .env("GATEWAY_MAX_CONNECTIONS", "19500")
+                    // nginx runs on loopback: believe its X-Forwarded-For, so connections
+                    // through it count against their own source address's limit.
+                    .env("GATEWAY_TRUSTED_PROXIES", "127.0.0.1")
                     .env("RUST_LOG", "warn")
                     .stdout(log.try_clone()?)
                     .stderr(log),
@@ -1008,7 +1011,7 @@ pub fn main(a: SuiteArgs) -> Result<()> {
         "nodes": a.nodes, "duration_s": a.duration, "members": a.members, "window": a.window,
         "idle_per_node": a.idle_per_node, "idle_nginx": a.idle_nginx, "frame_bytes": frame_bytes,
         "gateway_bin": gateway_bin.display().to_string(),
-        "gateway_env": "GATEWAY_MAX_CONNECTIONS=19500, others default",
+        "gateway_env": "GATEWAY_MAX_CONNECTIONS=19500, GATEWAY_TRUSTED_PROXIES=127.0.0.1, others default",
         "nginx": "deploy/nginx/nginx.conf.template, worker_connections 19000, worker_rlimit_nofile 20000",
     });
     let doc = markdown(

@@ -588,6 +588,15 @@ impl Client {
         .await
     }
 
+    /// `login` proven by a token for `user` (for gateways started `with_jwt`).
+    pub async fn login_proven(&mut self, user: &str, room: Value) -> Result<Value> {
+        self.login_with(serde_json::json!({
+            "event": "login", "userId": user, "userName": format!("name-{user}"),
+            "roomId": room, "roomName": format!("room {room}"), "token": mint_token(user, &[])?,
+        }))
+        .await
+    }
+
     /// Sends a login frame and waits for the `login` frame naming this user and room.
     pub async fn login_with(&mut self, frame: Value) -> Result<Value> {
         let user = frame["userId"].clone();

@@ -467,7 +467,10 @@ impl Cluster {
         let redis = redis_on(opts.redis_port).await?;
         let mut nodes = Vec::with_capacity(opts.nodes);
         for i in 1..=opts.nodes {
-            let mut node_opts = GatewayOpts::redis(&redis.url()).node(&format!("node-{i}"));
+            // nginx connects from loopback: its X-Forwarded-For names the client.
+            let mut node_opts = GatewayOpts::redis(&redis.url())
+                .node(&format!("node-{i}"))
+                .env("GATEWAY_TRUSTED_PROXIES", "127.0.0.1");
             node_opts.env.extend(opts.gateway_env.iter().cloned());
             let node = Gateway::start(node_opts)
                 .await

@@ -83,8 +83,10 @@ async fn refused(
 async fn nodes(redis: &RedisServer, n: usize) -> Result<Vec<Gateway>> {
     let mut out = Vec::new();
     for i in 0..n {
+        // Direct messages reach proven users only.
         let opts = GatewayOpts::redis(&redis.url())
             .node(&format!("api{i}"))
+            .with_jwt()
             .env("GATEWAY_API_KEY", KEY);
         out.push(Gateway::start(opts).await?);
     }
@@ -96,9 +98,9 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
     let redis = RedisServer::start().await?;
     let gws = nodes(&redis, 2).await?;
     let mut alice = Client::connect(&gws[0].ws_url()).await?;
-    alice.login("alice", json!(7)).await?;
+    alice.login_proven("alice", json!(7)).await?;
     let mut bob = Client::connect(&gws[1].ws_url()).await?;
-    bob.login("bob", json!(7)).await?;
+    bob.login_proven("bob", json!(7)).await?;
     alice
         .recv_until(|f| f["event"] == "login" && f["userId"] == "bob")
         .await?;
@@ -199,7 +201,7 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
 
     // Disconnect alice everywhere (she is on node 0, the call goes to node 1); bob stays.
     let mut alice_tab2 = Client::connect(&gws[1].ws_url()).await?;
-    alice_tab2.login("alice", json!(8)).await?;
+    alice_tab2.login_proven("alice", json!(8)).await?;
     let answer = call(&gws[1], "POST", "/v1/users/alice/disconnect", None).await?;
     ensure!(
         answer == json!({"userId": "alice", "closeCode": 4010}),
@@ -341,7 +343,7 @@ async fn schemathesis_contract_fuzzing_finds_no_server_error() -> Result<()> {
     let gw = &gws[0];
     // Something to read: a user online and history in room 1.
     let mut client = Client::connect(&gw.ws_url()).await?;
-    client.login("fuzz-watcher", json!(1)).await?;
+    client.login_proven("fuzz-watcher", json!(1)).await?;
     call(
         gw,
         "POST",
