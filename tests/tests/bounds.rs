@@ -350,8 +350,14 @@ async fn one_address_or_one_user_cannot_take_every_slot() -> anyhow::Result<()> 
     // A forged X-Forwarded-For from an untrusted peer changes nothing.
     let refused = e2e::refused_upgrade(&gw.ws_url(), &[("x-forwarded-for", "9.9.9.9")]).await?;
     assert_eq!(refused.status, 429);
-    kept.pop();
-    let mut d = Client::connect(&gw.ws_url()).await?;
+    // A closed connection gives its slot back.
+    kept.pop().expect("three kept").close().await?;
+    let url = gw.ws_url();
+    let mut d = wait_for("the address's slot to be free again", WAIT, || {
+        let url = url.clone();
+        async move { Client::connect(&url).await.ok() }
+    })
+    .await?;
     // Per user: the third login of one user on this node is refused.
     for c in kept.iter_mut() {
         c.login("same", json!(1)).await?;

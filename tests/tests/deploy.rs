@@ -19,7 +19,7 @@ use e2e::{gateway_bin, http_get, workspace_root, Client, Gateway, GatewayOpts, R
 use serde_json::{json, Value};
 
 /// The `GATEWAY_*` variables the gateway accepts.
-const ACCEPTED_GATEWAY_ENV: [&str; 27] = [
+const ACCEPTED_GATEWAY_ENV: [&str; 28] = [
     "GATEWAY_LISTEN",
     "GATEWAY_ADMIN_LISTEN",
     "GATEWAY_REDIS_URL",
@@ -44,6 +44,7 @@ const ACCEPTED_GATEWAY_ENV: [&str; 27] = [
     "GATEWAY_JWT_AUDIENCE",
     "GATEWAY_JWT_LEEWAY_SECS",
     "GATEWAY_ALLOWED_ORIGINS",
+    "GATEWAY_TRUSTED_PROXIES",
     "GATEWAY_API_KEY",
     "GATEWAY_API_USER_ID",
     "GATEWAY_API_USER_NAME",
