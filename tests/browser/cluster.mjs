@@ -87,6 +87,8 @@ export class Cluster {
       NGINX_WORKER_RLIMIT_NOFILE: '4096',
       NGINX_PREFIX: prefix,
       NGINX_ACCESS_LOG: 'off',
+      // Fixed loopback upstreams: nothing to re-resolve (as e2e::nginx::LOCAL_RESOLVER).
+      NGINX_RESOLVER: '# no resolver: fixed upstream addresses',
     });
     const confPath = path.join(prefix, 'nginx.conf');
     fs.writeFileSync(confPath, conf);
@@ -110,6 +112,8 @@ export class Cluster {
         GATEWAY_ADMIN_LISTEN: `127.0.0.1:${node.adminPort}`,
         GATEWAY_REDIS_URL: `redis://127.0.0.1:${this.redisPort}/`,
         GATEWAY_NODE_ID: node.id,
+        // nginx connects from loopback: its X-Forwarded-For names the client.
+        GATEWAY_TRUSTED_PROXIES: '127.0.0.1',
         ...this.env,
       },
     });
