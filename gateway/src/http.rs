@@ -430,6 +430,19 @@ async fn room_members(
         .limit
         .unwrap_or(MEMBERS_PAGE_DEFAULT)
         .clamp(1, MEMBERS_PAGE_MAX);
+    // The cursor is the broker's (a Redis HSCAN number, or the embedded broker's last user
+    // id): anything else is a bad request, not a broker failure.
+    if let Some(cursor) = &query.cursor {
+        let valid = crate::protocol::check_name(cursor).is_ok()
+            && (node.broker.is_embedded() || cursor.parse::<u64>().is_ok());
+        if !valid {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_field", "message": "cursor must be a nextCursor of this API"})),
+            )
+                .into_response();
+        }
+    }
     let page = match node
         .broker
         .members(&room_key, query.cursor.as_deref(), limit)

@@ -275,6 +275,9 @@ async fn http_endpoints_agree_with_the_frames() -> anyhow::Result<()> {
     )
     .await?;
     assert_eq!(status, 400);
+    // A cursor this API never gave is a bad request, not a broker failure.
+    let (status, _) = http_get(&gws[0].addr(), "/api/rooms/42/members?cursor=garbage").await?;
+    assert_eq!(status, 400);
     Ok(())
 }
 
