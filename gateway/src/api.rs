@@ -538,6 +538,12 @@ async fn append(node: &Node, request: &AppendRequest, target: (&str, Value)) -> 
             "inbox_full",
             "the user's inbox is full; nothing was sent",
         ),
+        crate::broker::BrokerError::OutcomeUnknown(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outcome_unknown",
+            "the broker did not answer in time: the message may have been stored; retry with \
+             the same idempotencyKey",
+        ),
         _ => unavailable(),
     })?;
     let status = if appended.created {

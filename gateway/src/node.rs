@@ -23,6 +23,9 @@ use std::net::IpAddr;
 
 pub struct Node {
     pub config: Config,
+    /// Random per process start: connection keys of a restarted node (same node id) never
+    /// collide with its previous life's presence entries.
+    pub incarnation: String,
     /// `None`: anonymous mode (identities are self-asserted; nothing private is served).
     pub auth: Option<Authenticator>,
     pub origins: OriginPolicy,
@@ -135,6 +138,7 @@ impl Node {
         acks.clone().spawn_flusher(background_stop.clone());
 
         Ok(Arc::new(Node {
+            incarnation: format!("{:08x}", rand::random::<u32>()),
             pending_handshakes: Arc::new(tokio::sync::Semaphore::new(
                 config.max_pending_handshakes as usize,
             )),

@@ -48,12 +48,13 @@ pub enum ErrorCode {
     TooManyConnections,
     InboxFull,
     UnknownUser,
+    OutcomeUnknown,
     Unavailable,
     Internal,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 20] = [
         ErrorCode::BadJson,
         ErrorCode::NotObject,
         ErrorCode::BinaryFrame,
@@ -71,6 +72,7 @@ impl ErrorCode {
         ErrorCode::TooManyConnections,
         ErrorCode::InboxFull,
         ErrorCode::UnknownUser,
+        ErrorCode::OutcomeUnknown,
         ErrorCode::Unavailable,
         ErrorCode::Internal,
     ];
@@ -94,6 +96,7 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::InboxFull => "inbox_full",
             ErrorCode::UnknownUser => "unknown_user",
+            ErrorCode::OutcomeUnknown => "outcome_unknown",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
         }

@@ -227,7 +227,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
     let (outbox, mut queue) = mpsc::channel(node.config.outbound_queue as usize);
     let slow = CancellationToken::new();
     let mut session = Session {
-        conn_key: format!("{}:{conn_id}", node.node_id),
+        conn_key: format!("{}:{}:{conn_id}", node.node_id, node.incarnation),
         member: Member {
             conn_id,
             outbox,
@@ -952,6 +952,9 @@ impl Session {
                 write(socket, frame).await?;
                 Ok(Ok(()))
             }
+            Err(BrokerError::OutcomeUnknown(_)) => Ok(Err(outcome_unknown()
+                .in_room(&room)
+                .with_client_msg_id(cmid))),
             Err(_) => Ok(Err(self
                 .unavailable("sending")
                 .in_room(&room)
@@ -1024,6 +1027,9 @@ impl Session {
                 format!("{to_user_id} has not logged in recently; the message was not sent"),
             )
             .with_client_msg_id(cmid))),
+            Err(BrokerError::OutcomeUnknown(_)) => {
+                Ok(Err(outcome_unknown().with_client_msg_id(cmid)))
+            }
             Err(_) => Ok(Err(self.unavailable("sending").with_client_msg_id(cmid))),
         }
     }
@@ -1325,6 +1331,14 @@ impl Session {
         }
         flush(socket).await
     }
+}
+
+fn outcome_unknown() -> FrameError {
+    FrameError::new(
+        ErrorCode::OutcomeUnknown,
+        "the broker did not answer in time: the message may or may not have been stored; \
+         send it again with the same clientMsgId (a retry never duplicates it)",
+    )
 }
 
 fn node_full() -> FrameError {

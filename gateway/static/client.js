@@ -71,6 +71,10 @@ export const CLOSE_CODES = Object.freeze({
 // Errors after which re-sending the same frame cannot help.
 const PERMANENT_SEND_ERRORS = new Set([
   'bad_json', 'not_object', 'missing_field', 'invalid_field', 'unknown_event',
+  // Retrying the same send cannot help: the room or DMs are not allowed, the recipient's inbox
+  // is full or the recipient unknown. (`outcome_unknown`, `unavailable`, `rate_limited` are
+  // retried with the same clientMsgId.)
+  'forbidden', 'inbox_full', 'unknown_user',
 ]);
 
 /**

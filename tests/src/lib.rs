@@ -196,6 +196,13 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 
+    /// Sends `signal` to the server (19 = SIGSTOP freezes it, 18 = SIGCONT thaws it).
+    pub fn signal(&self, signal: i32) {
+        if let Some(p) = &self.proc {
+            p.signal(signal);
+        }
+    }
+
     /// Kills the server (SIGKILL): its data is gone.
     pub fn kill(&mut self) {
         if let Some(mut p) = self.proc.take() {

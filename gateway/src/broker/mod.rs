@@ -27,6 +27,10 @@ pub enum BrokerError {
     /// The broker answered something this code does not understand.
     #[error("unexpected broker reply: {0}")]
     Protocol(String),
+    /// The request was sent but no answer came (a timeout, or the connection dropped after
+    /// it was written): it may or may not have been carried out.
+    #[error("broker outcome unknown: {0}")]
+    OutcomeUnknown(String),
     /// The stream holds as many entries as it may and refuses more (inboxes).
     #[error("the stream is full")]
     Full,
@@ -96,7 +100,7 @@ pub struct Appended {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PresenceEntry {
     pub room_key: String,
-    /// `node:connection`, unique in the cluster.
+    /// `node:incarnation:connection`, unique in the cluster and across restarts.
     pub conn_key: String,
     pub user_id: String,
     /// `"userId":…,"userName":…`

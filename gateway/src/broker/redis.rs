@@ -23,6 +23,9 @@ use crate::protocol::StreamId;
 
 /// Entries per refresh script call (one pipelined batch holds all calls of a round).
 const REFRESH_BATCH: usize = 500;
+/// How often, and how patiently, Redis is PINGed for `/readyz`.
+const PROBE_EVERY: Duration = Duration::from_millis(500);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Expired entries removed per prune call.
 const PRUNE_BATCH: usize = 1000;
 
@@ -63,6 +66,9 @@ pub struct RedisBroker {
     subscriptions: Mutex<Subscriptions>,
     /// True while the pub/sub connection is up (commands reconnect by themselves).
     up: AtomicBool,
+    /// True while Redis answers a PING within `PROBE_TIMEOUT` (a frozen Redis keeps its
+    /// sockets open: only an answer tells it is alive).
+    responsive: AtomicBool,
     limits: Limits,
     metrics: Arc<Metrics>,
 }
@@ -105,15 +111,42 @@ impl RedisBroker {
             scripts: Scripts::load(),
             subscriptions: Mutex::new(Subscriptions::default()),
             up: AtomicBool::new(false),
+            responsive: AtomicBool::new(true),
             limits,
             metrics,
         });
+        tokio::spawn(Arc::clone(&broker).probe(shutdown.clone()));
         tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
         Ok(broker)
     }
 
+    /// Up: pub/sub connected and Redis answering in time.
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.up.load(Ordering::Relaxed) && self.responsive.load(Ordering::Relaxed)
+    }
+
+    /// PINGs Redis every `PROBE_EVERY` until `shutdown`, recording whether it answers within
+    /// `PROBE_TIMEOUT` (drives `/readyz`).
+    async fn probe(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(PROBE_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let mut con = self.commands.clone();
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut con);
+            let answered = matches!(tokio::time::timeout(PROBE_TIMEOUT, ping).await, Ok(Ok(_)));
+            if answered != self.responsive.swap(answered, Ordering::Relaxed) {
+                if answered {
+                    tracing::info!("redis answers again");
+                } else {
+                    tracing::warn!("redis does not answer within {PROBE_TIMEOUT:?}: not ready");
+                }
+            }
+        }
     }
 
     /// Keeps one pub/sub connection alive: connect, subscribe to every wanted channel, forward
@@ -194,12 +227,25 @@ impl RedisBroker {
             subs.wanted.insert(channel.to_string());
             subs.sink.clone()
         };
-        let Some(mut sink) = sink else {
-            return Err(BrokerError::Unavailable(
+        let result = match sink {
+            Some(mut sink) => self.timed("subscribe", sink.subscribe(channel)).await,
+            None => Err(BrokerError::Unavailable(
                 "redis pub/sub is reconnecting".into(),
-            ));
+            )),
         };
-        self.timed("subscribe", sink.subscribe(channel)).await
+        if result.is_err() {
+            // The caller gives the channel up: it must not be re-subscribed after a
+            // reconnect (a failed login would leave a subscription nobody listens to).
+            let sink = {
+                let mut subs = self.subscriptions.lock().expect("subscriptions lock");
+                subs.wanted.remove(channel);
+                subs.sink.clone()
+            };
+            if let Some(mut sink) = sink {
+                let _ = sink.unsubscribe(channel).await;
+            }
+        }
+        result
     }
 
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
@@ -261,9 +307,26 @@ impl RedisBroker {
             })
             .arg(self.limits.history_ttl_ms);
         let mut con = self.commands.clone();
-        let (id, created): (String, i64) = self
-            .timed("append", invocation.invoke_async(&mut con))
-            .await?;
+        let started = Instant::now();
+        let result: Result<(String, i64), RedisError> = invocation.invoke_async(&mut con).await;
+        self.metrics
+            .redis_command_duration
+            .with_label_values(&["append"])
+            .observe(started.elapsed().as_secs_f64());
+        let (id, created) = result.map_err(|e| {
+            self.metrics
+                .redis_errors
+                .with_label_values(&["append"])
+                .inc();
+            // A write that timed out or lost its connection after being sent may have been
+            // stored: say so, so the client retries with the same clientMsgId instead of
+            // believing it was not sent.
+            if e.is_timeout() || e.is_connection_dropped() {
+                BrokerError::OutcomeUnknown(e.to_string())
+            } else {
+                unavailable(e)
+            }
+        })?;
         match created {
             -1 => return Err(BrokerError::UnknownRecipient),
             -2 => return Err(BrokerError::Full),

@@ -1,0 +1,170 @@
+//! Honest answers under broker faults (a first part of the fault suite of issue 16): a frozen
+//! Redis makes nodes unready and sends answer `outcome_unknown` (retry with the same
+//! clientMsgId is safe), a node restarted with a fixed id does not collide with its previous
+//! life, and logins that failed during an outage leave no subscriptions.
+
+use std::time::Duration;
+
+use e2e::{is, wait_for, Client, Gateway, GatewayOpts, RedisServer, WAIT};
+use serde_json::json;
+
+const SIGSTOP: i32 = 19;
+const SIGCONT: i32 = 18;
+
+/// Thaws Redis when dropped, so a failing test never leaves it frozen.
+struct Thaw<'a>(&'a RedisServer);
+
+impl Drop for Thaw<'_> {
+    fn drop(&mut self) {
+        self.0.signal(SIGCONT);
+    }
+}
+
+#[tokio::test]
+async fn a_frozen_redis_makes_the_node_unready_and_sends_uncertain() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gw = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    gw.wait_ready(200).await?;
+    let mut a = Client::connect(&gw.ws_url()).await?;
+    a.login("a", json!("frozen")).await?;
+    // One message first, so Redis has the append script: a frozen Redis then holds a real
+    // write, not a NOSCRIPT answer to come.
+    a.send(json!({"roomId":"frozen","content":"warm"})).await?;
+    a.recv_until(is("message")).await?;
+
+    redis.signal(SIGSTOP);
+    let thaw = Thaw(&redis);
+    // The sockets stay open, yet /readyz must say the node cannot serve.
+    gw.wait_ready(503).await?;
+    a.send(json!({"roomId":"frozen","content":"maybe","clientMsgId":"m1"}))
+        .await?;
+    // Redis got the script but cannot answer: not "not sent", but "unknown".
+    let err = a
+        .recv_until_timeout(Duration::from_secs(15), is("error"))
+        .await?;
+    assert_eq!(err["code"], "outcome_unknown", "{err}");
+    assert_eq!(err["clientMsgId"], "m1");
+    drop(thaw);
+    gw.wait_ready(200).await?;
+    // It was stored after all: the retry with the same clientMsgId says so, no duplicate.
+    let first = a
+        .recv_until(|f| f["event"] == "message" && f["content"] == "maybe")
+        .await?;
+    a.send(json!({"roomId":"frozen","content":"maybe","clientMsgId":"m1"}))
+        .await?;
+    let sent = a.recv_until(is("sent")).await?;
+    assert_eq!(sent["id"], first["id"]);
+    assert_eq!(sent["duplicate"], true);
+    let mut con = redis.connection().await?;
+    let stored: u64 = redis::cmd("XLEN")
+        .arg("gw:{r:frozen}:s")
+        .query_async(&mut con)
+        .await?;
+    assert_eq!(stored, 2, "warm + maybe, once");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_restarted_with_its_old_id_does_not_collide_with_its_past() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let opts = GatewayOpts::redis(&redis.url())
+        .node("fixed")
+        .env("GATEWAY_PRESENCE_TTL_MS", 1500);
+    let watcher_node = Gateway::start(
+        GatewayOpts::redis(&redis.url())
+            .node("watcher")
+            .env("GATEWAY_PRESENCE_TTL_MS", 1500),
+    )
+    .await?;
+    let mut watcher = Client::connect(&watcher_node.ws_url()).await?;
+    watcher.login("w", json!("r")).await?;
+    let mut first = Gateway::start(opts.clone()).await?;
+    let mut old = Vec::new();
+    for user in ["old1", "old2"] {
+        let mut c = Client::connect(&first.ws_url()).await?;
+        c.login(user, json!("r")).await?;
+        old.push(c);
+    }
+    watcher
+        .recv_until(|f| f["event"] == "login" && f["num"] == 3)
+        .await?;
+    first.proc.kill();
+    // Same node id, new process: its first connections get the same connection numbers.
+    let second = Gateway::start(opts).await?;
+    let mut new = Vec::new();
+    for user in ["new1", "new2"] {
+        let mut c = Client::connect(&second.ws_url()).await?;
+        c.login(user, json!("r")).await?;
+        new.push(c);
+    }
+    // The dead users leave (once each); the new ones stay.
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        let logout = watcher
+            .recv_until_timeout(Duration::from_secs(10), is("logout"))
+            .await?;
+        gone.push(logout["userId"].as_str().unwrap_or_default().to_string());
+    }
+    gone.sort();
+    assert_eq!(gone, ["old1", "old2"]);
+    watcher
+        .expect_none(Duration::from_secs(3), is("logout"))
+        .await?;
+    watcher
+        .send(json!({"roomId":"r","content":"count"}))
+        .await?;
+    let msg = watcher.recv_until(is("message")).await?;
+    assert_eq!(msg["num"], 3, "watcher + new1 + new2");
+    Ok(())
+}
+
+#[tokio::test]
+async fn logins_failed_during_an_outage_leave_no_subscriptions() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let gw = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    redis.kill();
+    gw.wait_ready(503).await?;
+    for i in 0..20 {
+        let mut c = Client::connect(&gw.ws_url()).await?;
+        c.send(json!({"event":"login","userId":format!("u{i}"),"roomId":format!("lost{i}")}))
+            .await?;
+        let err = c.recv_until(is("error")).await?;
+        assert_eq!(err["code"], "unavailable", "{err}");
+    }
+    redis.restart().await?;
+    gw.wait_ready(200).await?;
+    // After the reconnect, the node subscribed nothing for the failed logins. (Commands may
+    // still be reconnecting for a moment after /readyz turned 200: retry the probe's login.)
+    let url = gw.ws_url();
+    let _probe = wait_for("a login to succeed again", WAIT, || {
+        let url = url.clone();
+        async move {
+            let mut probe = Client::connect(&url).await.ok()?;
+            probe
+                .send(json!({"event":"login","userId":"probe","roomId":"alive"}))
+                .await
+                .ok()?;
+            let answer = probe
+                .recv_until(|f| f["event"] == "login" || f["event"] == "error")
+                .await
+                .ok()?;
+            (answer["event"] == "login").then_some(probe)
+        }
+    })
+    .await?;
+    let channels = wait_for("the probe's room to be subscribed", WAIT, || async {
+        let channels = redis.pubsub_channels().await.ok()?;
+        channels
+            .iter()
+            .any(|c| c.contains("alive"))
+            .then_some(channels)
+    })
+    .await?;
+    // Neither the rooms nor the user channels of the failed logins.
+    let leaked: Vec<&String> = channels
+        .iter()
+        .filter(|c| c.contains("lost") || c.contains("{u:u"))
+        .collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
+    Ok(())
+}
