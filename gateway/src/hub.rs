@@ -43,7 +43,28 @@ struct Channel {
     members: Vec<Member>,
     /// Serialises subscribe/unsubscribe of this channel; holds whether it is subscribed.
     gate: Arc<tokio::sync::Mutex<bool>>,
+    /// Where the channel's messages are kept (rooms and proven users' inboxes).
+    stream: Option<ChannelStream>,
+    /// The newest message id dispatched here (or the stream's newest when it was subscribed):
+    /// after a broker reconnect, everything after it is read back from the stream.
+    last_id: Option<StreamId>,
 }
+
+/// The stream behind a channel, so a gap after a broker reconnect can be read back.
+#[derive(Debug, Clone)]
+pub struct ChannelStream {
+    pub stream_key: String,
+    /// Frame head up to the id (`MESSAGE_HEAD` / `DM_HEAD`).
+    pub frame_head: &'static str,
+    pub kind: Kind,
+    /// `"roomId":…` or `"dm":true`: what a `resync` frame names.
+    pub target_json: String,
+}
+
+/// Messages read back per stream read when repairing a gap, and reads per channel at most
+/// (beyond: members are told to resync).
+const REPAIR_PAGE: usize = 500;
+const REPAIR_PAGES: usize = 20;
 
 /// Why a connection could not join a channel.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -80,8 +101,13 @@ impl Hub {
     }
 
     /// Adds a member to a channel and returns once the node is subscribed to it. On error the
-    /// member is removed again.
-    pub async fn join(&self, channel: &str, member: Member) -> Result<Arc<str>, JoinError> {
+    /// member is removed again. `stream`: where the channel's messages are kept, if anywhere.
+    pub async fn join(
+        &self,
+        channel: &str,
+        member: Member,
+        stream: Option<ChannelStream>,
+    ) -> Result<Arc<str>, JoinError> {
         let conn_id = member.conn_id;
         let (name, gate) = {
             let mut channels = self.channels();
@@ -94,12 +120,29 @@ impl Hub {
                     name: Arc::from(channel),
                     members: Vec::new(),
                     gate: Arc::new(tokio::sync::Mutex::new(false)),
+                    stream: None,
+                    last_id: None,
                 });
             entry.members.push(member);
+            if entry.stream.is_none() {
+                entry.stream = stream.clone();
+            }
             (entry.name.clone(), entry.gate.clone())
         };
         let mut subscribed = gate.lock().await;
         if !*subscribed {
+            // The stream's newest id *before* subscribing is where a gap would start: every
+            // message received live is newer.
+            if let Some(stream) = &stream {
+                match self.broker.newest_id(&stream.stream_key).await {
+                    Ok(newest) => self.advance(channel, newest.unwrap_or(StreamId::ZERO)),
+                    Err(e) => {
+                        drop(subscribed);
+                        self.leave(channel, conn_id).await;
+                        return Err(e.into());
+                    }
+                }
+            }
             if let Err(e) = self.broker.subscribe(channel).await {
                 drop(subscribed);
                 self.leave(channel, conn_id).await;
@@ -145,15 +188,164 @@ impl Hub {
         }
     }
 
-    /// Fans broker messages out to local members until the broker side closes.
-    pub async fn dispatch(self: Arc<Self>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
-        while let Some(msg) = inbound.recv().await {
-            self.dispatch_one(msg);
+    /// Moves a channel's last dispatched id forward to `id` (never back).
+    fn advance(&self, channel: &str, id: StreamId) {
+        if let Some(entry) = self.channels().get_mut(channel) {
+            entry.last_id = Some(entry.last_id.map_or(id, |last| last.max(id)));
         }
     }
 
-    fn dispatch_one(&self, msg: Inbound) {
-        let Some(envelope) = Envelope::parse(&msg.payload) else {
+    /// Fans broker messages out to local members until the broker side closes; after a
+    /// broker reconnect, first reads back what was published meanwhile.
+    pub async fn dispatch(self: Arc<Self>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
+        while let Some(msg) = inbound.recv().await {
+            match msg {
+                Inbound::Message { channel, payload } => self.dispatch_one(&channel, &payload),
+                Inbound::Resubscribed => self.repair_gaps().await,
+            }
+        }
+    }
+
+    /// Reads every stream-backed channel's stream after its last dispatched id and hands the
+    /// members what they missed, in order. Where the history no longer holds the gap (trimmed,
+    /// or Redis lost it), members get a `resync` frame first.
+    async fn repair_gaps(&self) {
+        let wanted: Vec<(Arc<str>, ChannelStream, StreamId)> = self
+            .channels()
+            .values()
+            .filter_map(|c| Some((c.name.clone(), c.stream.clone()?, c.last_id?)))
+            .collect();
+        for (channel, stream, last) in wanted {
+            let mut after = last;
+            let mut lost = false;
+            let mut complete = false;
+            for _ in 0..REPAIR_PAGES {
+                let page = match self.read_back(&stream, after).await {
+                    Ok(page) => page,
+                    Err(e) => {
+                        tracing::warn!(%channel, "gap repair failed: {e}");
+                        self.resync(&channel, &stream, after);
+                        lost = true;
+                        break;
+                    }
+                };
+                if page.truncated && after == last {
+                    lost = true;
+                    self.resync(&channel, &stream, last);
+                }
+                let got = page.entries.len();
+                for (id, frame) in page.entries {
+                    after = id;
+                    self.redeliver(&channel, &stream, id, frame);
+                }
+                if got < REPAIR_PAGE {
+                    complete = true;
+                    break;
+                }
+            }
+            if lost {
+                continue; // told already
+            }
+            if !complete {
+                self.resync(&channel, &stream, after);
+                continue;
+            }
+            // Nothing newer, but was the history itself lost (Redis restarted empty)?
+            if after == last && last > StreamId::ZERO {
+                match self.broker.newest_id(&stream.stream_key).await {
+                    Ok(newest) if newest.unwrap_or(StreamId::ZERO) >= last => {}
+                    _ => self.resync(&channel, &stream, last),
+                }
+            }
+        }
+    }
+
+    /// One read of a gap, retried for a few seconds: right after a reconnect the command
+    /// connection may still be reconnecting too.
+    async fn read_back(
+        &self,
+        stream: &ChannelStream,
+        after: StreamId,
+    ) -> Result<crate::broker::Page, BrokerError> {
+        let mut delay = std::time::Duration::from_millis(50);
+        let mut attempts = 0;
+        loop {
+            match self
+                .broker
+                .range(&stream.stream_key, stream.frame_head, after, REPAIR_PAGE)
+                .await
+            {
+                Ok(page) => return Ok(page),
+                Err(e) if attempts >= 8 => return Err(e),
+                Err(_) => {
+                    attempts += 1;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Dispatches a message read back from a stream (unless it was dispatched live already).
+    fn redeliver(&self, channel: &str, stream: &ChannelStream, id: StreamId, frame: String) {
+        let mut channels = self.channels();
+        let Some(entry) = channels.get_mut(channel) else {
+            return;
+        };
+        if entry.last_id.is_some_and(|last| id <= last) {
+            return;
+        }
+        entry.last_id = Some(id);
+        self.metrics.gap_repairs.inc();
+        let delivery = Arc::new(Delivery {
+            channel: entry.name.clone(),
+            kind: stream.kind,
+            id: Some(id),
+            frame: Utf8Bytes::from(frame),
+            published_us: crate::broker::now_us(),
+            sender_conn: None,
+        });
+        self.hand_out(entry, delivery);
+    }
+
+    /// Tells a channel's members that messages after `last_id` are lost to them.
+    fn resync(&self, channel: &str, stream: &ChannelStream, last_id: StreamId) {
+        let channels = self.channels();
+        let Some(entry) = channels.get(channel) else {
+            return;
+        };
+        self.metrics.resyncs.inc();
+        tracing::warn!(%channel, %last_id, "history does not hold the gap: members told to resync");
+        let frame = format!(
+            r#"{{"event":"resync",{},"lastId":"{last_id}"}}"#,
+            stream.target_json
+        );
+        let delivery = Arc::new(Delivery {
+            channel: entry.name.clone(),
+            kind: Kind::Presence,
+            id: None,
+            frame: Utf8Bytes::from(frame),
+            published_us: crate::broker::now_us(),
+            sender_conn: None,
+        });
+        self.hand_out(entry, delivery);
+    }
+
+    fn hand_out(&self, entry: &Channel, delivery: Arc<Delivery>) {
+        for member in &entry.members {
+            match member.outbox.try_send(delivery.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.metrics.outbound_dropped.inc();
+                    member.slow.cancel();
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+    }
+
+    fn dispatch_one(&self, channel: &[u8], payload: &bytes::Bytes) {
+        let Some(envelope) = Envelope::parse(payload) else {
             tracing::warn!("dropping a malformed broker message");
             return;
         };
@@ -161,13 +353,21 @@ impl Hub {
             tracing::warn!("dropping a broker message that is not UTF-8");
             return;
         };
-        let Ok(channel) = std::str::from_utf8(&msg.channel) else {
+        let Ok(channel) = std::str::from_utf8(channel) else {
             return;
         };
-        let channels = self.channels();
-        let Some(entry) = channels.get(channel) else {
+        let mut channels = self.channels();
+        let Some(entry) = channels.get_mut(channel) else {
             return; // unsubscribed meanwhile
         };
+        if let Some(id) = envelope.id {
+            // Read back by a gap repair already: the live copy is a duplicate.
+            if entry.last_id.is_some_and(|last| id <= last) {
+                return;
+            }
+            entry.last_id = Some(id);
+        }
+        let entry = &*entry;
         let span =
             crate::telemetry::delivery_span(&envelope.traceparent, channel, entry.members.len());
         let _entered = span.enter();
@@ -181,15 +381,6 @@ impl Hub {
                 .sender_conn
                 .filter(|_| envelope.origin == self.node_id),
         });
-        for member in &entry.members {
-            match member.outbox.try_send(delivery.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.metrics.outbound_dropped.inc();
-                    member.slow.cancel();
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
+        self.hand_out(entry, delivery);
     }
 }

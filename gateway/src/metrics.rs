@@ -76,6 +76,8 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub connections_refused: IntCounterVec,
     pub handshake_timeouts: IntCounter,
+    pub gap_repairs: IntCounter,
+    pub resyncs: IntCounter,
     pub broker_up: IntGauge,
     /// 1 while `/readyz` answers 200 (set when metrics are rendered).
     pub ready: IntGauge,
@@ -229,6 +231,14 @@ impl Metrics {
                     "Connections or logins refused by a connection limit, by reason"
                 ),
                 &["reason"]
+            )),
+            gap_repairs: register!(IntCounter::new(
+                "gateway_gap_repairs_total",
+                "Messages read back from the streams after a broker reconnect and delivered"
+            )),
+            resyncs: register!(IntCounter::new(
+                "gateway_resyncs_total",
+                "Channels whose members were told to resync: the history no longer held a gap"
             )),
             handshake_timeouts: register!(IntCounter::new(
                 "gateway_handshake_timeouts_total",

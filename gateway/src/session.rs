@@ -18,7 +18,7 @@ use crate::broker::{
     now_ms, now_us, AppendRequest, BrokerError, EnvelopeHeader, Kind, PresenceEntry,
 };
 use crate::delivery::{Redelivery, StreamCursor};
-use crate::hub::{Delivery, JoinError, Member};
+use crate::hub::{ChannelStream, Delivery, JoinError, Member};
 use crate::limits::{CountGuard, Limited, TokenBucket};
 use crate::node::{ConnectionSlot, Node};
 use crate::protocol::{
@@ -674,7 +674,17 @@ impl Session {
             .or_else(|| login.room_name.clone())
             .unwrap_or_else(|| room.key.clone());
         let channel_name = self.node.broker.keys().room_channel(&room.key);
-        let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
+        let stream = ChannelStream {
+            stream_key: self.node.broker.keys().room_stream(&room.key),
+            frame_head: protocol::MESSAGE_HEAD,
+            kind: Kind::Message,
+            target_json: format!(r#""roomId":{}"#, room.json),
+        };
+        let joined = self
+            .node
+            .hub
+            .join(&channel_name, self.member.clone(), Some(stream));
+        let channel = match joined.await {
             Ok(channel) => channel,
             Err(JoinError::NodeFull) => return Ok(Err(node_full().in_room(&room))),
             Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login").in_room(&room))),
@@ -800,7 +810,18 @@ impl Session {
         // Every connection listens on its user's channel (the server API's disconnect comes
         // that way); direct messages on it reach proven users only (see `accept`).
         let channel_name = self.node.broker.keys().user_channel(&user_id);
-        let channel = match self.node.hub.join(&channel_name, self.member.clone()).await {
+        // A proven user's inbox is read back after a broker reconnect like a room.
+        let stream = proven.then(|| ChannelStream {
+            stream_key: self.node.broker.keys().inbox_stream(&user_id),
+            frame_head: protocol::DM_HEAD,
+            kind: Kind::Direct,
+            target_json: r#""dm":true"#.to_string(),
+        });
+        let joined = self
+            .node
+            .hub
+            .join(&channel_name, self.member.clone(), stream);
+        let channel = match joined.await {
             Ok(channel) => channel,
             Err(JoinError::NodeFull) => return Ok(Err(node_full())),
             Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login"))),

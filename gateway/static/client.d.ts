@@ -227,6 +227,8 @@ export interface ChatClientEvents {
   error: (frame: ErrorFrame) => void;
   /** The gateway accepted a new token. */
   refreshed: (frame: ServerFrame & { exp?: number }) => void;
+  /** Messages after `lastId` of a room (or the inbox, `dm: true`) are lost for good. */
+  resync: (frame: ServerFrame & { lastId?: string; dm?: boolean }) => void;
   frame: (frame: ServerFrame) => void;
 }
 

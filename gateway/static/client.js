@@ -935,6 +935,10 @@ export class ChatClient {
       case 'dm':
         if (frame.id) this._raw({ event: 'ack', dm: true, id: frame.id });
         return this._emit('dm', frame);
+      case 'resync':
+        // The gateway lost messages of this room (or the inbox) for good, after lastId: the
+        // application may reload what it shows. Nothing to do for delivery itself.
+        return this._emit('resync', frame);
       default:
     }
   }

@@ -168,3 +168,91 @@ async fn logins_failed_during_an_outage_leave_no_subscriptions() -> anyhow::Resu
     assert!(leaked.is_empty(), "{leaked:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn members_get_what_was_published_while_pubsub_reconnected() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let sender_node = Gateway::start(GatewayOpts::redis(&redis.url()).node("gap-a")).await?;
+    let member_node = Gateway::start(GatewayOpts::redis(&redis.url()).node("gap-b")).await?;
+    let mut member = Client::connect(&member_node.ws_url()).await?;
+    member.login("m", json!("gap")).await?;
+    let mut sender = Client::connect(&sender_node.ws_url()).await?;
+    sender.login("s", json!("gap")).await?;
+
+    // Cut every node's pub/sub connection again and again while the sender talks.
+    let killer = {
+        let url = redis.url();
+        tokio::spawn(async move {
+            let client = redis::Client::open(url).expect("redis url");
+            let mut con = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let _: Result<i64, _> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query_async(&mut con)
+                    .await;
+            }
+        })
+    };
+    let mut stored = Vec::new();
+    for i in 0..120 {
+        let cmid = format!("g{i}");
+        sender
+            .send(json!({"roomId":"gap","content":format!("m{i}"),"clientMsgId":cmid}))
+            .await?;
+        // The sender's confirmation is its own copy (repaired too) or `sent` on a retry.
+        let own = sender
+            .recv_until(|f| f["clientMsgId"] == cmid.as_str() && f["id"].is_string())
+            .await?;
+        stored.push(own["id"].as_str().unwrap_or_default().to_string());
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    killer.await?;
+    assert!(
+        member_node
+            .metric("gateway_pubsub_reconnects_total")
+            .await?
+            >= 1.0
+    );
+    // The member gets every stored message, in order, each once.
+    let mut got = Vec::new();
+    while got.len() < stored.len() {
+        let msg = member
+            .recv_until_timeout(Duration::from_secs(10), is("message"))
+            .await
+            .map_err(|e| e.context(format!("{} of {} received", got.len(), stored.len())))?;
+        got.push(msg["id"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(got, stored);
+    member
+        .expect_none(Duration::from_millis(300), is("message"))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn members_are_told_to_resync_when_redis_lost_the_history() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let gw = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    let mut member = Client::connect(&gw.ws_url()).await?;
+    member.login("m", json!("lost")).await?;
+    member
+        .send(json!({"roomId":"lost","content":"before"}))
+        .await?;
+    let before = member.recv_until(is("message")).await?;
+    // Redis comes back empty: the room's history is gone.
+    redis.kill();
+    redis.restart().await?;
+    let resync = member
+        .recv_until_timeout(Duration::from_secs(15), is("resync"))
+        .await?;
+    assert_eq!(resync["roomId"], "lost");
+    assert_eq!(resync["lastId"], before["id"]);
+    assert!(gw.metric("gateway_resyncs_total").await? >= 1.0);
+    Ok(())
+}

@@ -95,7 +95,7 @@ impl MemoryBroker {
     /// reach the dispatcher in the order they happened).
     fn publish(&self, state: &State, channel: &str, payload: String) {
         if state.subscribed.contains(channel) {
-            let _ = self.inbound.send(Inbound {
+            let _ = self.inbound.send(Inbound::Message {
                 channel: Bytes::copy_from_slice(channel.as_bytes()),
                 payload: Bytes::from(payload),
             });

@@ -52,11 +52,14 @@ pub struct Limits {
     pub history_ttl_ms: u64,
 }
 
-/// A message received from the broker on a subscribed channel.
+/// What the broker hands the hub's dispatcher, in order.
 #[derive(Debug, Clone)]
-pub struct Inbound {
-    pub channel: Bytes,
-    pub payload: Bytes,
+pub enum Inbound {
+    /// A message received on a subscribed channel.
+    Message { channel: Bytes, payload: Bytes },
+    /// The subscriptions were re-established after the connection was lost: whatever was
+    /// published meanwhile was not received (the hub reads it back from the streams).
+    Resubscribed,
 }
 
 /// Where the broker delivers subscribed messages (drained by the hub's dispatcher).

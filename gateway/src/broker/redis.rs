@@ -186,6 +186,11 @@ impl RedisBroker {
                     if connected_before {
                         self.metrics.pubsub_reconnects.inc();
                         tracing::info!("redis pub/sub reconnected; subscriptions restored");
+                        // Before any message of the new connection: the hub repairs the gap
+                        // first, so members get the missed messages in order.
+                        if inbound.send(Inbound::Resubscribed).is_err() {
+                            return;
+                        }
                         on_reconnect();
                     }
                     connected_before = true;
@@ -195,7 +200,7 @@ impl RedisBroker {
                             msg = stream.next() => msg,
                         };
                         let Some(msg) = msg else { break };
-                        let inbound_msg = Inbound {
+                        let inbound_msg = Inbound::Message {
                             channel: Bytes::copy_from_slice(msg.get_channel_name().as_bytes()),
                             payload: Bytes::copy_from_slice(msg.get_payload_bytes()),
                         };
