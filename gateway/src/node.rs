@@ -92,6 +92,8 @@ impl Node {
                 let slot = presence_slot.clone();
                 let on_reconnect = Arc::new(move || {
                     if let Some(presence) = slot.get().cloned() {
+                        // Others could not refresh through the outage either.
+                        presence.disturbed("the broker connection was lost");
                         tokio::spawn(async move {
                             // The command connection may still be reconnecting: retry a while.
                             let mut delay = std::time::Duration::from_millis(50);

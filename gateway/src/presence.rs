@@ -15,7 +15,12 @@ use crate::broker::{
 };
 use crate::metrics::Metrics;
 
+/// Prune batches one tick may run (each removes up to the broker's batch size).
+const PRUNE_ROUNDS: usize = 50;
+
 pub struct Presence {
+    /// When this node last could not keep its entries fresh (see `disturbed`).
+    disturbed_at: Mutex<Option<std::time::Instant>>,
     /// Live entries of this node by (connection, room key).
     entries: Mutex<HashMap<(u64, String), PresenceEntry>>,
     broker: Broker,
@@ -27,6 +32,7 @@ pub struct Presence {
 impl Presence {
     pub fn new(broker: Broker, node_id: String, ttl: Duration, metrics: Arc<Metrics>) -> Presence {
         Presence {
+            disturbed_at: Mutex::new(None),
             entries: Mutex::new(HashMap::new()),
             broker,
             node_id,
@@ -96,7 +102,10 @@ impl Presence {
     /// Pushes every live entry's expiry forward (re-creating vanished ones).
     pub async fn refresh(&self) -> Result<u64, BrokerError> {
         let entries: Vec<PresenceEntry> = self.entries().values().cloned().collect();
-        let restored = self.broker.refresh(&entries, self.expires_at()).await?;
+        let restored = self
+            .broker
+            .refresh(&entries, self.expires_at(), &self.announce_header())
+            .await?;
         if restored > 0 {
             tracing::info!(
                 restored,
@@ -119,12 +128,18 @@ impl Presence {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(refresh_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                if last.elapsed() > 2 * refresh_every {
+                    this.disturbed("this node was stalled");
+                }
+                last = std::time::Instant::now();
                 if let Err(e) = this.refresh().await {
+                    this.disturbed("a presence refresh failed");
                     tracing::debug!("presence refresh failed: {e}");
                 }
             }
@@ -132,13 +147,21 @@ impl Presence {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(prune_every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last = std::time::Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                if last.elapsed() > self.ttl / 3 {
+                    self.disturbed("this node was stalled");
+                }
+                last = std::time::Instant::now();
+                if !self.may_prune() {
+                    continue;
+                }
                 let now = now_ms();
-                let pruned = self.broker.prune(now, &self.announce_header()).await;
+                let pruned = self.prune_all(now).await;
                 if pruned.is_ok() {
                     self.metrics.presence_pruned(now);
                 }
@@ -149,5 +172,38 @@ impl Presence {
                 }
             }
         });
+    }
+
+    /// Removes every entry expired at `now`, batch after batch (a large dead node's entries
+    /// go in one tick, up to `PRUNE_ROUNDS` batches), and returns how many.
+    async fn prune_all(&self, now: u64) -> Result<u64, BrokerError> {
+        let mut total = 0;
+        for _ in 0..PRUNE_ROUNDS {
+            let removed = self.broker.prune(now, &self.announce_header()).await?;
+            total += removed;
+            if removed == 0 {
+                break;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Notes that this node could not keep its entries fresh (stalled, or the broker did not
+    /// answer): other nodes may have been unable to refresh theirs as well, so this node prunes
+    /// nobody until a whole TTL has passed without trouble — time for every live node to
+    /// refresh. Users of dead nodes are then pruned a TTL later, but nobody alive is.
+    pub fn disturbed(&self, why: &str) {
+        let mut since = self.disturbed_at.lock().expect("presence lock");
+        if since.is_none_or(|t| t.elapsed() > Duration::from_millis(100)) {
+            tracing::info!("{why}: pruning paused for one presence TTL");
+        }
+        *since = Some(std::time::Instant::now());
+    }
+
+    fn may_prune(&self) -> bool {
+        self.disturbed_at
+            .lock()
+            .expect("presence lock")
+            .is_none_or(|t| t.elapsed() >= self.ttl)
     }
 }

@@ -124,7 +124,7 @@ async fn logins_failed_during_an_outage_leave_no_subscriptions() -> anyhow::Resu
     let gw = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
     redis.kill();
     gw.wait_ready(503).await?;
-    for i in 0..20 {
+    for i in 0..5 {
         let mut c = Client::connect(&gw.ws_url()).await?;
         c.send(json!({"event":"login","userId":format!("u{i}"),"roomId":format!("lost{i}")}))
             .await?;
@@ -254,5 +254,129 @@ async fn members_are_told_to_resync_when_redis_lost_the_history() -> anyhow::Res
     assert_eq!(resync["roomId"], "lost");
     assert_eq!(resync["lastId"], before["id"]);
     assert!(gw.metric("gateway_resyncs_total").await? >= 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_redis_stall_longer_than_the_ttl_logs_nobody_out() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        nodes.push(
+            Gateway::start(
+                GatewayOpts::redis(&redis.url())
+                    .node(&format!("st{i}"))
+                    .env("GATEWAY_PRESENCE_TTL_MS", 1500),
+            )
+            .await?,
+        );
+    }
+    let mut a = Client::connect(&nodes[0].ws_url()).await?;
+    a.login("a", json!("stall")).await?;
+    let mut b = Client::connect(&nodes[1].ws_url()).await?;
+    b.login("b", json!("stall")).await?;
+    a.recv_until(|f| f["event"] == "login" && f["num"] == 2)
+        .await?;
+    redis.signal(SIGSTOP);
+    let thaw = Thaw(&redis);
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    drop(thaw);
+    // Everyone's entry looks expired to Redis now, yet both users are connected.
+    for client in [&mut a, &mut b] {
+        client
+            .expect_none(Duration::from_secs(4), is("logout"))
+            .await?;
+    }
+    a.send(json!({"roomId":"stall","content":"still two"}))
+        .await?;
+    let msg = b
+        .recv_until(|f| f["event"] == "message" && f["content"] == "still two")
+        .await?;
+    assert_eq!(msg["num"], 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_back_from_a_stall_announces_its_users_again() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let opts = |id: &str| {
+        GatewayOpts::redis(&redis.url())
+            .node(id)
+            .env("GATEWAY_PRESENCE_TTL_MS", 1500)
+    };
+    let watcher_node = Gateway::start(opts("w")).await?;
+    let sleeper = Gateway::start(opts("s")).await?;
+    let mut watcher = Client::connect(&watcher_node.ws_url()).await?;
+    watcher.login("w", json!("nap")).await?;
+    let mut napper = Client::connect(&sleeper.ws_url()).await?;
+    napper.login("n", json!("nap")).await?;
+    watcher
+        .recv_until(|f| f["event"] == "login" && f["num"] == 2)
+        .await?;
+    sleeper.proc.signal(SIGSTOP);
+    // Indistinguishable from a dead node: its user is logged out once...
+    let logout = watcher
+        .recv_until_timeout(Duration::from_secs(10), is("logout"))
+        .await;
+    sleeper.proc.signal(SIGCONT);
+    assert_eq!(logout?["userId"], "n");
+    // ...and announced again when the node wakes up with the connection still open.
+    let login = watcher
+        .recv_until_timeout(Duration::from_secs(10), is("login"))
+        .await?;
+    assert_eq!(
+        (login["userId"].as_str(), login["num"].as_u64()),
+        (Some("n"), Some(2))
+    );
+    watcher
+        .expect_none(Duration::from_secs(3), is("logout"))
+        .await?;
+    Ok(())
+}
+
+/// Not a timed test: prints how long pruning 40,000 expired entries of a dead node took, and
+/// checks it finished.
+#[tokio::test]
+async fn a_large_dead_node_is_pruned_in_one_go() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let mut con = redis.connection().await?;
+    // 40,000 entries of a node that died long ago, in 40 rooms.
+    let _: () = redis::cmd("EVAL")
+        .arg(
+            r#"for i = 1, 40000 do
+                 local room = 'dead' .. (i % 40)
+                 local conn = 'ghost:0:' .. i
+                 local user = 'g' .. i
+                 redis.call('HSET', 'gw:{r:' .. room .. '}:pc', conn,
+                   string.len(user) .. ':' .. user .. '"userId":"' .. user .. '","userName":"x"')
+                 redis.call('HINCRBY', 'gw:{r:' .. room .. '}:pu', user, 1)
+                 redis.call('ZADD', 'gw:presence:exp', 1, room .. '\n' .. conn)
+               end"#,
+        )
+        .arg(0)
+        .query_async(&mut con)
+        .await?;
+    let started = std::time::Instant::now();
+    let _gw = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
+    wait_for(
+        "every expired entry to be pruned",
+        Duration::from_secs(60),
+        || {
+            let mut con = con.clone();
+            async move {
+                let left: u64 = redis::cmd("ZCARD")
+                    .arg("gw:presence:exp")
+                    .query_async(&mut con)
+                    .await
+                    .ok()?;
+                (left == 0).then_some(())
+            }
+        },
+    )
+    .await?;
+    println!(
+        "pruned 40,000 entries of a dead node in {:?} (from node start)",
+        started.elapsed()
+    );
     Ok(())
 }

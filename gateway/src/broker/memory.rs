@@ -268,7 +268,7 @@ impl MemoryBroker {
     }
 
     /// One process holds every entry, and it is alive: nothing expires.
-    pub async fn refresh(&self, _: &[PresenceEntry], _: u64) -> Result<u64, BrokerError> {
+    pub async fn refresh(&self, _: &[PresenceEntry], _: u64, _: &str) -> Result<u64, BrokerError> {
         Ok(0)
     }
 

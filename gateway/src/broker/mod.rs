@@ -257,13 +257,15 @@ impl Broker {
     }
 
     /// Pushes the expiry of live entries forward, re-creating any that vanished (a flushed or
-    /// restarted Redis). Returns how many were re-created.
+    /// restarted Redis, or pruned while this node was stalled) and announcing the login of
+    /// each user who was absent. Returns how many were re-created.
     pub async fn refresh(
         &self,
         entries: &[PresenceEntry],
         expires_at_ms: u64,
+        announce_header: &str,
     ) -> Result<u64, BrokerError> {
-        dispatch!(self.refresh(entries, expires_at_ms))
+        dispatch!(self.refresh(entries, expires_at_ms, announce_header))
     }
 
     /// Removes entries whose expiry passed (their node died) and announces each departed

@@ -23,6 +23,8 @@ use crate::protocol::StreamId;
 
 /// Entries per refresh script call (one pipelined batch holds all calls of a round).
 const REFRESH_BATCH: usize = 500;
+/// How long a subscribe waits for the pub/sub connection to come (back) up.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// How often, and how patiently, Redis is PINGed for `/readyz`.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -66,6 +68,8 @@ pub struct RedisBroker {
     subscriptions: Mutex<Subscriptions>,
     /// True while the pub/sub connection is up (commands reconnect by themselves).
     up: AtomicBool,
+    /// Follows `up`, for subscribers waiting out a (re)connection.
+    connected: tokio::sync::watch::Sender<bool>,
     /// True while Redis answers a PING within `PROBE_TIMEOUT` (a frozen Redis keeps its
     /// sockets open: only an answer tells it is alive).
     responsive: AtomicBool,
@@ -111,6 +115,7 @@ impl RedisBroker {
             scripts: Scripts::load(),
             subscriptions: Mutex::new(Subscriptions::default()),
             up: AtomicBool::new(false),
+            connected: tokio::sync::watch::Sender::new(false),
             responsive: AtomicBool::new(true),
             limits,
             metrics,
@@ -181,6 +186,7 @@ impl RedisBroker {
             match stream {
                 Ok(mut stream) => {
                     self.up.store(true, Ordering::Relaxed);
+                    self.connected.send_replace(true);
                     self.metrics.broker_up.set(1);
                     backoff = Duration::from_millis(50);
                     if connected_before {
@@ -218,6 +224,7 @@ impl RedisBroker {
             self.up.store(false, Ordering::Relaxed);
             self.metrics.broker_up.set(0);
             self.subscriptions.lock().expect("subscriptions lock").sink = None;
+            self.connected.send_replace(false);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
@@ -227,11 +234,27 @@ impl RedisBroker {
     }
 
     pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        let sink = {
+        let mut sink = {
             let mut subs = self.subscriptions.lock().expect("subscriptions lock");
             subs.wanted.insert(channel.to_string());
             subs.sink.clone()
         };
+        if sink.is_none() {
+            // Starting, or reconnecting: a login now waits a moment rather than failing.
+            let mut connected = self.connected.subscribe();
+            let up = tokio::time::timeout(SUBSCRIBE_WAIT, async {
+                connected.wait_for(|up| *up).await.is_ok()
+            })
+            .await;
+            if up == Ok(true) {
+                sink = self
+                    .subscriptions
+                    .lock()
+                    .expect("subscriptions lock")
+                    .sink
+                    .clone();
+            }
+        }
         let result = match sink {
             Some(mut sink) => self.timed("subscribe", sink.subscribe(channel)).await,
             None => Err(BrokerError::Unavailable(
@@ -419,6 +442,7 @@ impl RedisBroker {
         &self,
         entries: &[PresenceEntry],
         expires_at_ms: u64,
+        announce_header: &str,
     ) -> Result<u64, BrokerError> {
         if entries.is_empty() {
             return Ok(0);
@@ -432,7 +456,9 @@ impl RedisBroker {
                 .arg(self.keys.presence_expiry())
                 .arg(self.keys.rooms())
                 .arg(expires_at_ms)
-                .arg(&self.keys.prefix);
+                .arg(&self.keys.prefix)
+                .arg(announce_header)
+                .arg(self.limits.announce_max);
             for e in batch {
                 cmd.arg(encode_part(&e.room_key).as_ref())
                     .arg(&e.conn_key)

@@ -1,19 +1,32 @@
 -- Push the expiry of a node's live presence entries forward; re-create entries that vanished
--- (Redis flushed or restarted empty) without announcing them again.
+-- (Redis flushed or restarted empty, or another node pruned them while this node was stalled)
+-- and announce the login of each user who was absent, so members' lists come right again.
 -- Builds room key names from the prefix and the encoded room key (see keys.rs); standalone
 -- Redis only.
 -- KEYS[1] expiry zset, KEYS[2] rooms hash
--- ARGV[1] expires at (ms), ARGV[2] key prefix, then per entry five values:
+-- ARGV[1] expires at (ms), ARGV[2] key prefix, ARGV[3] envelope header, ARGV[4] largest room
+-- size whose logins are announced, then per entry five values:
 -- encoded room key, conn key, userId, presence record, room record
 -- Returns the number of entries re-created.
 local restored = 0
-for i = 3, #ARGV, 5 do
-  local room, conn, user = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+for i = 5, #ARGV, 5 do
+  local room, conn, user, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local base = ARGV[2] .. '{r:' .. room .. '}:'
-  if redis.call('HSETNX', base .. 'pc', conn, ARGV[i + 3]) == 1 then
-    redis.call('HINCRBY', base .. 'pu', user, 1)
+  if redis.call('HSETNX', base .. 'pc', conn, record) == 1 then
+    local first = redis.call('HINCRBY', base .. 'pu', user, 1) == 1
     redis.call('HSETNX', KEYS[2], room, ARGV[i + 4])
     restored = restored + 1
+    local num = redis.call('HLEN', base .. 'pu')
+    if first and num <= tonumber(ARGV[4]) then
+      -- `<len(userId)>:<userId><user fragment>` and `<roomId JSON>\n<roomName JSON>`
+      local colon = string.find(record, ':', 1, true)
+      local fragment = string.sub(record, colon + tonumber(string.sub(record, 1, colon - 1)) + 1)
+      local room_record = redis.call('HGET', KEYS[2], room)
+      local nl = string.find(room_record, '\n', 1, true)
+      redis.call('PUBLISH', base .. 'ch', ARGV[3] .. '{"event":"login",' .. fragment
+        .. ',"roomId":' .. string.sub(room_record, 1, nl - 1) .. ',"roomName":'
+        .. string.sub(room_record, nl + 1) .. ',"num":' .. num .. '}')
+    end
   end
   redis.call('ZADD', KEYS[1], ARGV[1], room .. '\n' .. conn)
 end
