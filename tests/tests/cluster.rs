@@ -110,7 +110,13 @@ async fn redis_outage_gives_error_frames_then_traffic_recovers() -> anyhow::Resu
     a.send(json!({"roomId":9,"content":"during outage","clientMsgId":"o1"}))
         .await?;
     let err = a.recv_until(is("error")).await?;
-    assert_eq!(err["code"], "unavailable");
+    // `unavailable` when the gateway knew Redis was gone before sending, `outcome_unknown`
+    // when the request went out on a connection that then broke (it cannot tell whether
+    // Redis got it).
+    assert!(
+        err["code"] == "unavailable" || err["code"] == "outcome_unknown",
+        "{err}"
+    );
     assert_eq!(err["clientMsgId"], "o1");
     assert_eq!(err["roomId"], 9);
 
