@@ -210,6 +210,18 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1024..=1 << 30))]
     pub replay_buffer_bytes: u32,
 
+    /// Bytes of history one connection may be replayed per second (login resumes and `sync`);
+    /// a bigger replay is slowed down to it, never refused. Burst: twice as many.
+    #[arg(long, env = "GATEWAY_MAX_REPLAY_BYTES_PER_SEC", default_value_t = 4 << 20,
+          value_parser = clap::value_parser!(u32).range(1024..=1 << 30))]
+    pub max_replay_bytes_per_sec: u32,
+
+    /// Login/logout broadcasts per room and second, whatever their users and connections; more
+    /// are not broadcast (as in big rooms: `num` still rides on every message).
+    #[arg(long, env = "GATEWAY_MAX_ANNOUNCES_PER_ROOM_PER_SEC", default_value_t = 50,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_announces_per_room_per_sec: u32,
+
     /// Direct messages kept in one user's inbox. A full inbox refuses new DMs (`inbox_full`)
     /// rather than evicting older ones: spam cannot push out what a real sender was confirmed.
     #[arg(long, env = "GATEWAY_INBOX_MAX_LEN", default_value_t = 1000,

@@ -26,6 +26,19 @@ impl TokenBucket {
         }
     }
 
+    /// Spends `n` tokens, going into debt if need be; returns how long the caller should
+    /// wait for the debt to be paid back (zero when there was enough).
+    pub fn spend(&mut self, n: f64, now: Instant) -> std::time::Duration {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - n;
+        if self.tokens >= 0.0 {
+            std::time::Duration::ZERO
+        } else {
+            std::time::Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -231,6 +244,19 @@ mod tests {
         assert_eq!((0..8).filter(|_| bucket.take(later)).count(), 3);
         let much_later = later + Duration::from_secs(60);
         assert_eq!((0..8).filter(|_| bucket.take(much_later)).count(), 5);
+    }
+
+    #[test]
+    fn spending_beyond_the_burst_says_how_long_to_wait() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(100.0, 100.0);
+        assert_eq!(bucket.spend(50.0, start), Duration::ZERO);
+        let wait = bucket.spend(100.0, start);
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-6, "{wait:?}");
+        assert_eq!(
+            bucket.spend(0.0, start + Duration::from_millis(500)),
+            Duration::ZERO
+        );
     }
 
     #[test]

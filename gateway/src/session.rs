@@ -116,6 +116,8 @@ struct Budgets {
     syncs: TokenBucket,
     joins: TokenBucket,
     dms: TokenBucket,
+    /// Bytes of history replayed (spent as they are read; a replay waits when in debt).
+    replay_bytes: TokenBucket,
     /// Frames refused in the current one-second window, and when it started.
     refused: u32,
     window_start: std::time::Instant,
@@ -141,6 +143,10 @@ impl Budgets {
             syncs: per_sec(config.max_syncs_per_sec),
             joins: per_sec(config.max_joins_per_sec),
             dms: per_sec(config.max_dms_per_sec),
+            replay_bytes: TokenBucket::new(
+                config.max_replay_bytes_per_sec as f64,
+                2.0 * config.max_replay_bytes_per_sec as f64,
+            ),
             refused: 0,
             window_start: std::time::Instant::now(),
             close_after: config.max_frames_per_sec,
@@ -345,6 +351,10 @@ fn classify_read_error(e: axum::Error) -> Close {
     match e.into_inner().downcast::<WsError>().map(|e| *e) {
         Ok(WsError::Capacity(_)) => Close::TOO_BIG,
         Ok(WsError::Utf8(_)) => Close::BAD_UTF8,
+        // A client that just went away (no closing handshake) broke nothing.
+        Ok(WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+            Close::BROKEN
+        }
         Ok(WsError::Protocol(_)) => Close::PROTOCOL,
         _ => Close::BROKEN,
     }
@@ -1189,6 +1199,17 @@ impl Session {
             };
             truncated.get_or_insert(part.truncated);
             let got = part.entries.len();
+            // Replays are the most expensive thing a client can ask of the broker: each
+            // connection gets so many bytes per second, whatever number of syncs it sends.
+            let bytes: usize = part.entries.iter().map(|(_, f)| f.len()).sum();
+            let wait = self
+                .budgets
+                .replay_bytes
+                .spend(bytes as f64, std::time::Instant::now());
+            if !wait.is_zero() {
+                self.count_limited(Limited::Sync);
+                tokio::time::sleep(wait).await;
+            }
             let now = std::time::Instant::now();
             let ack_mode = self.ack_mode;
             let cursor = self.cursor_of(&target).expect("checked above");

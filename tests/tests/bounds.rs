@@ -586,3 +586,103 @@ async fn defaults_are_documented_and_sane() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn presence_broadcasts_per_room_are_capped_whoever_toggles() -> anyhow::Result<()> {
+    for (backend, _redis, gw) in backends(&[
+        ("GATEWAY_MAX_ANNOUNCES_PER_ROOM_PER_SEC", "5"),
+        ("GATEWAY_MAX_JOINS_PER_SEC", "1000"),
+    ])
+    .await?
+    {
+        let mut member = Client::connect(&gw.ws_url()).await?;
+        member.login("member", json!("toggle")).await?;
+        // Fresh connections each round: per-connection budgets would start anew.
+        let started = Instant::now();
+        for round in 0..10 {
+            let mut t = Client::connect(&gw.ws_url()).await?;
+            for _ in 0..5 {
+                t.send(json!({"event":"login","userId":format!("t{round}"),"roomId":"toggle"}))
+                    .await?;
+                t.send(json!({"event":"logout","roomId":"toggle"})).await?;
+            }
+            t.send(json!({"event":"heartBeat","content":"ping"}))
+                .await?;
+            t.recv_until(is("heartBeat")).await?;
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let mut announced = 0;
+        while member
+            .recv_until_timeout(Duration::from_millis(300), |f| {
+                f["event"] == "login" || f["event"] == "logout"
+            })
+            .await
+            .is_ok()
+        {
+            announced += 1;
+        }
+        // 100 toggles; at most 5 a second (+1 window) reach the member.
+        let cap = (5.0 * (elapsed + 1.5)).ceil() as usize;
+        assert!(
+            announced <= cap,
+            "{backend}: {announced} broadcasts in {elapsed:.1} s (cap {cap})"
+        );
+        assert!(announced > 0, "{backend}: some are announced");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn big_replays_are_slowed_to_their_byte_budget_not_refused() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gw = Gateway::start(
+        GatewayOpts::redis(&redis.url()).env("GATEWAY_MAX_REPLAY_BYTES_PER_SEC", 200_000),
+    )
+    .await?;
+    let mut writer = Client::connect(&gw.ws_url()).await?;
+    writer.login("w", json!("heavy")).await?;
+    let content = "z".repeat(30_000);
+    for _ in 0..30 {
+        writer
+            .send(json!({"roomId":"heavy","content":content}))
+            .await?;
+        writer.recv_until(is("message")).await?;
+    }
+    let mut reader = Client::connect(&gw.ws_url()).await?;
+    reader.login("r", json!("heavy")).await?;
+    // 900 KB against 200 KB/s with a 400 KB burst: throttled, yet all of it arrives.
+    for _ in 0..2 {
+        reader
+            .send(json!({"event":"sync","roomId":"heavy","since":"0"}))
+            .await?;
+        let synced = reader
+            .recv_until_timeout(Duration::from_secs(20), is("synced"))
+            .await?;
+        assert_eq!(synced["count"], 30);
+    }
+    assert!(
+        gw.metric("gateway_rate_limited_total{kind=\"sync\"")
+            .await?
+            > 0.0
+    );
+    Ok(())
+}
+
+/// The embedded broker, or one node on a Redis of its own, with extra settings.
+async fn backends(
+    env: &[(&str, &str)],
+) -> anyhow::Result<Vec<(&'static str, Option<RedisServer>, Gateway)>> {
+    let with = |mut opts: GatewayOpts| {
+        for (k, v) in env {
+            opts = opts.env(k, v);
+        }
+        opts
+    };
+    let embedded = Gateway::start(with(GatewayOpts::default())).await?;
+    let redis = RedisServer::start().await?;
+    let on_redis = Gateway::start(with(GatewayOpts::redis(&redis.url()))).await?;
+    Ok(vec![
+        ("embedded", None, embedded),
+        ("redis", Some(redis), on_redis),
+    ])
+}

@@ -84,6 +84,11 @@ impl Keys {
         self.room(room, "pu")
     }
 
+    /// Login/logout announcements made in the room this second (expires after one).
+    pub fn room_announces(&self, room: &str) -> String {
+        self.room(room, "an")
+    }
+
     pub fn room_channel(&self, room: &str) -> String {
         self.room(room, "ch")
     }

@@ -30,6 +30,8 @@ struct Room {
     conns: HashMap<String, (String, String)>,
     /// userId → connections; sorted so member pages have a stable cursor.
     users: BTreeMap<String, u32>,
+    /// Announcements made in the current one-second window, and when it started.
+    announces: (u64, Option<Instant>),
     /// `"roomId":…,"roomName":…` of the first joiner (listed by `rooms`).
     fragment: String,
     /// The name the first joiner gave; kept while anyone is in the room.
@@ -73,6 +75,8 @@ pub struct MemoryBroker {
     history_ttl: Duration,
     /// Rooms with more users than this get no login/logout broadcasts.
     announce_max: u64,
+    /// Login/logout broadcasts per room and second, at most.
+    announces_per_sec: u64,
 }
 
 impl MemoryBroker {
@@ -84,6 +88,7 @@ impl MemoryBroker {
             dedup_ttl: Duration::from_millis(limits.dedup_ttl_ms),
             history_ttl: Duration::from_millis(limits.history_ttl_ms),
             announce_max: limits.announce_max,
+            announces_per_sec: limits.announces_per_sec,
         }
     }
 
@@ -182,6 +187,17 @@ impl MemoryBroker {
         Ok(Appended { id, created: true })
     }
 
+    /// Counts an announcement in `room`; false beyond the per-second cap (as announce.lua).
+    fn may_announce(&self, room: &mut Room, now: Instant) -> bool {
+        let (count, since) = &mut room.announces;
+        if since.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+            *since = Some(now);
+            *count = 0;
+        }
+        *count += 1;
+        *count <= self.announces_per_sec
+    }
+
     pub async fn join(
         &self,
         entry: &PresenceEntry,
@@ -215,7 +231,8 @@ impl MemoryBroker {
             first = *count == 1;
         }
         let num = room.users.len() as u64;
-        let announced = first && num <= self.announce_max;
+        let announced =
+            first && num <= self.announce_max && self.may_announce(room, Instant::now());
         if announced {
             let frame = crate::protocol::login_frame(&entry.user_fragment, &room_fragment, num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
@@ -256,11 +273,12 @@ impl MemoryBroker {
             }
         }
         let num = room.users.len() as u64;
+        // Announced if the room was within the limit before this user left (as in leave.lua).
+        let announce = last && num < self.announce_max && self.may_announce(room, Instant::now());
         if room.conns.is_empty() {
             state.rooms.remove(&entry.room_key);
         }
-        // Announced if the room was within the limit before this user left (as in leave.lua).
-        if last && num < self.announce_max {
+        if announce {
             let frame = logout_frame(&fragment, &entry.room_fragment(), num);
             self.publish(&state, channel, format!("{announce_header}{frame}"));
         }

@@ -50,6 +50,8 @@ pub struct Limits {
     pub announce_max: u64,
     /// Streams (and their markers) nobody appended to for this long expire.
     pub history_ttl_ms: u64,
+    /// Login/logout broadcasts per room and second, at most.
+    pub announces_per_sec: u64,
 }
 
 /// What the broker hands the hub's dispatcher, in order.

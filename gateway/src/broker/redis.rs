@@ -377,7 +377,8 @@ impl RedisBroker {
             .key(self.keys.room_conns(&entry.room_key))
             .key(self.keys.room_users(&entry.room_key))
             .key(self.keys.presence_expiry())
-            .key(self.keys.rooms());
+            .key(self.keys.rooms())
+            .key(self.keys.room_announces(&entry.room_key));
         invocation
     }
 
@@ -399,7 +400,8 @@ impl RedisBroker {
             .arg(channel)
             .arg(announce_header)
             .arg(self.limits.announce_max)
-            .arg(&entry.room_json);
+            .arg(&entry.room_json)
+            .arg(self.limits.announces_per_sec);
         let mut con = self.commands.clone();
         let (first, num, announced, name_json): (i64, u64, i64, String) = self
             .timed("join", invocation.invoke_async(&mut con))
@@ -427,7 +429,8 @@ impl RedisBroker {
             .arg(entry.room_fragment())
             .arg(channel)
             .arg(announce_header)
-            .arg(self.limits.announce_max);
+            .arg(self.limits.announce_max)
+            .arg(self.limits.announces_per_sec);
         let mut con = self.commands.clone();
         let (last, num): (i64, u64) = self
             .timed("leave", invocation.invoke_async(&mut con))
@@ -458,7 +461,8 @@ impl RedisBroker {
                 .arg(expires_at_ms)
                 .arg(&self.keys.prefix)
                 .arg(announce_header)
-                .arg(self.limits.announce_max);
+                .arg(self.limits.announce_max)
+                .arg(self.limits.announces_per_sec);
             for e in batch {
                 cmd.arg(encode_part(&e.room_key).as_ref())
                     .arg(&e.conn_key)
@@ -509,7 +513,8 @@ impl RedisBroker {
             .arg(PRUNE_BATCH)
             .arg(&self.keys.prefix)
             .arg(announce_header)
-            .arg(self.limits.announce_max);
+            .arg(self.limits.announce_max)
+            .arg(self.limits.announces_per_sec);
         let mut con = self.commands.clone();
         self.timed("prune", invocation.invoke_async(&mut con)).await
     }

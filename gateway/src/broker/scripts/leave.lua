@@ -1,9 +1,18 @@
 -- Remove one connection's presence in a room; announce the user's logout if it was the user's
 -- last connection there.
--- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] expiry zset, KEYS[4] rooms hash
+-- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] expiry zset, KEYS[4] rooms hash,
+-- KEYS[5] the room's announcement counter
 -- ARGV[1] conn key, ARGV[2] encoded room key, ARGV[3] room fragment, ARGV[4] channel,
--- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced
+-- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced,
+-- ARGV[7] announcements per second
 -- Returns {last (1|0), num}.
+-- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
+-- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
+local function may_announce(key, cap)
+  local n = redis.call('INCR', key)
+  if n == 1 then redis.call('PEXPIRE', key, 1000) end
+  return n <= cap
+end
 redis.call('ZREM', KEYS[3], ARGV[2] .. '\n' .. ARGV[1])
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if not entry then
@@ -27,7 +36,7 @@ local num = redis.call('HLEN', KEYS[2])
 if num == 0 then
   redis.call('HDEL', KEYS[4], ARGV[2])
 end
-if last == 1 and num + 1 <= tonumber(ARGV[6]) then
+if last == 1 and num + 1 <= tonumber(ARGV[6]) and may_announce(KEYS[5], tonumber(ARGV[7])) then
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. '{"event":"logout",' .. fragment .. ','
     .. ARGV[3] .. ',"num":' .. num .. '}')
 end

@@ -5,8 +5,15 @@
 -- Redis only.
 -- KEYS[1] expiry zset, KEYS[2] rooms hash
 -- ARGV[1] now (ms), ARGV[2] batch limit, ARGV[3] key prefix, ARGV[4] envelope header,
--- ARGV[5] largest room size whose logouts are announced
+-- ARGV[5] largest room size whose logouts are announced, ARGV[6] announcements per second
 -- Returns the number of entries removed.
+-- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
+-- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
+local function may_announce(key, cap)
+  local n = redis.call('INCR', key)
+  if n == 1 then redis.call('PEXPIRE', key, 1000) end
+  return n <= cap
+end
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, member in ipairs(expired) do
   redis.call('ZREM', KEYS[1], member)
@@ -32,7 +39,8 @@ for _, member in ipairs(expired) do
         if num == 0 then
           redis.call('HDEL', KEYS[2], room)
         end
-        if room_record and num + 1 <= tonumber(ARGV[5]) then
+        if room_record and num + 1 <= tonumber(ARGV[5])
+            and may_announce(base .. 'an', tonumber(ARGV[6])) then
           local nl = string.find(room_record, '\n', 1, true)
           redis.call('PUBLISH', base .. 'ch', ARGV[4] .. '{"event":"logout",' .. fragment
             .. ',"roomId":' .. string.sub(room_record, 1, nl - 1) .. ',"roomName":'

@@ -5,11 +5,18 @@
 -- Redis only.
 -- KEYS[1] expiry zset, KEYS[2] rooms hash
 -- ARGV[1] expires at (ms), ARGV[2] key prefix, ARGV[3] envelope header, ARGV[4] largest room
--- size whose logins are announced, then per entry five values:
+-- size whose logins are announced, ARGV[5] announcements per second, then per entry five values:
 -- encoded room key, conn key, userId, presence record, room record
 -- Returns the number of entries re-created.
+-- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
+-- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
+local function may_announce(key, cap)
+  local n = redis.call('INCR', key)
+  if n == 1 then redis.call('PEXPIRE', key, 1000) end
+  return n <= cap
+end
 local restored = 0
-for i = 5, #ARGV, 5 do
+for i = 6, #ARGV, 5 do
   local room, conn, user, record = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local base = ARGV[2] .. '{r:' .. room .. '}:'
   if redis.call('HSETNX', base .. 'pc', conn, record) == 1 then
@@ -17,7 +24,7 @@ for i = 5, #ARGV, 5 do
     redis.call('HSETNX', KEYS[2], room, ARGV[i + 4])
     restored = restored + 1
     local num = redis.call('HLEN', base .. 'pu')
-    if first and num <= tonumber(ARGV[4]) then
+    if first and num <= tonumber(ARGV[4]) and may_announce(base .. 'an', tonumber(ARGV[5])) then
       -- `<len(userId)>:<userId><user fragment>` and `<roomId JSON>\n<roomName JSON>`
       local colon = string.find(record, ':', 1, true)
       local fragment = string.sub(record, colon + tonumber(string.sub(record, 1, colon - 1)) + 1)
