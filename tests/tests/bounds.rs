@@ -576,6 +576,8 @@ async fn defaults_are_documented_and_sane() -> anyhow::Result<()> {
         "GATEWAY_INBOX_MAX_LEN",
         "GATEWAY_HISTORY_TTL_MS",
         "GATEWAY_MAX_ROOMS_PER_NODE",
+        "GATEWAY_MAX_REPLAY_BYTES_PER_SEC",
+        "GATEWAY_MAX_ANNOUNCES_PER_ROOM_PER_SEC",
     ] {
         assert!(help.contains(setting), "{setting} missing from --help");
         let doc = std::fs::read_to_string(e2e::workspace_root().join("docs/security.md"))?;
