@@ -212,7 +212,7 @@ pub struct Config {
 
     /// Bytes of history one connection may be replayed per second (login resumes and `sync`);
     /// a bigger replay is slowed down to it, never refused. Burst: twice as many.
-    #[arg(long, env = "GATEWAY_MAX_REPLAY_BYTES_PER_SEC", default_value_t = 4 << 20,
+    #[arg(long, env = "GATEWAY_MAX_REPLAY_BYTES_PER_SEC", default_value_t = 1 << 20,
           value_parser = clap::value_parser!(u32).range(1024..=1 << 30))]
     pub max_replay_bytes_per_sec: u32,
 

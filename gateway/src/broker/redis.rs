@@ -64,6 +64,10 @@ pub struct RedisBroker {
     pub keys: Keys,
     client: redis::Client,
     commands: ConnectionManager,
+    /// History reads (replays, gap repair) on a connection of their own: their replies can
+    /// be megabytes, and a multiplexed connection answers in order — a publish must not wait
+    /// behind someone's replay.
+    reads: ConnectionManager,
     scripts: Scripts,
     subscriptions: Mutex<Subscriptions>,
     /// True while the pub/sub connection is up (commands reconnect by themselves).
@@ -106,12 +110,15 @@ impl RedisBroker {
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let commands =
+        let commands = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
+            .map_err(unavailable)?;
+        let reads =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
         let broker = Arc::new(RedisBroker {
             keys: Keys::default(),
             client,
             commands,
+            reads,
             scripts: Scripts::load(),
             subscriptions: Mutex::new(Subscriptions::default()),
             up: AtomicBool::new(false),
@@ -535,7 +542,7 @@ impl RedisBroker {
             .key(trim_marker(stream_key))
             .arg(after.to_string())
             .arg(limit);
-        let mut con = self.commands.clone();
+        let mut con = self.reads.clone();
         let (newest_trimmed, raw): (String, Vec<StreamEntry>) = self
             .timed("range", invocation.invoke_async(&mut con))
             .await?;
