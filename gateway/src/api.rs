@@ -443,8 +443,6 @@ async fn publish_to_room(
             .find(|d| RoomId::parse(&d.room_id).is_ok_and(|r| r.key == room.key));
         configured.map_or_else(|| room.key.clone(), |d| d.room_name.clone())
     });
-    let keys = node.broker.keys();
-    let (header_before, header_after) = envelope(&node, Kind::Message).split_at_id();
     let template = protocol::message_template(
         &protocol::room_fragment(&room, &room_name),
         &protocol::user_fragment(&user_id, &user_name),
@@ -452,23 +450,19 @@ async fn publish_to_room(
         now_ms(),
         None,
     );
-    let request = AppendRequest {
-        stream_key: keys.room_stream(&room.key),
-        channel: keys.room_channel(&room.key),
-        dedup_key: msg
-            .idempotency_key
-            .as_ref()
-            .map(|k| keys.room_dedup(&room.key, &user_id, &format!("{IDEMPOTENCY_PREFIX}{k}"))),
-        count_room: Some(room.key.clone()),
-        header_before,
-        header_after,
-        frame_head: protocol::MESSAGE_HEAD,
-        body: template.body,
-        tail: template.tail,
-        max_len: node.config.history_max_len,
-        refuse_when_full: false,
-        require_key: None,
-    };
+    let idempotency = msg
+        .idempotency_key
+        .as_ref()
+        .map(|k| format!("{IDEMPOTENCY_PREFIX}{k}"));
+    let request = AppendRequest::room_message(
+        node.broker.keys(),
+        &room.key,
+        &user_id,
+        idempotency.as_deref(),
+        &envelope(&node, Kind::Message),
+        template,
+        node.config.history_max_len,
+    );
     append(&node, &request, ("roomId", room_json(&room))).await
 }
 
@@ -505,27 +499,22 @@ async fn send_dm(
             Some(id) => id.clone(),
             None => node.config.api_user_name.clone(),
         });
-    let keys = node.broker.keys();
-    let (header_before, header_after) = envelope(&node, Kind::Direct).split_at_id();
-    let request = AppendRequest {
-        stream_key: keys.inbox_stream(&to),
-        channel: keys.user_channel(&to),
-        dedup_key: msg
-            .idempotency_key
-            .as_ref()
-            .map(|k| keys.inbox_dedup(&to, &from, &format!("{IDEMPOTENCY_PREFIX}{k}"))),
-        count_room: None,
-        header_before,
-        header_after,
-        frame_head: protocol::DM_HEAD,
-        body: protocol::dm_rest(&from, &from_name, &to, &msg.content, now_ms(), None),
-        tail: String::new(),
-        // A full inbox refuses (409) rather than evicting confirmed DMs. The backend may write
-        // to users who never logged in (it knows its users), so no "seen" check here.
-        max_len: node.config.inbox_max_len,
-        refuse_when_full: true,
-        require_key: None,
-    };
+    let idempotency = msg
+        .idempotency_key
+        .as_ref()
+        .map(|k| format!("{IDEMPOTENCY_PREFIX}{k}"));
+    // The backend may write to users who never logged in (it knows its users): no "seen"
+    // check; a full inbox still refuses (409) rather than evicting confirmed DMs.
+    let request = AppendRequest::direct_message(
+        node.broker.keys(),
+        &to,
+        &from,
+        idempotency.as_deref(),
+        &envelope(&node, Kind::Direct),
+        protocol::dm_rest(&from, &from_name, &to, &msg.content, now_ms(), None),
+        node.config.inbox_max_len,
+        false,
+    );
     append(&node, &request, ("toUserId", json!(to))).await
 }
 

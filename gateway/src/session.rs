@@ -949,8 +949,6 @@ impl Session {
             return Ok(Err(not_in_room(&room).with_client_msg_id(cmid)));
         };
         let joined = &self.rooms[index];
-        let keys = self.node.broker.keys();
-        let (header_before, header_after) = self.header(Kind::Message).split_at_id();
         let template = protocol::message_template(
             &joined.fragment,
             &identity.user_fragment,
@@ -958,20 +956,15 @@ impl Session {
             now_ms(),
             cmid,
         );
-        let request = AppendRequest {
-            stream_key: keys.room_stream(&room.key),
-            channel: joined.channel.to_string(),
-            dedup_key: cmid.map(|c| keys.room_dedup(&room.key, &identity.user_id, c)),
-            count_room: Some(room.key.clone()),
-            header_before,
-            header_after,
-            frame_head: protocol::MESSAGE_HEAD,
-            body: template.body,
-            tail: template.tail,
-            max_len: self.node.config.history_max_len,
-            refuse_when_full: false,
-            require_key: None,
-        };
+        let request = AppendRequest::room_message(
+            self.node.broker.keys(),
+            &room.key,
+            &identity.user_id,
+            cmid,
+            &self.header(Kind::Message),
+            template,
+            self.node.config.history_max_len,
+        );
         match self.node.broker.append(&request).await {
             Ok(appended) if appended.created => {
                 self.node.metrics.messages_published.inc();
@@ -1010,32 +1003,27 @@ impl Session {
                 .refuse(AuthError::Anonymous)
                 .with_client_msg_id(cmid)));
         }
-        let keys = self.node.broker.keys();
-        let (header_before, header_after) = self.header(Kind::Direct).split_at_id();
-        let request = AppendRequest {
-            stream_key: keys.inbox_stream(&to_user_id),
-            channel: keys.user_channel(&to_user_id),
-            dedup_key: cmid.map(|c| keys.inbox_dedup(&to_user_id, &identity.user_id, c)),
-            count_room: None,
-            header_before,
-            header_after,
-            frame_head: protocol::DM_HEAD,
-            body: protocol::dm_rest(
-                &identity.user_id,
-                &identity.user_name,
-                &to_user_id,
-                &content,
-                now_ms(),
-                cmid,
-            ),
-            tail: String::new(),
-            // A full inbox refuses new DMs rather than evicting confirmed ones; what its owner
-            // acknowledged is removed, which makes room again.
-            max_len: self.node.config.inbox_max_len,
-            refuse_when_full: true,
-            // No inbox for a user who never logged in (within the history TTL).
-            require_key: Some(keys.user_seen(&to_user_id)),
-        };
+        // A full inbox refuses new DMs rather than evicting confirmed ones (what its owner
+        // acknowledged is removed, which makes room again); no inbox for a user who never
+        // logged in within the history TTL.
+        let body = protocol::dm_rest(
+            &identity.user_id,
+            &identity.user_name,
+            &to_user_id,
+            &content,
+            now_ms(),
+            cmid,
+        );
+        let request = AppendRequest::direct_message(
+            self.node.broker.keys(),
+            &to_user_id,
+            &identity.user_id,
+            cmid,
+            &self.header(Kind::Direct),
+            body,
+            self.node.config.inbox_max_len,
+            true,
+        );
         match self.node.broker.append(&request).await {
             Ok(appended) => {
                 if appended.created {

@@ -477,6 +477,27 @@ impl Gateway {
     }
 }
 
+/// One node of each backend, with the extra settings `env`: the embedded broker, and a node on
+/// a Redis of its own (kept alive by the returned handle). For scenarios that must behave the
+/// same on both.
+pub async fn both_backends(
+    env: &[(&str, &str)],
+) -> Result<Vec<(&'static str, Option<RedisServer>, Gateway)>> {
+    let with = |mut opts: GatewayOpts| {
+        for (key, value) in env {
+            opts = opts.env(key, value);
+        }
+        opts
+    };
+    let embedded = Gateway::start(with(GatewayOpts::default())).await?;
+    let redis = RedisServer::start().await?;
+    let on_redis = Gateway::start(with(GatewayOpts::redis(&redis.url()))).await?;
+    Ok(vec![
+        ("embedded", None, embedded),
+        ("redis", Some(redis), on_redis),
+    ])
+}
+
 /// Starts `n` gateway nodes on one Redis, named `{prefix}0`, `{prefix}1`, …, each with the
 /// extra settings `env`.
 pub async fn start_nodes(

@@ -591,7 +591,7 @@ async fn defaults_are_documented_and_sane() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn presence_broadcasts_per_room_are_capped_whoever_toggles() -> anyhow::Result<()> {
-    for (backend, _redis, gw) in backends(&[
+    for (backend, _redis, gw) in e2e::both_backends(&[
         ("GATEWAY_MAX_ANNOUNCES_PER_ROOM_PER_SEC", "5"),
         ("GATEWAY_MAX_JOINS_PER_SEC", "1000"),
     ])
@@ -668,23 +668,4 @@ async fn big_replays_are_slowed_to_their_byte_budget_not_refused() -> anyhow::Re
             > 0.0
     );
     Ok(())
-}
-
-/// The embedded broker, or one node on a Redis of its own, with extra settings.
-async fn backends(
-    env: &[(&str, &str)],
-) -> anyhow::Result<Vec<(&'static str, Option<RedisServer>, Gateway)>> {
-    let with = |mut opts: GatewayOpts| {
-        for (k, v) in env {
-            opts = opts.env(k, v);
-        }
-        opts
-    };
-    let embedded = Gateway::start(with(GatewayOpts::default())).await?;
-    let redis = RedisServer::start().await?;
-    let on_redis = Gateway::start(with(GatewayOpts::redis(&redis.url()))).await?;
-    Ok(vec![
-        ("embedded", None, embedded),
-        ("redis", Some(redis), on_redis),
-    ])
 }

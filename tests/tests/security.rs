@@ -449,17 +449,6 @@ async fn foreign_origins_get_403() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The embedded broker, or one node on a Redis of its own.
-async fn backends() -> anyhow::Result<Vec<(&'static str, Option<RedisServer>, Gateway)>> {
-    let embedded = Gateway::start(GatewayOpts::default()).await?;
-    let redis = RedisServer::start().await?;
-    let on_redis = Gateway::start(GatewayOpts::redis(&redis.url())).await?;
-    Ok(vec![
-        ("embedded", None, embedded),
-        ("redis", Some(redis), on_redis),
-    ])
-}
-
 async fn room_num(gw: &Gateway, room: &str) -> anyhow::Result<u64> {
     let (_, body) = http_get(&gw.addr(), "/api/rooms").await?;
     let rooms: Value = serde_json::from_str(&body)?;
@@ -474,7 +463,7 @@ async fn room_num(gw: &Gateway, room: &str) -> anyhow::Result<u64> {
 #[tokio::test]
 async fn client_strings_cannot_break_records_or_share_keys_on_either_backend() -> anyhow::Result<()>
 {
-    for (backend, _redis, gw) in backends().await? {
+    for (backend, _redis, gw) in e2e::both_backends(&[]).await? {
         let url = gw.ws_url();
         // Control characters are refused wherever a client names something.
         let mut probe = Client::connect(&url).await?;
@@ -557,7 +546,7 @@ async fn a_dead_nodes_odd_room_and_user_names_are_pruned_once() -> anyhow::Resul
 
 #[tokio::test]
 async fn the_tutorial_page_recognises_its_own_messages() -> anyhow::Result<()> {
-    for (backend, _redis, gw) in backends().await? {
+    for (backend, _redis, gw) in e2e::both_backends(&[]).await? {
         let mut page = Client::connect(&format!("ws://{}", gw.addr())).await?;
         page.send(json!({"userName":"小明","roomId":1,"roomName":"大厅","event":"login"}))
             .await?;
@@ -596,7 +585,7 @@ async fn the_tutorial_page_recognises_its_own_messages() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn later_joiners_cannot_rename_a_room() -> anyhow::Result<()> {
-    for (backend, _redis, gw) in backends().await? {
+    for (backend, _redis, gw) in e2e::both_backends(&[]).await? {
         let mut first = Client::connect(&gw.ws_url()).await?;
         first
             .login_with(

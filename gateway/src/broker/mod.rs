@@ -93,6 +93,68 @@ pub struct AppendRequest {
     pub require_key: Option<String>,
 }
 
+impl AppendRequest {
+    /// A chat message into a room's history (trimmed to `max_len`), published on its channel
+    /// with the room's count as `num`. `dedup_id`: the sender's clientMsgId (or an API
+    /// idempotency key), remembered per room and sender.
+    pub fn room_message(
+        keys: &Keys,
+        room_key: &str,
+        sender: &str,
+        dedup_id: Option<&str>,
+        header: &EnvelopeHeader,
+        template: crate::protocol::MessageTemplate,
+        max_len: u64,
+    ) -> AppendRequest {
+        let (header_before, header_after) = header.split_at_id();
+        AppendRequest {
+            stream_key: keys.room_stream(room_key),
+            channel: keys.room_channel(room_key),
+            dedup_key: dedup_id.map(|id| keys.room_dedup(room_key, sender, id)),
+            count_room: Some(room_key.to_string()),
+            header_before,
+            header_after,
+            frame_head: crate::protocol::MESSAGE_HEAD,
+            body: template.body,
+            tail: template.tail,
+            max_len,
+            refuse_when_full: false,
+            require_key: None,
+        }
+    }
+
+    /// A direct message into `to`'s inbox, published on its user channel. A full inbox
+    /// refuses rather than evicting confirmed DMs; `require_seen`: only for a user who logged
+    /// in (with proof) within the history TTL.
+    #[allow(clippy::too_many_arguments)]
+    pub fn direct_message(
+        keys: &Keys,
+        to: &str,
+        sender: &str,
+        dedup_id: Option<&str>,
+        header: &EnvelopeHeader,
+        body: String,
+        max_len: u64,
+        require_seen: bool,
+    ) -> AppendRequest {
+        let (header_before, header_after) = header.split_at_id();
+        AppendRequest {
+            stream_key: keys.inbox_stream(to),
+            channel: keys.user_channel(to),
+            dedup_key: dedup_id.map(|id| keys.inbox_dedup(to, sender, id)),
+            count_room: None,
+            header_before,
+            header_after,
+            frame_head: crate::protocol::DM_HEAD,
+            body,
+            tail: String::new(),
+            max_len,
+            refuse_when_full: true,
+            require_key: require_seen.then(|| keys.user_seen(to)),
+        }
+    }
+}
+
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Appended {
