@@ -198,6 +198,17 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_TRUSTED_PROXIES")]
     pub trusted_proxies: Option<String>,
 
+    /// Connections of one client address closed for abuse (4029 rate limit, 4008 slow consumer)
+    /// before it must pause: then its new WebSockets get HTTP 429 until a strike grows back.
+    #[arg(long, env = "GATEWAY_ABUSE_STRIKES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub abuse_strikes: u32,
+
+    /// How long one strike takes to grow back.
+    #[arg(long, env = "GATEWAY_ABUSE_COOLDOWN_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub abuse_cooldown_ms: u64,
+
     /// Connections one user may have logged in on this node (`too_many_connections` beyond).
     #[arg(long, env = "GATEWAY_MAX_CONNECTIONS_PER_USER", default_value_t = 100,
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]

@@ -264,8 +264,23 @@ fn accept(
         Some(Extension(Peer(peer))) => {
             let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
             let client = node.trusted_proxies.client_ip(peer.ip(), forwarded);
+            if !node.strikes.allows(client) {
+                node.metrics
+                    .connections_refused
+                    .with_label_values(&["cooldown"])
+                    .inc();
+                return (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Json(json!({
+                        "error": "too_many_connections",
+                        "reason": "cooldown",
+                        "message": "connections from this address were closed for abuse; try again later",
+                    })),
+                )
+                    .into_response();
+            }
             match node.per_ip.acquire(client) {
-                Some(slot) => Some(slot),
+                Some(slot) => Some((client, slot)),
                 None => {
                     node.metrics
                         .connections_refused
@@ -301,9 +316,10 @@ fn accept(
     let tracker = node.sessions.clone();
     ws.on_upgrade(move |mut socket| {
         tracker.track_future(async move {
+            let client = ip_slot.as_ref().map(|(ip, _)| *ip);
             let _ip_slot = ip_slot;
             match node.admit_connection() {
-                Some(slot) => session::run(slot, socket, claims).await,
+                Some(slot) => session::run(slot, socket, claims, client).await,
                 None => {
                     node.metrics
                         .connections_closed

@@ -39,6 +39,14 @@ impl TokenBucket {
         }
     }
 
+    /// Tokens available now (refilled up to `now`, nothing taken).
+    pub fn available(&mut self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.tokens
+    }
+
     /// Takes one token if there is one.
     pub fn take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
@@ -134,6 +142,48 @@ impl<K: std::hash::Hash + Eq + Clone + Send + 'static> Drop for CountGuard<K> {
                 counts.remove(&key);
             }
         }
+    }
+}
+
+/// Addresses whose connections were closed for abuse (rate limit, slow consumer): each such
+/// close is a strike; an address out of strikes may not open WebSockets until one grows back.
+/// Reconnecting at once would otherwise start every per-connection budget anew.
+pub struct Strikes {
+    buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    strikes: f64,
+    regrow_per_sec: f64,
+}
+
+impl Strikes {
+    pub fn new(strikes: u32, cooldown: std::time::Duration) -> Strikes {
+        Strikes {
+            buckets: Mutex::new(HashMap::new()),
+            strikes: strikes as f64,
+            regrow_per_sec: 1.0 / cooldown.as_secs_f64().max(0.001),
+        }
+    }
+
+    /// Counts a close for abuse against `ip`.
+    pub fn strike(&self, ip: IpAddr) {
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().expect("strikes lock");
+        if buckets.len() >= 100_000 {
+            // Forget addresses that have all their strikes back.
+            let full = self.strikes;
+            buckets.retain(|_, b| b.available(now) < full);
+        }
+        buckets
+            .entry(ip)
+            .or_insert_with(|| TokenBucket::new(self.regrow_per_sec, self.strikes))
+            .take(now);
+    }
+
+    /// Whether `ip` may open a WebSocket now.
+    pub fn allows(&self, ip: IpAddr) -> bool {
+        let mut buckets = self.buckets.lock().expect("strikes lock");
+        buckets
+            .get_mut(&ip)
+            .is_none_or(|b| b.available(Instant::now()) >= 1.0)
     }
 }
 
@@ -269,6 +319,20 @@ mod tests {
         drop(a1);
         assert_eq!(counts.count(&"a"), 1);
         assert!(counts.acquire("a").is_some());
+    }
+
+    #[test]
+    fn an_address_out_of_strikes_waits_for_one_to_grow_back() {
+        let strikes = Strikes::new(2, Duration::from_millis(200));
+        let ip: IpAddr = "10.1.2.3".parse().unwrap();
+        assert!(strikes.allows(ip));
+        strikes.strike(ip);
+        assert!(strikes.allows(ip));
+        strikes.strike(ip);
+        assert!(!strikes.allows(ip));
+        assert!(strikes.allows("10.1.2.4".parse().unwrap()));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(strikes.allows(ip));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::broker::{Broker, Limits};
 use crate::config::{Config, DefaultRoom};
 use crate::delivery::AckStore;
 use crate::hub::Hub;
-use crate::limits::{ConnectionCounts, TrustedProxies};
+use crate::limits::{ConnectionCounts, Strikes, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use std::net::IpAddr;
@@ -36,6 +36,8 @@ pub struct Node {
     pub per_ip: Arc<ConnectionCounts<IpAddr>>,
     /// Logged-in connections per user.
     pub per_user: Arc<ConnectionCounts<String>>,
+    /// Client addresses whose connections were closed for abuse.
+    pub strikes: Strikes,
     pub node_id: String,
     pub default_rooms: Vec<DefaultRoom>,
     pub broker: Broker,
@@ -147,6 +149,10 @@ impl Node {
             )),
             per_ip: ConnectionCounts::new(config.max_connections_per_ip),
             per_user: ConnectionCounts::new(config.max_connections_per_user),
+            strikes: Strikes::new(
+                config.abuse_strikes,
+                std::time::Duration::from_millis(config.abuse_cooldown_ms),
+            ),
             config,
             auth,
             origins,

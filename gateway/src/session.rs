@@ -221,13 +221,22 @@ struct Session {
 }
 
 /// Serves one upgraded connection until it ends; `claims` come from a token on the upgrade
-/// request.
-pub async fn run(slot: ConnectionSlot, socket: WebSocket, claims: Option<Claims>) {
+/// request; `client`: the client's address (for its strikes when closed for abuse).
+pub async fn run(
+    slot: ConnectionSlot,
+    socket: WebSocket,
+    claims: Option<Claims>,
+    client: Option<std::net::IpAddr>,
+) {
     let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
-    serve(slot, socket, claims).instrument(span).await
+    let node = slot.node.clone();
+    let close = serve(slot, socket, claims).instrument(span).await;
+    if let (Some(ip), true) = (client, close == Close::RATE_LIMITED || close == Close::SLOW) {
+        node.strikes.strike(ip);
+    }
 }
 
-async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claims>) {
+async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claims>) -> Close {
     let node = slot.node.clone();
     let conn_id = slot.conn_id;
     let (outbox, mut queue) = mpsc::channel(node.config.outbound_queue as usize);
@@ -343,6 +352,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
     drop(socket);
     Box::pin(session.leave_everything()).await;
     drop(slot);
+    close
 }
 
 /// The close for a failed read: the WebSocket error behind axum's says what the client broke.

@@ -38,7 +38,8 @@ async fn a_frame_flood_is_refused_then_closed_with_4029() -> anyhow::Result<()> 
     flooder.login("flooder", json!("f")).await?;
     let mut sent = 0;
     let started = Instant::now();
-    while flooder.closed.is_none() && started.elapsed() < Duration::from_secs(10) {
+    // Keep flooding (as a hostile client would) until the gateway closes the connection.
+    let code = loop {
         for i in 0..200 {
             if flooder
                 .send(json!({"roomId":"f","content":format!("spam {i}")}))
@@ -49,18 +50,17 @@ async fn a_frame_flood_is_refused_then_closed_with_4029() -> anyhow::Result<()> 
             }
             sent += 1;
         }
-        if flooder
-            .recv_until_timeout(Duration::from_millis(1), |f| {
-                f["event"] == "error" && f["code"] == "rate_limited"
-            })
-            .await
-            .is_ok()
-        {
-            break;
+        if let Ok(code) = flooder.expect_close(Duration::from_millis(5)).await {
+            break code;
         }
-    }
+        assert!(started.elapsed() < Duration::from_secs(20), "never closed");
+    };
     assert!(sent > 100, "sent {sent}");
-    assert_eq!(flooder.expect_close(Duration::from_secs(10)).await?, 4029);
+    assert_eq!(code, 4029);
+    // It was told first.
+    flooder
+        .recv_until(|f| f["event"] == "error" && f["code"] == "rate_limited")
+        .await?;
     assert!(
         gw.metric("gateway_rate_limited_total{kind=\"frames\"")
             .await?
@@ -578,6 +578,8 @@ async fn defaults_are_documented_and_sane() -> anyhow::Result<()> {
         "GATEWAY_MAX_ROOMS_PER_NODE",
         "GATEWAY_MAX_REPLAY_BYTES_PER_SEC",
         "GATEWAY_MAX_ANNOUNCES_PER_ROOM_PER_SEC",
+        "GATEWAY_ABUSE_STRIKES",
+        "GATEWAY_ABUSE_COOLDOWN_MS",
     ] {
         assert!(help.contains(setting), "{setting} missing from --help");
         let doc = std::fs::read_to_string(e2e::workspace_root().join("docs/security.md"))?;
@@ -666,6 +668,52 @@ async fn big_replays_are_slowed_to_their_byte_budget_not_refused() -> anyhow::Re
         gw.metric("gateway_rate_limited_total{kind=\"sync\"")
             .await?
             > 0.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_address_closed_for_abuse_must_pause_before_reconnecting() -> anyhow::Result<()> {
+    let gw = Gateway::start(
+        GatewayOpts::default()
+            .env("GATEWAY_MAX_FRAMES_PER_SEC", 50)
+            .env("GATEWAY_FRAME_BURST", 50)
+            .env("GATEWAY_ABUSE_STRIKES", 1)
+            .env("GATEWAY_ABUSE_COOLDOWN_MS", 1500),
+    )
+    .await?;
+    let mut bystander = Client::connect(&gw.ws_url()).await?;
+    bystander.login("calm", json!("calm")).await?;
+    let mut pinger = Client::connect(&gw.ws_url()).await?;
+    let code = loop {
+        for _ in 0..100 {
+            let _ = pinger.send_message(Message::Ping(vec![1].into())).await;
+        }
+        if let Ok(code) = pinger.expect_close(Duration::from_millis(20)).await {
+            break code;
+        }
+    };
+    assert_eq!(code, 4029);
+    // Reconnecting at once would start every budget anew: the address pauses instead.
+    let refused = e2e::refused_upgrade(&gw.ws_url(), &[]).await?;
+    assert_eq!(refused.status, 429, "{refused}");
+    assert!(refused.body.contains("cooldown"), "{}", refused.body);
+    // Connections already open are not touched.
+    bystander
+        .send(json!({"roomId":"calm","content":"fine"}))
+        .await?;
+    bystander.recv_until(is("message")).await?;
+    // Once the strike grew back, the address may connect again.
+    let url = gw.ws_url();
+    wait_for("the cooldown to pass", WAIT, || {
+        let url = url.clone();
+        async move { Client::connect(&url).await.ok() }
+    })
+    .await?;
+    assert!(
+        gw.metric("gateway_connections_refused_total{reason=\"cooldown\"")
+            .await?
+            >= 1.0
     );
     Ok(())
 }
