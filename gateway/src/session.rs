@@ -253,11 +253,8 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
         rooms: Vec::new(),
         inbox: None,
         unacked_limit: 2 * node.config.outbound_queue.max(node.config.sync_max) as usize,
-        // Room for a few replay parts and a burst of live traffic, never a whole history.
-        unacked_bytes_limit: 8 * node
-            .config
-            .replay_buffer_bytes
-            .max(node.config.max_message_bytes) as usize,
+        // Room for a replay page of ordinary messages and a burst of live traffic.
+        unacked_bytes_limit: 8 * (1 << 20).max(node.config.max_message_bytes) as usize,
         node: node.clone(),
         conn_id,
         claims: None,
@@ -1177,8 +1174,10 @@ impl Session {
         // taken by the client) before the next is read: a client that does not read holds at
         // most one part here, never the whole page.
         let config = &self.node.config;
-        let per_read =
-            (config.replay_buffer_bytes / config.max_message_bytes).clamp(1, 1000) as usize;
+        let buffer = config.replay_buffer_bytes as usize;
+        // Sized for the largest messages first, then for the sizes actually read: small chat
+        // messages come many per read, big ones few.
+        let mut per_read = (buffer / config.max_message_bytes as usize).clamp(1, 1000);
         let mut count = 0;
         let mut last = after;
         let mut truncated = None;
@@ -1200,6 +1199,9 @@ impl Session {
             // Replays are the most expensive thing a client can ask of the broker: each
             // connection gets so many bytes per second, whatever number of syncs it sends.
             let bytes: usize = part.entries.iter().map(|(_, f)| f.len()).sum();
+            if got > 0 {
+                per_read = (buffer / (bytes / got).max(1)).clamp(1, 1000);
+            }
             let wait = self
                 .budgets
                 .replay_bytes
