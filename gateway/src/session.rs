@@ -1199,8 +1199,8 @@ impl Session {
             // Replays are the most expensive thing a client can ask of the broker: each
             // connection gets so many bytes per second, whatever number of syncs it sends.
             let bytes: usize = part.entries.iter().map(|(_, f)| f.len()).sum();
-            if got > 0 {
-                per_read = (buffer / (bytes / got).max(1)).clamp(1, 1000);
+            if let Some(average) = bytes.checked_div(got) {
+                per_read = (buffer / average.max(1)).clamp(1, 1000);
             }
             let wait = self
                 .budgets
