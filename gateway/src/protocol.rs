@@ -204,9 +204,13 @@ impl RoomId {
     /// Builds a room id from its text key (as used in HTTP paths and listings): digits make a
     /// number, anything else a string.
     pub fn from_key(key: &str) -> RoomId {
-        let json = match key.parse::<i64>() {
-            Ok(n) if n.to_string() == key => key.to_string(),
-            _ => json_string(key),
+        // The integers `parse` accepts as numbers (i64 and u64) read back as numbers.
+        let canonical_int = key.parse::<i64>().is_ok_and(|n| n.to_string() == key)
+            || key.parse::<u64>().is_ok_and(|n| n.to_string() == key);
+        let json = if canonical_int {
+            key.to_string()
+        } else {
+            json_string(key)
         };
         RoomId {
             key: key.to_string(),
@@ -902,6 +906,20 @@ mod tests {
         assert_eq!(frame["code"], "missing_field");
         assert_eq!(frame["roomId"], 4);
         assert_eq!(frame["clientMsgId"], "c9");
+    }
+
+    #[test]
+    fn room_ids_read_back_from_their_keys_keep_their_type() {
+        for value in [
+            json!(1),
+            json!(-7),
+            json!(u64::MAX),
+            json!("lobby"),
+            json!("007"),
+        ] {
+            let room = RoomId::parse(&value).unwrap();
+            assert_eq!(RoomId::from_key(&room.key), room, "{value}");
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ impl Default for Keys {
 /// Percent-encodes every byte outside `[A-Za-z0-9_.-]`; injective, and the result never
 /// contains `{`, `}`, `:` or a newline.
 pub fn encode_part(s: &str) -> Cow<'_, str> {
-    let plain = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-');
+    let plain = is_plain;
     if s.bytes().all(plain) {
         return Cow::Borrowed(s);
     }
@@ -43,22 +43,42 @@ pub fn encode_part(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Reverses `encode_part`; `None` for text it cannot have produced.
+/// Reverses `encode_part`; `None` for text it cannot have produced (so `encode_part` of the
+/// result gives the same text back).
 pub fn decode_part(s: &str) -> Option<String> {
+    let upper_hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+        match bytes[i] {
+            b'%' => {
+                let high = upper_hex(*bytes.get(i + 1)?)?;
+                let low = upper_hex(*bytes.get(i + 2)?)?;
+                let byte = high << 4 | low;
+                if is_plain(byte) {
+                    return None; // encode_part never escapes a plain byte
+                }
+                out.push(byte);
+                i += 3;
+            }
+            b if is_plain(b) => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
         }
     }
     String::from_utf8(out).ok()
+}
+
+/// Bytes `encode_part` leaves as they are.
+fn is_plain(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-')
 }
 
 impl Keys {
@@ -179,6 +199,10 @@ mod tests {
             assert_eq!(decode_part(&encoded).as_deref(), Some(s));
         }
         assert_eq!(encode_part("lobby-1_a.b"), "lobby-1_a.b");
+        // Only what encode_part writes decodes.
+        for foreign in ["%7d", "%+1", "a}b", "%41", "%4", "%"] {
+            assert_eq!(decode_part(foreign), None, "{foreign}");
+        }
     }
 
     #[test]
