@@ -322,6 +322,13 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
         if let Err(close) = step {
             break close;
         }
+        // Whatever the client sent, what it is owed goes out too: a client that sends as fast
+        // as it reads must never starve its own deliveries (the select above prefers reading).
+        if let Ok(first) = queue.try_recv() {
+            if let Err(close) = session.deliver(&mut socket, first, &mut queue).await {
+                break close;
+            }
+        }
         if session.expires_at != applied_expiry {
             applied_expiry = session.expires_at;
             expiry.as_mut().reset(applied_expiry.unwrap_or(far));

@@ -217,3 +217,53 @@ async fn bad_configuration_exits_with_64_and_a_reason() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_sending_fast_while_reading_is_not_cut_as_slow() -> anyhow::Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // A small queue makes starvation show at once: the sender's own copies must be written
+    // between its frames, not after it stops sending.
+    let redis = e2e::RedisServer::start().await?;
+    let gw =
+        Gateway::start(GatewayOpts::redis(&redis.url()).env("GATEWAY_OUTBOUND_QUEUE", 64)).await?;
+    let (ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await?;
+    let (mut tx, mut rx) = ws.split();
+    tx.send(Message::text(
+        json!({"event":"login","userId":"fast","roomId":"fair"}).to_string(),
+    ))
+    .await?;
+    let total = 500;
+    let reader = tokio::spawn(async move {
+        let mut copies = 0;
+        while let Some(msg) = rx.next().await {
+            match msg? {
+                Message::Text(text) => {
+                    let frame: serde_json::Value = serde_json::from_str(&text)?;
+                    if frame["event"] == "message" {
+                        copies += 1;
+                        if copies == total {
+                            return Ok::<_, anyhow::Error>(None);
+                        }
+                    }
+                }
+                Message::Close(frame) => return Ok(frame.map(|f| u16::from(f.code))),
+                _ => {}
+            }
+        }
+        Ok(Some(0))
+    });
+    for i in 0..total {
+        tx.feed(Message::text(
+            json!({"roomId":"fair","content":format!("m{i}")}).to_string(),
+        ))
+        .await?;
+    }
+    tx.flush().await?;
+    let closed = tokio::time::timeout(Duration::from_secs(20), reader).await???;
+    assert_eq!(
+        closed, None,
+        "cut with close code {closed:?} before all copies arrived"
+    );
+    Ok(())
+}
