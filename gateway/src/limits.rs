@@ -145,6 +145,9 @@ impl<K: std::hash::Hash + Eq + Clone + Send + 'static> Drop for CountGuard<K> {
     }
 }
 
+/// Addresses the strike table holds at most.
+const MAX_STRUCK_ADDRESSES: usize = 100_000;
+
 /// Addresses whose connections were closed for abuse (rate limit, slow consumer): each such
 /// close is a strike; an address out of strikes may not open WebSockets until one grows back.
 /// Reconnecting at once would otherwise start every per-connection budget anew.
@@ -167,10 +170,15 @@ impl Strikes {
     pub fn strike(&self, ip: IpAddr) {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().expect("strikes lock");
-        if buckets.len() >= 100_000 {
+        if buckets.len() >= MAX_STRUCK_ADDRESSES && !buckets.contains_key(&ip) {
             // Forget addresses that have all their strikes back.
             let full = self.strikes;
             buckets.retain(|_, b| b.available(now) < full);
+            if buckets.len() >= MAX_STRUCK_ADDRESSES {
+                // Still full (an attack from very many addresses): the table stays bounded;
+                // this address goes unrecorded rather than the memory growing.
+                return;
+            }
         }
         buckets
             .entry(ip)

@@ -565,12 +565,7 @@ impl Session {
             Some(token) => auth.verify(token)?,
             None => self.claims.clone().ok_or(AuthError::Missing)?,
         };
-        let current_user = self
-            .identity
-            .as_ref()
-            .map(|i| &i.user_id)
-            .or(self.claims.as_ref().map(|c| &c.user_id));
-        if current_user.is_some_and(|u| *u != claims.user_id)
+        if self.current_user().is_some_and(|u| u != claims.user_id)
             || login.user_id.as_ref().is_some_and(|u| *u != claims.user_id)
         {
             return Err(AuthError::UserMismatch);
@@ -579,6 +574,14 @@ impl Session {
             return Err(AuthError::Room);
         }
         Ok(Some(claims))
+    }
+
+    /// The user this connection is (logged in as, or proven by its token so far).
+    fn current_user(&self) -> Option<&str> {
+        self.identity
+            .as_ref()
+            .map(|i| i.user_id.as_str())
+            .or(self.claims.as_ref().map(|c| c.user_id.as_str()))
     }
 
     /// Counts a refusal and turns it into its error frame.
@@ -611,12 +614,7 @@ impl Session {
             Ok(claims) => claims,
             Err(err) => return Ok(Err(self.refuse(err))),
         };
-        let current_user = self
-            .identity
-            .as_ref()
-            .map(|i| &i.user_id)
-            .or(self.claims.as_ref().map(|c| &c.user_id));
-        if current_user.is_some_and(|u| *u != claims.user_id) {
+        if self.current_user().is_some_and(|u| u != claims.user_id) {
             return Ok(Err(self.refuse(AuthError::UserMismatch)));
         }
         let expires_at = claims.expires_at;

@@ -134,8 +134,7 @@ async fn syncs_joins_and_dms_have_budgets_of_their_own() -> anyhow::Result<()> {
         c.send(json!({"event":"login","roomId":"b"})).await?;
     }
     c.recv_until(limited("join")).await?;
-    // The connection is still there and usable once the budget refills.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Refused requests cost the connection nothing else: it is still open and answers.
     c.send(json!({"event":"heartBeat","content":"ping"}))
         .await?;
     c.recv_until(is("heartBeat")).await?;
@@ -144,92 +143,98 @@ async fn syncs_joins_and_dms_have_budgets_of_their_own() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn full_inboxes_refuse_spam_and_unknown_users_get_no_inbox() -> anyhow::Result<()> {
-    let redis = RedisServer::start().await?;
-    let gw = Gateway::start(
-        GatewayOpts::redis(&redis.url())
-            .with_jwt()
-            .env("GATEWAY_INBOX_MAX_LEN", 5),
-    )
-    .await?;
-    let url = gw.ws_url();
-    let victim_token = mint_token("victim", &[])?;
-    let mut victim = Client::connect(&url).await?;
-    victim
-        .login_with(
-            json!({"event":"login","userId":"victim","roomId":"v","ack":true,"token":victim_token}),
-        )
-        .await?;
-    victim.close().await?;
-    let mut friend = Client::connect(&url).await?;
-    friend
-        .login_with(json!({"event":"login","userId":"friend","roomId":"v","token":mint_token("friend", &[])?}))
-        .await?;
-    friend
-        .send(json!({"event":"dm","toUserId":"victim","content":"the real one","clientMsgId":"r1"}))
-        .await?;
-    let confirmed = friend.recv_until(is("dmSent")).await?;
-    let mut spammer = Client::connect(&url).await?;
-    spammer
-        .login_with(
-            json!({"event":"login","userId":"spam","roomId":"s","token":mint_token("spam", &[])?}),
-        )
-        .await?;
-    let mut sent = 0;
-    let full = loop {
+    let env = [
+        ("GATEWAY_JWT_SECRET", e2e::TEST_JWT_SECRET),
+        ("GATEWAY_INBOX_MAX_LEN", "5"),
+    ];
+    for (backend, redis, gw) in e2e::both_backends(&env).await? {
+        let url = gw.ws_url();
+        let victim_token = mint_token("victim", &[])?;
+        let mut victim = Client::connect(&url).await?;
+        victim
+            .login_with(
+                json!({"event":"login","userId":"victim","roomId":"v","ack":true,
+                               "token":victim_token}),
+            )
+            .await?;
+        victim.close().await?;
+        let mut friend = Client::connect(&url).await?;
+        friend
+            .login_with(json!({"event":"login","userId":"friend","roomId":"v",
+                               "token":mint_token("friend", &[])?}))
+            .await?;
+        friend
+            .send(json!({"event":"dm","toUserId":"victim","content":"the real one","clientMsgId":"r1"}))
+            .await?;
+        let confirmed = friend.recv_until(is("dmSent")).await?;
+        let mut spammer = Client::connect(&url).await?;
         spammer
-            .send(json!({"event":"dm","toUserId":"victim","content":"buy now"}))
+            .login_with(json!({"event":"login","userId":"spam","roomId":"s",
+                               "token":mint_token("spam", &[])?}))
             .await?;
-        let answer = spammer
-            .recv_until(|f| f["event"] == "dmSent" || f["event"] == "error")
+        let mut sent = 0;
+        let full = loop {
+            spammer
+                .send(json!({"event":"dm","toUserId":"victim","content":"buy now"}))
+                .await?;
+            let answer = spammer
+                .recv_until(|f| f["event"] == "dmSent" || f["event"] == "error")
+                .await?;
+            if answer["event"] == "error" {
+                break answer;
+            }
+            sent += 1;
+        };
+        assert_eq!(full["code"], "inbox_full", "{backend}: {full}");
+        assert_eq!(sent, 4, "{backend}: the inbox keeps 5");
+        // The confirmed DM is still there when the victim comes back.
+        let mut back = Client::connect(&url).await?;
+        back.send(json!({"event":"login","roomId":"v","ack":true,"token":victim_token}))
             .await?;
-        if answer["event"] == "error" {
-            break answer;
+        let first = back.recv_until(is("dm")).await?;
+        assert_eq!(first["id"], confirmed["id"], "{backend}");
+        assert_eq!(first["content"], "the real one");
+        // Reading and acknowledging makes room again (acks are written within ~100 ms).
+        let synced = back
+            .recv_until(|f| f["event"] == "synced" && f["dm"] == true)
+            .await?;
+        back.send(json!({"event":"ack","dm":true,"id":synced["lastId"]}))
+            .await?;
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            friend
+                .send(json!({"event":"dm","toUserId":"victim","content":"again"}))
+                .await?;
+            let answer = friend
+                .recv_until(|f| f["event"] == "dmSent" || f["event"] == "error")
+                .await?;
+            if answer["event"] == "dmSent" {
+                break;
+            }
+            assert_eq!(answer["code"], "inbox_full", "{backend}: {answer}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend}: never room again"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        sent += 1;
-    };
-    assert_eq!(full["code"], "inbox_full", "{full}");
-    assert_eq!(sent, 4, "the inbox keeps 5");
-    // The confirmed DM is still there when the victim comes back.
-    let mut back = Client::connect(&url).await?;
-    back.send(json!({"event":"login","roomId":"v","ack":true,"token":victim_token}))
-        .await?;
-    let first = back.recv_until(is("dm")).await?;
-    assert_eq!(first["id"], confirmed["id"]);
-    assert_eq!(first["content"], "the real one");
-    // Reading and acknowledging makes room again.
-    let synced = back
-        .recv_until(|f| f["event"] == "synced" && f["dm"] == true)
-        .await?;
-    back.send(json!({"event":"ack","dm":true,"id":synced["lastId"]}))
-        .await?;
-    wait_for("the read inbox to be trimmed", WAIT, || async {
-        let mut con = redis.connection().await.ok()?;
-        let len: u64 = redis::cmd("XLEN")
-            .arg("gw:{u:victim}:in")
-            .query_async(&mut con)
-            .await
-            .ok()?;
-        (len == 0).then_some(())
-    })
-    .await?;
-    friend
-        .send(json!({"event":"dm","toUserId":"victim","content":"again"}))
-        .await?;
-    friend.recv_until(is("dmSent")).await?;
-    // Nobody named "ghost-…" ever logged in: no inbox is created for them.
-    for i in 0..20 {
-        spammer
-            .send(json!({"event":"dm","toUserId":format!("ghost-{i}"),"content":"hi"}))
-            .await?;
-        let err = spammer.recv_until(is("error")).await?;
-        assert_eq!(err["code"], "unknown_user", "{err}");
+        // Nobody named "ghost-…" ever logged in: no inbox is created for them.
+        for i in 0..20 {
+            spammer
+                .send(json!({"event":"dm","toUserId":format!("ghost-{i}"),"content":"hi"}))
+                .await?;
+            let err = spammer.recv_until(is("error")).await?;
+            assert_eq!(err["code"], "unknown_user", "{backend}: {err}");
+        }
+        if let Some(redis) = redis {
+            let mut con = redis.connection().await?;
+            let ghosts: Vec<String> = redis::cmd("KEYS")
+                .arg("gw:{u:ghost*")
+                .query_async(&mut con)
+                .await?;
+            assert!(ghosts.is_empty(), "{ghosts:?}");
+        }
     }
-    let mut con = redis.connection().await?;
-    let ghosts: Vec<String> = redis::cmd("KEYS")
-        .arg("gw:{u:ghost*")
-        .query_async(&mut con)
-        .await?;
-    assert!(ghosts.is_empty(), "{ghosts:?}");
     Ok(())
 }
 
@@ -529,6 +534,9 @@ async fn a_non_reading_client_does_not_pin_the_history_in_memory() -> anyhow::Re
     };
     let pid = gw.proc.pid().expect("running");
     let before_kib = rss(pid);
+    let reads_before = gw
+        .metric("gateway_redis_command_duration_seconds_count{op=\"range\"")
+        .await?;
     let mut hostile = Vec::new();
     for i in 0..20 {
         let mut tcp = raw_websocket(&gw.addr()).await?;
@@ -541,8 +549,16 @@ async fn a_non_reading_client_does_not_pin_the_history_in_memory() -> anyhow::Re
         .await?;
         hostile.push(tcp);
     }
-    // Each wants 9 MB; unbounded that would be 180 MB held. Give them time to stall.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Each wants 9 MB; unbounded that would be 180 MB held. Measure once every one of them
+    // has started its replay (one history read each at least).
+    wait_for("the 20 replays to start", WAIT, || async {
+        let reads = gw
+            .metric("gateway_redis_command_duration_seconds_count{op=\"range\"")
+            .await
+            .ok()?;
+        (reads >= reads_before + 20.0).then_some(())
+    })
+    .await?;
     let during_kib = rss(pid);
     let grown_mib = during_kib.saturating_sub(before_kib) / 1024;
     assert!(
