@@ -160,7 +160,7 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_syncs_per_sec: u32,
 
-    /// `login`/`logout` frames per second per connection (burst: 4 times as many).
+    /// `login`/`logout`/`refresh` frames per second per connection (burst: 4 times as many).
     #[arg(long, env = "GATEWAY_MAX_JOINS_PER_SEC", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_joins_per_sec: u32,

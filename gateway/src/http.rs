@@ -174,11 +174,11 @@ fn request_token(headers: &HeaderMap, uri: &Uri) -> Option<String> {
             .then(|| token.trim().to_string());
     }
     let query = uri.query()?;
-    serde_urlencoded_token(query)
+    query_token(query)
 }
 
 /// `token` from a query string (percent-decoded).
-fn serde_urlencoded_token(query: &str) -> Option<String> {
+fn query_token(query: &str) -> Option<String> {
     #[derive(Deserialize)]
     struct TokenQuery {
         token: Option<String>,

@@ -493,6 +493,8 @@ impl Session {
                 .budget(Limited::Join)
                 .map_err(|e| e.in_room(&login.room)),
             ClientFrame::Logout { room } => self.budget(Limited::Join).map_err(|e| e.in_room(room)),
+            // A refresh costs a signature check: it shares the login budget.
+            ClientFrame::Refresh { .. } => self.budget(Limited::Join),
             ClientFrame::Sync { .. } => self.budget(Limited::Sync),
             ClientFrame::Dm { client_msg_id, .. } => self
                 .budget(Limited::Dm)
