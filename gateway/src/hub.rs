@@ -76,6 +76,15 @@ pub enum JoinError {
     Broker(#[from] BrokerError),
 }
 
+/// Whether `channel` is still the entry behind `gate` and has no members.
+fn is_empty_with_gate(
+    channels: &HashMap<String, Channel>,
+    channel: &str,
+    gate: &Arc<tokio::sync::Mutex<bool>>,
+) -> bool {
+    matches!(channels.get(channel), Some(entry) if entry.members.is_empty() && Arc::ptr_eq(&entry.gate, gate))
+}
+
 pub struct Hub {
     node_id: String,
     /// Most channels this node listens on at once.
@@ -155,6 +164,12 @@ impl Hub {
     }
 
     /// Removes a member; unsubscribes the channel if it was the last local one.
+    ///
+    /// The channel's entry (and so its gate) stays in the table until the unsubscribe is done:
+    /// a join arriving meanwhile finds the same gate, waits for it, sees "not subscribed" and
+    /// subscribes again. Removing the entry first would let such a join create a second gate
+    /// and subscribe *before* this unsubscribe lands, leaving members on an unsubscribed
+    /// channel that nothing would ever resubscribe.
     pub async fn leave(&self, channel: &str, conn_id: u64) {
         let gate = {
             let mut channels = self.channels();
@@ -168,23 +183,21 @@ impl Hub {
             entry.gate.clone()
         };
         let mut subscribed = gate.lock().await;
-        // Someone may have joined while we waited for the gate.
-        let still_empty = {
-            let mut channels = self.channels();
-            match channels.get(channel) {
-                Some(entry) if entry.members.is_empty() && Arc::ptr_eq(&entry.gate, &gate) => {
-                    channels.remove(channel);
-                    true
-                }
-                _ => false,
-            }
-        };
-        if still_empty && *subscribed {
+        if !is_empty_with_gate(&self.channels(), channel, &gate) {
+            return; // someone joined while we waited for the gate: they keep it subscribed
+        }
+        if *subscribed {
             *subscribed = false;
             self.metrics.rooms_local.dec();
             if let Err(e) = self.broker.unsubscribe(channel).await {
                 tracing::warn!(channel, "unsubscribe failed: {e}");
             }
+        }
+        // Still under the gate: a join that came during the unsubscribe is in the entry and
+        // waits for the gate to subscribe again, so the entry stays for it.
+        let mut channels = self.channels();
+        if is_empty_with_gate(&channels, channel, &gate) {
+            channels.remove(channel);
         }
     }
 
@@ -382,5 +395,117 @@ impl Hub {
                 .filter(|_| envelope.origin == self.node_id),
         });
         self.hand_out(entry, delivery);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{EnvelopeHeader, Limits};
+    use std::time::Duration;
+
+    fn hub() -> Arc<Hub> {
+        hub_with(None)
+    }
+
+    /// A hub on the embedded broker, unsubscribing with `latency` (as over a network).
+    fn hub_with(unsubscribe_latency: Option<Duration>) -> Arc<Hub> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let limits = Limits {
+            history_max_len: 100,
+            dedup_ttl_ms: 60_000,
+            announce_max: 1000,
+            history_ttl_ms: 60_000,
+            announces_per_sec: 50,
+        };
+        let mut memory = MemoryBroker::new(limits, tx);
+        memory.unsubscribe_latency = unsubscribe_latency;
+        let broker = Broker::Memory(Arc::new(memory));
+        let hub = Arc::new(Hub::new(
+            "n1".into(),
+            broker,
+            Arc::new(Metrics::new("n1")),
+            1000,
+        ));
+        tokio::spawn(hub.clone().dispatch(rx));
+        hub
+    }
+
+    fn member(conn_id: u64) -> (Member, mpsc::Receiver<Arc<Delivery>>) {
+        let (outbox, rx) = mpsc::channel(16);
+        let member = Member {
+            conn_id,
+            outbox,
+            slow: CancellationToken::new(),
+        };
+        (member, rx)
+    }
+
+    fn announcement(text: &str) -> String {
+        let header = EnvelopeHeader {
+            kind: Kind::Presence,
+            published_us: 0,
+            origin: "n2".into(),
+            sender_conn: None,
+            traceparent: String::new(),
+        };
+        format!("{}{{\"event\":\"{text}\"}}", header.without_id())
+    }
+
+    /// A member joining while the channel's last member leaves must end up on a subscribed
+    /// channel: the leave's unsubscribe may not land after the join's subscribe.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_join_racing_the_last_leave_still_receives() {
+        let hub = hub_with(Some(Duration::from_millis(2)));
+        for round in 0..200u64 {
+            let (leaver, _leaver_rx) = member(round * 2);
+            let (stayer, mut stayer_rx) = member(round * 2 + 1);
+            hub.join("room", leaver, None).await.expect("join");
+            let leaving = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.leave("room", round * 2).await })
+            };
+            let joining = {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.join("room", stayer, None).await })
+            };
+            leaving.await.expect("leave task");
+            joining.await.expect("join task").expect("join");
+            let text = format!("r{round}");
+            hub.broker
+                .publish("room", &announcement(&text))
+                .await
+                .expect("publish");
+            let got = tokio::time::timeout(Duration::from_secs(2), stayer_rx.recv())
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: the member on the room got nothing"))
+                .expect("outbox open");
+            assert!(got.frame.as_str().contains(&text), "{}", got.frame.as_str());
+            hub.leave("room", round * 2 + 1).await;
+        }
+    }
+
+    /// The last member leaving unsubscribes the node and forgets the channel.
+    #[tokio::test]
+    async fn the_last_leave_unsubscribes() {
+        let hub = hub();
+        let (a, _a_rx) = member(1);
+        let (b, mut b_rx) = member(2);
+        hub.join("room", a, None).await.expect("join a");
+        hub.join("room", b, None).await.expect("join b");
+        hub.leave("room", 1).await;
+        hub.broker
+            .publish("room", &announcement("x"))
+            .await
+            .expect("publish");
+        let got = tokio::time::timeout(Duration::from_secs(2), b_rx.recv()).await;
+        assert!(got.expect("b still receives").is_some());
+        hub.leave("room", 2).await;
+        assert!(hub.channels().is_empty());
+        let Broker::Memory(memory) = &hub.broker else {
+            unreachable!()
+        };
+        assert!(!memory.is_subscribed("room"));
     }
 }

@@ -77,6 +77,9 @@ pub struct MemoryBroker {
     announce_max: u64,
     /// Login/logout broadcasts per room and second, at most.
     announces_per_sec: u64,
+    /// Tests make unsubscribing take as long as a Redis round trip would.
+    #[cfg(test)]
+    pub unsubscribe_latency: Option<Duration>,
 }
 
 impl MemoryBroker {
@@ -89,6 +92,8 @@ impl MemoryBroker {
             history_ttl: Duration::from_millis(limits.history_ttl_ms),
             announce_max: limits.announce_max,
             announces_per_sec: limits.announces_per_sec,
+            #[cfg(test)]
+            unsubscribe_latency: None,
         }
     }
 
@@ -112,7 +117,17 @@ impl MemoryBroker {
         Ok(())
     }
 
+    /// Whether this node listens on `channel` (for tests).
+    #[cfg(test)]
+    pub fn is_subscribed(&self, channel: &str) -> bool {
+        self.state().subscribed.contains(channel)
+    }
+
     pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        #[cfg(test)]
+        if let Some(latency) = self.unsubscribe_latency {
+            tokio::time::sleep(latency).await;
+        }
         self.state().subscribed.remove(channel);
         Ok(())
     }
