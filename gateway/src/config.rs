@@ -193,6 +193,19 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_connections_per_ip: u32,
 
+    /// WebSockets of one client address that have not logged in yet (HTTP 429 beyond): a
+    /// connection that never logs in is worth nothing to anyone but holds a slot and memory.
+    #[arg(long, env = "GATEWAY_MAX_PENDING_LOGINS_PER_IP", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_pending_logins_per_ip: u32,
+
+    /// WebSocket upgrades one client address may make on this node per second, on average
+    /// (bursts of twice as many pass); HTTP 429 with Retry-After beyond. Each upgrade costs the
+    /// node CPU whether or not the connection stays.
+    #[arg(long, env = "GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
+    pub max_upgrades_per_ip_per_sec: u32,
+
     /// Proxies (addresses or networks, comma-separated) whose `X-Forwarded-For` names the
     /// client's address. Unset: the peer's address is the client's.
     #[arg(long, env = "GATEWAY_TRUSTED_PROXIES")]

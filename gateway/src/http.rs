@@ -2,6 +2,7 @@
 //! module, the room API) and the admin router (`/healthz`, `/readyz`, `/metrics`, the server API
 //! under `/v1/` from `api.rs`), which is never served on the public listener.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -16,6 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::auth::{AuthError, Claims};
+use crate::limits::CountGuard;
 use crate::node::Node;
 use crate::protocol::RoomId;
 use crate::session;
@@ -259,46 +261,14 @@ fn accept(
         },
         _ => None,
     };
-    // One client address may hold only so many of this node's WebSockets.
-    let ip_slot = match peer {
+    // One client address may open and hold only so many of this node's WebSockets.
+    let address = match peer {
         Some(Extension(Peer(peer))) => {
             let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
             let client = node.trusted_proxies.client_ip(peer.ip(), forwarded);
-            if !node.strikes.allows(client) {
-                node.metrics
-                    .connections_refused
-                    .with_label_values(&["cooldown"])
-                    .inc();
-                return (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Json(json!({
-                        "error": "too_many_connections",
-                        "reason": "cooldown",
-                        "message": "connections from this address were closed for abuse; try again later",
-                    })),
-                )
-                    .into_response();
-            }
-            match node.per_ip.acquire(client) {
-                Some(slot) => Some((client, slot)),
-                None => {
-                    node.metrics
-                        .connections_refused
-                        .with_label_values(&["per_ip"])
-                        .inc();
-                    return (
-                        StatusCode::TOO_MANY_REQUESTS,
-                        Json(json!({
-                            "error": "too_many_connections",
-                            "reason": "per_ip",
-                            "message": format!(
-                                "this address holds {} connections to this node already",
-                                node.config.max_connections_per_ip
-                            ),
-                        })),
-                    )
-                        .into_response();
-                }
+            match admit_address(&node, client) {
+                Ok(slots) => Some(slots),
+                Err(refusal) => return refusal,
             }
         }
         None => None,
@@ -316,10 +286,12 @@ fn accept(
     let tracker = node.sessions.clone();
     ws.on_upgrade(move |mut socket| {
         tracker.track_future(async move {
-            let client = ip_slot.as_ref().map(|(ip, _)| *ip);
-            let _ip_slot = ip_slot;
+            let (client, _ip_slot, pending_login) = match address {
+                Some(a) => (Some(a.client), Some(a.connection), Some(a.pending_login)),
+                None => (None, None, None),
+            };
             match node.admit_connection() {
-                Some(slot) => session::run(slot, socket, claims, client).await,
+                Some(slot) => session::run(slot, socket, claims, client, pending_login).await,
                 None => {
                     node.metrics
                         .connections_closed
@@ -334,6 +306,89 @@ fn accept(
             }
         })
     })
+}
+
+/// A client address's places on this node, held by its WebSocket.
+struct AddressSlots {
+    client: IpAddr,
+    connection: CountGuard<IpAddr>,
+    /// Released by the session when the connection logs in.
+    pending_login: CountGuard<IpAddr>,
+}
+
+/// Checks a client address's limits before an upgrade: cooldown after abuse, upgrade rate,
+/// connections held, connections not logged in yet. Refusals are HTTP 429 with a JSON body
+/// naming the reason (label `reason` of `gateway_connections_refused_total`).
+fn admit_address(node: &Node, client: IpAddr) -> Result<AddressSlots, Response> {
+    let config = &node.config;
+    if !node.strikes.allows(client) {
+        return Err(too_many(
+            node,
+            "cooldown",
+            "connections from this address were closed for abuse; try again later".into(),
+            Some(config.abuse_cooldown_ms.div_ceil(1000)),
+        ));
+    }
+    if !node.upgrade_rate.take(client) {
+        return Err(too_many(
+            node,
+            "upgrade_rate",
+            format!(
+                "this address opens more than {} WebSockets per second on this node",
+                config.max_upgrades_per_ip_per_sec
+            ),
+            Some(1),
+        ));
+    }
+    let Some(connection) = node.per_ip.acquire(client) else {
+        return Err(too_many(
+            node,
+            "per_ip",
+            format!(
+                "this address holds {} connections to this node already",
+                config.max_connections_per_ip
+            ),
+            None,
+        ));
+    };
+    let Some(pending_login) = node.pending_logins.acquire(client) else {
+        return Err(too_many(
+            node,
+            "pending_logins",
+            format!(
+                "this address holds {} connections that have not logged in yet",
+                config.max_pending_logins_per_ip
+            ),
+            None,
+        ));
+    };
+    Ok(AddressSlots {
+        client,
+        connection,
+        pending_login,
+    })
+}
+
+/// HTTP 429 `too_many_connections` for `reason`, counted; `retry_after` in seconds.
+fn too_many(node: &Node, reason: &str, message: String, retry_after: Option<u64>) -> Response {
+    node.metrics
+        .connections_refused
+        .with_label_values(&[reason])
+        .inc();
+    let body = Json(json!({
+        "error": "too_many_connections",
+        "reason": reason,
+        "message": message,
+    }));
+    match retry_after {
+        Some(secs) => (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            body,
+        )
+            .into_response(),
+        None => (StatusCode::TOO_MANY_REQUESTS, body).into_response(),
+    }
 }
 
 async fn readyz(State(node): State<Arc<Node>>) -> Response {

@@ -145,53 +145,75 @@ impl<K: std::hash::Hash + Eq + Clone + Send + 'static> Drop for CountGuard<K> {
     }
 }
 
-/// Addresses the strike table holds at most.
-const MAX_STRUCK_ADDRESSES: usize = 100_000;
+/// Addresses a per-address bucket table holds at most.
+const MAX_TRACKED_ADDRESSES: usize = 100_000;
 
-/// Addresses whose connections were closed for abuse (rate limit, slow consumer): each such
-/// close is a strike; an address out of strikes may not open WebSockets until one grows back.
-/// Reconnecting at once would otherwise start every per-connection budget anew.
-pub struct Strikes {
+/// A token bucket per client address, created full on the address's first use. Addresses
+/// whose bucket is full again are forgotten when the table fills up; while it is full of
+/// busy addresses (an attack from very many addresses), a new address goes untracked — and
+/// so unlimited — rather than the memory growing.
+pub struct AddressBuckets {
     buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
-    strikes: f64,
-    regrow_per_sec: f64,
+    rate: f64,
+    burst: f64,
 }
 
-impl Strikes {
-    pub fn new(strikes: u32, cooldown: std::time::Duration) -> Strikes {
-        Strikes {
+impl AddressBuckets {
+    pub fn new(rate: f64, burst: f64) -> AddressBuckets {
+        AddressBuckets {
             buckets: Mutex::new(HashMap::new()),
-            strikes: strikes as f64,
-            regrow_per_sec: 1.0 / cooldown.as_secs_f64().max(0.001),
+            rate,
+            burst,
         }
     }
 
-    /// Counts a close for abuse against `ip`.
-    pub fn strike(&self, ip: IpAddr) {
+    /// Takes one token of `ip`'s bucket; false when it had none (nothing taken).
+    pub fn take(&self, ip: IpAddr) -> bool {
         let now = Instant::now();
-        let mut buckets = self.buckets.lock().expect("strikes lock");
-        if buckets.len() >= MAX_STRUCK_ADDRESSES && !buckets.contains_key(&ip) {
-            // Forget addresses that have all their strikes back.
-            let full = self.strikes;
+        let mut buckets = self.buckets.lock().expect("address buckets lock");
+        if buckets.len() >= MAX_TRACKED_ADDRESSES && !buckets.contains_key(&ip) {
+            let full = self.burst;
             buckets.retain(|_, b| b.available(now) < full);
-            if buckets.len() >= MAX_STRUCK_ADDRESSES {
-                // Still full (an attack from very many addresses): the table stays bounded;
-                // this address goes unrecorded rather than the memory growing.
-                return;
+            if buckets.len() >= MAX_TRACKED_ADDRESSES {
+                return true;
             }
         }
         buckets
             .entry(ip)
-            .or_insert_with(|| TokenBucket::new(self.regrow_per_sec, self.strikes))
-            .take(now);
+            .or_insert_with(|| TokenBucket::new(self.rate, self.burst))
+            .take(now)
+    }
+
+    /// Whether `ip` has a token now (nothing taken).
+    pub fn has_token(&self, ip: IpAddr) -> bool {
+        let mut buckets = self.buckets.lock().expect("address buckets lock");
+        buckets
+            .get_mut(&ip)
+            .is_none_or(|b| b.available(Instant::now()) >= 1.0)
+    }
+}
+
+/// Addresses whose connections were closed for abuse (rate limit, slow consumer): each such
+/// close is a strike; an address out of strikes may not open WebSockets until one grows back.
+/// Reconnecting at once would otherwise start every per-connection budget anew.
+pub struct Strikes(AddressBuckets);
+
+impl Strikes {
+    pub fn new(strikes: u32, cooldown: std::time::Duration) -> Strikes {
+        Strikes(AddressBuckets::new(
+            1.0 / cooldown.as_secs_f64().max(0.001),
+            strikes as f64,
+        ))
+    }
+
+    /// Counts a close for abuse against `ip`.
+    pub fn strike(&self, ip: IpAddr) {
+        self.0.take(ip);
     }
 
     /// Whether `ip` may open a WebSocket now.
     pub fn allows(&self, ip: IpAddr) -> bool {
-        let mut buckets = self.buckets.lock().expect("strikes lock");
-        buckets
-            .get_mut(&ip)
-            .is_none_or(|b| b.available(Instant::now()) >= 1.0)
+        self.0.has_token(ip)
     }
 }
 

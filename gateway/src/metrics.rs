@@ -27,7 +27,14 @@ pub const CLOSE_REASONS: [&str; 14] = [
 ];
 
 /// Why a connection or login was refused (label of `gateway_connections_refused_total`).
-pub const REFUSAL_REASONS: [&str; 4] = ["handshakes", "per_ip", "per_user", "cooldown"];
+pub const REFUSAL_REASONS: [&str; 6] = [
+    "handshakes",
+    "per_ip",
+    "per_user",
+    "cooldown",
+    "upgrade_rate",
+    "pending_logins",
+];
 
 /// Redis operations (label `op` of the Redis latency and error series).
 pub const REDIS_OPS: [&str; 17] = [

@@ -16,7 +16,7 @@ use crate::broker::{Broker, Limits};
 use crate::config::{Config, DefaultRoom};
 use crate::delivery::AckStore;
 use crate::hub::Hub;
-use crate::limits::{ConnectionCounts, Strikes, TrustedProxies};
+use crate::limits::{AddressBuckets, ConnectionCounts, Strikes, TrustedProxies};
 use crate::metrics::Metrics;
 use crate::presence::Presence;
 use std::net::IpAddr;
@@ -34,6 +34,10 @@ pub struct Node {
     pub pending_handshakes: Arc<tokio::sync::Semaphore>,
     /// WebSocket connections per client address.
     pub per_ip: Arc<ConnectionCounts<IpAddr>>,
+    /// WebSockets per client address that have not logged in yet.
+    pub pending_logins: Arc<ConnectionCounts<IpAddr>>,
+    /// WebSocket upgrades per client address and second.
+    pub upgrade_rate: AddressBuckets,
     /// Logged-in connections per user.
     pub per_user: Arc<ConnectionCounts<String>>,
     /// Client addresses whose connections were closed for abuse.
@@ -149,6 +153,11 @@ impl Node {
             )),
             per_ip: ConnectionCounts::new(config.max_connections_per_ip),
             per_user: ConnectionCounts::new(config.max_connections_per_user),
+            pending_logins: ConnectionCounts::new(config.max_pending_logins_per_ip),
+            upgrade_rate: AddressBuckets::new(
+                config.max_upgrades_per_ip_per_sec as f64,
+                2.0 * config.max_upgrades_per_ip_per_sec as f64,
+            ),
             strikes: Strikes::new(
                 config.abuse_strikes,
                 std::time::Duration::from_millis(config.abuse_cooldown_ms),

@@ -218,25 +218,36 @@ struct Session {
     budgets: Budgets,
     /// This connection's place in its user's per-node connection limit.
     user_slot: Option<CountGuard<String>>,
+    /// Its place among its address's connections not logged in yet (released at login).
+    pending_login: Option<CountGuard<std::net::IpAddr>>,
 }
 
 /// Serves one upgraded connection until it ends; `claims` come from a token on the upgrade
-/// request; `client`: the client's address (for its strikes when closed for abuse).
+/// request; `client`: the client's address (for its strikes when closed for abuse);
+/// `pending_login`: its place among the address's connections not logged in yet.
 pub async fn run(
     slot: ConnectionSlot,
     socket: WebSocket,
     claims: Option<Claims>,
     client: Option<std::net::IpAddr>,
+    pending_login: Option<CountGuard<std::net::IpAddr>>,
 ) {
     let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
     let node = slot.node.clone();
-    let close = serve(slot, socket, claims).instrument(span).await;
+    let close = serve(slot, socket, claims, pending_login)
+        .instrument(span)
+        .await;
     if let (Some(ip), true) = (client, close == Close::RATE_LIMITED || close == Close::SLOW) {
         node.strikes.strike(ip);
     }
 }
 
-async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claims>) -> Close {
+async fn serve(
+    slot: ConnectionSlot,
+    mut socket: WebSocket,
+    claims: Option<Claims>,
+    pending_login: Option<CountGuard<std::net::IpAddr>>,
+) -> Close {
     let node = slot.node.clone();
     let conn_id = slot.conn_id;
     let (outbox, mut queue) = mpsc::channel(node.config.outbound_queue as usize);
@@ -262,6 +273,7 @@ async fn serve(slot: ConnectionSlot, mut socket: WebSocket, claims: Option<Claim
         echo_user_id: None,
         budgets: Budgets::new(&node.config),
         user_slot: None,
+        pending_login,
     };
     if let Some(claims) = claims {
         session.set_claims(claims);
@@ -885,6 +897,8 @@ impl Session {
             cursor: StreamCursor::default(),
         });
         self.user_slot = Some(user_slot);
+        // Logged in: no longer one of its address's connections waiting for a login.
+        self.pending_login = None;
         self.identity = Some(Identity {
             user_fragment: protocol::user_fragment(&user_id, &user_name),
             user_id: user_id.clone(),

@@ -343,9 +343,15 @@ pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Result
                 .as_ref()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
                 .unwrap_or_default();
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             Err(UpgradeRefused {
                 status: response.status().as_u16(),
                 body,
+                retry_after,
             }
             .into())
         }
@@ -358,6 +364,8 @@ pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Result
 pub struct UpgradeRefused {
     pub status: u16,
     pub body: String,
+    /// The `Retry-After` header, if the refusal had one.
+    pub retry_after: Option<String>,
 }
 
 impl std::fmt::Display for UpgradeRefused {

@@ -596,6 +596,8 @@ async fn defaults_are_documented_and_sane() -> anyhow::Result<()> {
         "GATEWAY_MAX_ANNOUNCES_PER_ROOM_PER_SEC",
         "GATEWAY_ABUSE_STRIKES",
         "GATEWAY_ABUSE_COOLDOWN_MS",
+        "GATEWAY_MAX_PENDING_LOGINS_PER_IP",
+        "GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC",
     ] {
         assert!(help.contains(setting), "{setting} missing from --help");
         let doc = std::fs::read_to_string(e2e::workspace_root().join("docs/security.md"))?;
@@ -728,6 +730,69 @@ async fn an_address_closed_for_abuse_must_pause_before_reconnecting() -> anyhow:
     .await?;
     assert!(
         gw.metric("gateway_connections_refused_total{reason=\"cooldown\"")
+            .await?
+            >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_address_holds_only_so_many_connections_that_never_log_in() -> anyhow::Result<()> {
+    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_PENDING_LOGINS_PER_IP", 2))
+        .await?;
+    let mut first = Client::connect(&gw.ws_url()).await?;
+    let _second = Client::connect(&gw.ws_url()).await?;
+    let refused = e2e::refused_upgrade(&gw.ws_url(), &[]).await?;
+    assert_eq!(refused.status, 429, "{refused}");
+    assert!(refused.body.contains("pending_logins"), "{}", refused.body);
+    // A connection that logs in is no longer pending: the address may open another.
+    first.login("alice", json!("room")).await?;
+    let mut third = Client::connect(&gw.ws_url()).await?;
+    third.login("bob", json!("room")).await?;
+    let _fourth = Client::connect(&gw.ws_url()).await?;
+    assert_eq!(
+        gw.metric("gateway_connections_refused_total{reason=\"pending_logins\"")
+            .await?,
+        1.0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn one_address_upgrading_too_fast_is_told_when_to_retry() -> anyhow::Result<()> {
+    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC", 3))
+        .await?;
+    let mut bystander = Client::connect(&gw.ws_url()).await?;
+    bystander.login("calm", json!("calm")).await?;
+    // Connect and close as fast as a client can: the burst (2 s worth, 6) passes, then 429.
+    let mut accepted = 1;
+    let refused = loop {
+        match e2e::connect_with_headers(&gw.ws_url(), &[]).await {
+            Ok(client) => {
+                accepted += 1;
+                client.close().await?;
+                assert!(accepted <= 20, "{accepted} upgrades accepted at 3/s");
+            }
+            Err(e) => break e.downcast::<e2e::UpgradeRefused>()?,
+        }
+    };
+    assert!(accepted >= 6, "refused after {accepted}: {refused}");
+    assert_eq!(refused.status, 429, "{refused}");
+    assert!(refused.body.contains("upgrade_rate"), "{}", refused.body);
+    assert_eq!(refused.retry_after.as_deref(), Some("1"));
+    // Connections already open are not touched, and after the pause upgrades pass again.
+    bystander
+        .send(json!({"roomId":"calm","content":"fine"}))
+        .await?;
+    bystander.recv_until(is("message")).await?;
+    let url = gw.ws_url();
+    wait_for("the upgrade budget to refill", WAIT, || {
+        let url = url.clone();
+        async move { Client::connect(&url).await.ok() }
+    })
+    .await?;
+    assert!(
+        gw.metric("gateway_connections_refused_total{reason=\"upgrade_rate\"")
             .await?
             >= 1.0
     );
