@@ -268,7 +268,7 @@ fn accept(
             let client = node.trusted_proxies.client_ip(peer.ip(), forwarded);
             match admit_address(&node, client) {
                 Ok(slots) => Some(slots),
-                Err(refusal) => return refusal,
+                Err(refusal) => return too_many(&node, refusal),
             }
         }
         None => None,
@@ -319,48 +319,44 @@ struct AddressSlots {
 /// Checks a client address's limits before an upgrade: cooldown after abuse, upgrade rate,
 /// connections held, connections not logged in yet. Refusals are HTTP 429 with a JSON body
 /// naming the reason (label `reason` of `gateway_connections_refused_total`).
-fn admit_address(node: &Node, client: IpAddr) -> Result<AddressSlots, Response> {
+fn admit_address(node: &Node, client: IpAddr) -> Result<AddressSlots, AddressRefusal> {
     let config = &node.config;
     if !node.strikes.allows(client) {
-        return Err(too_many(
-            node,
-            "cooldown",
-            "connections from this address were closed for abuse; try again later".into(),
-            Some(config.abuse_cooldown_ms.div_ceil(1000)),
-        ));
+        return Err(AddressRefusal {
+            reason: "cooldown",
+            message: "connections from this address were closed for abuse; try again later".into(),
+            retry_after_secs: Some(config.abuse_cooldown_ms.div_ceil(1000)),
+        });
     }
     if !node.upgrade_rate.take(client) {
-        return Err(too_many(
-            node,
-            "upgrade_rate",
-            format!(
+        return Err(AddressRefusal {
+            reason: "upgrade_rate",
+            message: format!(
                 "this address opens more than {} WebSockets per second on this node",
                 config.max_upgrades_per_ip_per_sec
             ),
-            Some(1),
-        ));
+            retry_after_secs: Some(1),
+        });
     }
     let Some(connection) = node.per_ip.acquire(client) else {
-        return Err(too_many(
-            node,
-            "per_ip",
-            format!(
+        return Err(AddressRefusal {
+            reason: "per_ip",
+            message: format!(
                 "this address holds {} connections to this node already",
                 config.max_connections_per_ip
             ),
-            None,
-        ));
+            retry_after_secs: None,
+        });
     };
     let Some(pending_login) = node.pending_logins.acquire(client) else {
-        return Err(too_many(
-            node,
-            "pending_logins",
-            format!(
+        return Err(AddressRefusal {
+            reason: "pending_logins",
+            message: format!(
                 "this address holds {} connections that have not logged in yet",
                 config.max_pending_logins_per_ip
             ),
-            None,
-        ));
+            retry_after_secs: None,
+        });
     };
     Ok(AddressSlots {
         client,
@@ -369,18 +365,26 @@ fn admit_address(node: &Node, client: IpAddr) -> Result<AddressSlots, Response> 
     })
 }
 
-/// HTTP 429 `too_many_connections` for `reason`, counted; `retry_after` in seconds.
-fn too_many(node: &Node, reason: &str, message: String, retry_after: Option<u64>) -> Response {
+/// Why a client address may not open a WebSocket now.
+struct AddressRefusal {
+    /// Label of `gateway_connections_refused_total` and the body's `reason`.
+    reason: &'static str,
+    message: String,
+    retry_after_secs: Option<u64>,
+}
+
+/// HTTP 429 `too_many_connections` for a refusal, counted.
+fn too_many(node: &Node, refusal: AddressRefusal) -> Response {
     node.metrics
         .connections_refused
-        .with_label_values(&[reason])
+        .with_label_values(&[refusal.reason])
         .inc();
     let body = Json(json!({
         "error": "too_many_connections",
-        "reason": reason,
-        "message": message,
+        "reason": refusal.reason,
+        "message": refusal.message,
     }));
-    match retry_after {
+    match refusal.retry_after_secs {
         Some(secs) => (
             StatusCode::TOO_MANY_REQUESTS,
             [(header::RETRY_AFTER, secs.to_string())],

@@ -738,8 +738,8 @@ async fn an_address_closed_for_abuse_must_pause_before_reconnecting() -> anyhow:
 
 #[tokio::test]
 async fn one_address_holds_only_so_many_connections_that_never_log_in() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_PENDING_LOGINS_PER_IP", 2))
-        .await?;
+    let gw =
+        Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_PENDING_LOGINS_PER_IP", 2)).await?;
     let mut first = Client::connect(&gw.ws_url()).await?;
     let _second = Client::connect(&gw.ws_url()).await?;
     let refused = e2e::refused_upgrade(&gw.ws_url(), &[]).await?;

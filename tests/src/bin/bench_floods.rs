@@ -1555,7 +1555,11 @@ async fn reconnect_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
                         _ => first_words(&e.to_string()),
                     },
                 };
-                *outcomes.lock().expect("outcomes").entry(outcome).or_default() += 1;
+                *outcomes
+                    .lock()
+                    .expect("outcomes")
+                    .entry(outcome)
+                    .or_default() += 1;
             }
         }));
     }
