@@ -197,6 +197,40 @@ struct Inbox {
     cursor: StreamCursor,
 }
 
+/// Why handling a frame stopped before it was done.
+#[derive(Debug)]
+enum Stop {
+    /// Refused: the client gets this `error` frame and the connection goes on.
+    Refused(FrameError),
+    /// The connection closes with this code.
+    Close(Close),
+}
+
+impl From<FrameError> for Stop {
+    fn from(err: FrameError) -> Stop {
+        Stop::Refused(err)
+    }
+}
+
+impl From<Close> for Stop {
+    fn from(close: Close) -> Stop {
+        Stop::Close(close)
+    }
+}
+
+impl Stop {
+    /// Names the room in a refusal (a close is about the connection, not a room).
+    fn in_room(self, room: &RoomId) -> Stop {
+        match self {
+            Stop::Refused(err) => Stop::Refused(err.in_room(room)),
+            close => close,
+        }
+    }
+}
+
+/// What handling one frame came to.
+type Handled = Result<(), Stop>;
+
 struct Session {
     node: Arc<Node>,
     conn_id: u64,
@@ -556,9 +590,9 @@ impl Session {
             }
         };
         match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(err)) => self.send_error(socket, err).await,
-            Err(close) => Err(close),
+            Ok(()) => Ok(()),
+            Err(Stop::Refused(err)) => self.send_error(socket, err).await,
+            Err(Stop::Close(close)) => Err(close),
         }
     }
 
@@ -616,58 +650,72 @@ impl Session {
     }
 
     /// `refresh`: a new token for the same user pushes the connection's expiry forward.
-    async fn refresh(
-        &mut self,
-        socket: &mut WebSocket,
-        token: &str,
-    ) -> Result<Result<(), FrameError>, Close> {
+    async fn refresh(&mut self, socket: &mut WebSocket, token: &str) -> Handled {
         let Some(auth) = &self.node.auth else {
-            return Ok(Err(self.refuse(AuthError::Anonymous)));
+            return Err(Stop::Refused(self.refuse(AuthError::Anonymous)));
         };
         let claims = match auth.verify(token) {
             Ok(claims) => claims,
-            Err(err) => return Ok(Err(self.refuse(err))),
+            Err(err) => return Err(Stop::Refused(self.refuse(err))),
         };
         if self.current_user().is_some_and(|u| u != claims.user_id) {
-            return Ok(Err(self.refuse(AuthError::UserMismatch)));
+            return Err(Stop::Refused(self.refuse(AuthError::UserMismatch)));
         }
         let expires_at = claims.expires_at;
         self.set_claims(claims);
         write(socket, protocol::refreshed_frame(expires_at)).await?;
-        Ok(Ok(()))
+        Ok(())
     }
 
-    /// Joins a room (and, on the first login, establishes identity and the inbox).
-    async fn login(
-        &mut self,
-        socket: &mut WebSocket,
-        login: Login,
-    ) -> Result<Result<(), FrameError>, Close> {
+    /// Joins a room (and, on the first login, establishes identity and the inbox), then
+    /// resumes it where the client (or its stored position) left off.
+    async fn login(&mut self, socket: &mut WebSocket, login: Login) -> Handled {
         let room = login.room.clone();
-        let claims = match self.authenticate(&login) {
-            Ok(claims) => claims,
-            Err(err) => return Ok(Err(self.refuse(err).in_room(&room))),
-        };
-        if let Some(identity) = &self.identity {
-            if login
-                .user_id
-                .as_deref()
-                .is_some_and(|u| u != identity.user_id)
+        self.identify(socket, &login)
+            .await
+            .map_err(|stop| stop.in_room(&room))?;
+        if let Some(index) = self.room_index(&room) {
+            // Already in the room: answer with the current count, change nothing.
+            return self.answer_count(socket, index).await;
+        }
+        let max_rooms = self.node.config.max_rooms_per_connection;
+        if self.rooms.len() >= max_rooms as usize {
+            return Err(Stop::Refused(
+                FrameError::new(
+                    ErrorCode::TooManyRooms,
+                    format!("a connection may be in at most {max_rooms} rooms"),
+                )
+                .in_room(&room),
+            ));
+        }
+        self.join_room(socket, &login).await?;
+        self.resume_room(socket, room, login.last_id).await
+    }
+
+    /// Who this login is: checks its credential against the connection's identity, fixes the
+    /// identity on the first login, adopts a new token, switches ack mode on if asked.
+    async fn identify(&mut self, socket: &mut WebSocket, login: &Login) -> Handled {
+        let claims = self.authenticate(login).map_err(|err| self.refuse(err))?;
+        match &self.identity {
+            Some(identity)
+                if login
+                    .user_id
+                    .as_ref()
+                    .is_some_and(|u| *u != identity.user_id) =>
             {
-                return Ok(Err(FrameError::new(
+                return Err(Stop::Refused(FrameError::new(
                     ErrorCode::IdentityMismatch,
                     format!(
                         "this connection is logged in as {:?}; open another connection for another user",
                         identity.user_id
                     ),
-                )
-                .in_room(&room)));
+                )));
             }
-        } else if let Err(err) = self
-            .establish_identity(socket, &login, claims.as_ref())
-            .await?
-        {
-            return Ok(Err(err.in_room(&room)));
+            Some(_) => {}
+            None => {
+                self.establish_identity(socket, login, claims.as_ref())
+                    .await?
+            }
         }
         if let Some(claims) = claims {
             if login.token.is_some() {
@@ -675,30 +723,28 @@ impl Session {
             }
         }
         self.ack_mode |= login.ack;
+        Ok(())
+    }
+
+    /// The `login` answer for a room this connection is in already.
+    async fn answer_count(&mut self, socket: &mut WebSocket, index: usize) -> Handled {
+        let joined = &self.rooms[index];
         let identity = self.identity.as_ref().expect("identity established");
+        let Ok(num) = self.node.broker.room_count(&joined.room.key).await else {
+            return Err(Stop::Refused(
+                self.unavailable("login").in_room(&joined.room),
+            ));
+        };
+        let frame = protocol::login_frame(&identity.user_fragment, &joined.fragment, num);
+        write(socket, frame).await?;
+        Ok(())
+    }
 
-        if let Some(index) = self.room_index(&room) {
-            // Already in the room: answer with the current count, change nothing.
-            let joined = &self.rooms[index];
-            let num = match self.node.broker.room_count(&room.key).await {
-                Ok(num) => num,
-                Err(_) => return Ok(Err(self.unavailable("login").in_room(&room))),
-            };
-            let frame = protocol::login_frame(&identity.user_fragment, &joined.fragment, num);
-            write(socket, frame).await?;
-            return Ok(Ok(()));
-        }
-        if self.rooms.len() >= self.node.config.max_rooms_per_connection as usize {
-            return Ok(Err(FrameError::new(
-                ErrorCode::TooManyRooms,
-                format!(
-                    "a connection may be in at most {} rooms",
-                    self.node.config.max_rooms_per_connection
-                ),
-            )
-            .in_room(&room)));
-        }
-
+    /// Listens on the room's channel on this node and enters the room's presence (announced
+    /// to the room, or told to this connection alone); undone if presence fails.
+    async fn join_room(&mut self, socket: &mut WebSocket, login: &Login) -> Handled {
+        let room = &login.room;
+        let identity = self.identity.as_ref().expect("identity established");
         // A default room keeps its configured name; any other keeps its first joiner's while
         // anyone is in it (the broker decides): a later joiner cannot rename it.
         let proposed_name = self
@@ -722,8 +768,10 @@ impl Session {
             .join(&channel_name, self.member.clone(), Some(stream));
         let channel = match joined.await {
             Ok(channel) => channel,
-            Err(JoinError::NodeFull) => return Ok(Err(node_full().in_room(&room))),
-            Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login").in_room(&room))),
+            Err(JoinError::NodeFull) => return Err(Stop::Refused(node_full().in_room(room))),
+            Err(JoinError::Broker(_)) => {
+                return Err(Stop::Refused(self.unavailable("login").in_room(room)))
+            }
         };
         let entry = PresenceEntry {
             room_key: room.key.clone(),
@@ -734,21 +782,16 @@ impl Session {
             room_name: proposed_name,
         };
         let user_fragment = identity.user_fragment.clone();
-        let user_id = identity.user_id.clone();
-        let proven = identity.proven;
-        let outcome = match self
+        let joined = self
             .node
             .presence
             .join(self.conn_id, entry, &channel_name)
-            .await
-        {
-            Ok(outcome) => outcome,
-            Err(_) => {
-                self.node.hub.leave(&channel_name, self.conn_id).await;
-                return Ok(Err(self.unavailable("login").in_room(&room)));
-            }
+            .await;
+        let Ok(outcome) = joined else {
+            self.node.hub.leave(&channel_name, self.conn_id).await;
+            return Err(Stop::Refused(self.unavailable("login").in_room(room)));
         };
-        let fragment = protocol::room_fragment(&room, &outcome.room_name);
+        let fragment = protocol::room_fragment(room, &outcome.room_name);
         self.rooms.push(JoinedRoom {
             room: room.clone(),
             channel,
@@ -764,22 +807,32 @@ impl Session {
             )
             .await?;
         }
+        Ok(())
+    }
 
+    /// After a join: replays from the client's `lastId` or, in ack mode, from the user's stored
+    /// position; an ack-mode client with nothing to resume gets its starting point.
+    async fn resume_room(
+        &mut self,
+        socket: &mut WebSocket,
+        room: RoomId,
+        last_id: Option<StreamId>,
+    ) -> Handled {
+        let identity = self.identity.as_ref().expect("identity established");
+        let unavailable =
+            |session: &Session| Stop::Refused(session.unavailable("login").in_room(&room));
         // Stored positions belong to proven users only: in anonymous mode anyone could claim
         // a name and move its position.
-        let resume_from = match login.last_id {
+        let resume_from = match last_id {
             Some(id) => Some(id),
-            None if self.ack_mode && proven => {
+            None if self.ack_mode && identity.proven => {
                 let keys = self.node.broker.keys();
-                match self
+                let stored = self
                     .node
                     .broker
-                    .load_ack(&keys.acks(&user_id), &ack_field_room(&room.key))
-                    .await
-                {
-                    Ok(position) => position,
-                    Err(_) => return Ok(Err(self.unavailable("login").in_room(&room))),
-                }
+                    .load_ack(&keys.acks(&identity.user_id), &ack_field_room(&room.key))
+                    .await;
+                stored.map_err(|_| unavailable(self))?
             }
             None => None,
         };
@@ -793,18 +846,17 @@ impl Session {
             // Nothing to resume: give the client its starting point, so that a reconnect
             // before the first message still resumes without a gap.
             let stream = self.node.broker.keys().room_stream(&room.key);
-            let Ok(newest) = self.node.broker.newest_id(&stream).await else {
-                return Ok(Err(self.unavailable("login").in_room(&room)));
-            };
-            let target = Target::Room(room);
-            let start = newest.unwrap_or(StreamId::ZERO);
+            let newest = self.node.broker.newest_id(&stream).await;
+            let start = newest
+                .map_err(|_| unavailable(self))?
+                .unwrap_or(StreamId::ZERO);
             write(
                 socket,
-                protocol::synced_frame(&target, start, 0, false, false),
+                protocol::synced_frame(&Target::Room(room), start, 0, false, false),
             )
             .await?;
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// First login: fixes the connection's user and, for a proven user, subscribes its inbox.
@@ -813,7 +865,7 @@ impl Session {
         socket: &mut WebSocket,
         login: &Login,
         claims: Option<&Claims>,
-    ) -> Result<Result<(), FrameError>, Close> {
+    ) -> Handled {
         let (user_id, guest) = match (claims, &login.user_id) {
             (Some(claims), _) => (claims.user_id.clone(), false),
             (None, Some(user_id)) => (user_id.clone(), false),
@@ -833,7 +885,7 @@ impl Session {
                 .connections_refused
                 .with_label_values(&["per_user"])
                 .inc();
-            return Ok(Err(FrameError::new(
+            return Err(Stop::Refused(FrameError::new(
                 ErrorCode::TooManyConnections,
                 format!(
                     "this user has {} connections on this node already",
@@ -859,8 +911,8 @@ impl Session {
             .join(&channel_name, self.member.clone(), stream);
         let channel = match joined.await {
             Ok(channel) => channel,
-            Err(JoinError::NodeFull) => return Ok(Err(node_full())),
-            Err(JoinError::Broker(_)) => return Ok(Err(self.unavailable("login"))),
+            Err(JoinError::NodeFull) => return Err(Stop::Refused(node_full())),
+            Err(JoinError::Broker(_)) => return Err(Stop::Refused(self.unavailable("login"))),
         };
         if proven {
             // The user now exists for DMs (for the history TTL after its last login).
@@ -873,7 +925,7 @@ impl Session {
                 .is_err()
             {
                 self.node.hub.leave(&channel, self.conn_id).await;
-                return Ok(Err(self.unavailable("login")));
+                return Err(Stop::Refused(self.unavailable("login")));
             }
             if login.ack {
                 // Everything in the inbox after the stored position is unacknowledged.
@@ -887,7 +939,7 @@ impl Session {
                     Ok(position) => inbox_after = Some(position.unwrap_or(StreamId::ZERO)),
                     Err(_) => {
                         self.node.hub.leave(&channel, self.conn_id).await;
-                        return Ok(Err(self.unavailable("login")));
+                        return Err(Stop::Refused(self.unavailable("login")));
                     }
                 }
             }
@@ -909,20 +961,19 @@ impl Session {
         if let Some(after) = inbox_after {
             self.ack_mode = true;
             let limit = self.node.config.sync_max as usize;
-            if let Err(err) = self.replay(socket, Target::Inbox, after, limit).await? {
-                tracing::debug!("inbox replay at login failed: {err}");
+            match self.replay(socket, Target::Inbox, after, limit).await {
+                Ok(()) => {}
+                // The login itself succeeded: the client can sync its inbox later.
+                Err(Stop::Refused(err)) => tracing::debug!("inbox replay at login failed: {err}"),
+                Err(close) => return Err(close),
             }
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
-    async fn logout(
-        &mut self,
-        socket: &mut WebSocket,
-        room: RoomId,
-    ) -> Result<Result<(), FrameError>, Close> {
+    async fn logout(&mut self, socket: &mut WebSocket, room: RoomId) -> Handled {
         let Some(index) = self.room_index(&room) else {
-            return Ok(Err(not_in_room(&room)));
+            return Err(Stop::Refused(not_in_room(&room)));
         };
         let joined = self.rooms.remove(index);
         let num = self.leave_room(&joined).await;
@@ -930,7 +981,7 @@ impl Session {
             let frame = protocol::logout_frame(&identity.user_fragment, &joined.fragment, num);
             write(socket, frame).await?;
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     /// Leaves one room: stops local delivery, then removes presence (announcing the logout if
@@ -967,14 +1018,16 @@ impl Session {
         room: RoomId,
         content: String,
         client_msg_id: Option<String>,
-    ) -> Result<Result<(), FrameError>, Close> {
+    ) -> Handled {
         self.node.metrics.messages_received.inc();
         let cmid = client_msg_id.as_deref();
         let Some(identity) = &self.identity else {
-            return Ok(Err(not_logged_in().in_room(&room).with_client_msg_id(cmid)));
+            return Err(Stop::Refused(
+                not_logged_in().in_room(&room).with_client_msg_id(cmid),
+            ));
         };
         let Some(index) = self.room_index(&room) else {
-            return Ok(Err(not_in_room(&room).with_client_msg_id(cmid)));
+            return Err(Stop::Refused(not_in_room(&room).with_client_msg_id(cmid)));
         };
         let joined = &self.rooms[index];
         let template = protocol::message_template(
@@ -996,21 +1049,22 @@ impl Session {
         match self.node.broker.append(&request).await {
             Ok(appended) if appended.created => {
                 self.node.metrics.messages_published.inc();
-                Ok(Ok(()))
+                Ok(())
             }
             Ok(appended) => {
                 self.node.metrics.dedup_hits.inc();
                 let frame = protocol::sent_frame(&room, appended.id, cmid.unwrap_or_default());
                 write(socket, frame).await?;
-                Ok(Ok(()))
+                Ok(())
             }
-            Err(BrokerError::OutcomeUnknown(_)) => Ok(Err(outcome_unknown()
-                .in_room(&room)
-                .with_client_msg_id(cmid))),
-            Err(_) => Ok(Err(self
-                .unavailable("sending")
-                .in_room(&room)
-                .with_client_msg_id(cmid))),
+            Err(BrokerError::OutcomeUnknown(_)) => Err(Stop::Refused(
+                outcome_unknown().in_room(&room).with_client_msg_id(cmid),
+            )),
+            Err(_) => Err(Stop::Refused(
+                self.unavailable("sending")
+                    .in_room(&room)
+                    .with_client_msg_id(cmid),
+            )),
         }
     }
 
@@ -1020,16 +1074,16 @@ impl Session {
         to_user_id: String,
         content: String,
         client_msg_id: Option<String>,
-    ) -> Result<Result<(), FrameError>, Close> {
+    ) -> Handled {
         self.node.metrics.messages_received.inc();
         let cmid = client_msg_id.as_deref();
         let Some(identity) = &self.identity else {
-            return Ok(Err(not_logged_in().with_client_msg_id(cmid)));
+            return Err(Stop::Refused(not_logged_in().with_client_msg_id(cmid)));
         };
         if !identity.proven {
-            return Ok(Err(self
-                .refuse(AuthError::Anonymous)
-                .with_client_msg_id(cmid)));
+            return Err(Stop::Refused(
+                self.refuse(AuthError::Anonymous).with_client_msg_id(cmid),
+            ));
         }
         // A full inbox refuses new DMs rather than evicting confirmed ones (what its owner
         // acknowledged is removed, which makes room again); no inbox for a user who never
@@ -1062,22 +1116,28 @@ impl Session {
                 let frame =
                     protocol::dm_sent_frame(appended.id, &to_user_id, cmid, !appended.created);
                 write(socket, frame).await?;
-                Ok(Ok(()))
+                Ok(())
             }
-            Err(BrokerError::Full) => Ok(Err(FrameError::new(
-                ErrorCode::InboxFull,
-                format!("{to_user_id}'s inbox is full; the message was not sent"),
-            )
-            .with_client_msg_id(cmid))),
-            Err(BrokerError::UnknownRecipient) => Ok(Err(FrameError::new(
-                ErrorCode::UnknownUser,
-                format!("{to_user_id} has not logged in recently; the message was not sent"),
-            )
-            .with_client_msg_id(cmid))),
+            Err(BrokerError::Full) => Err(Stop::Refused(
+                FrameError::new(
+                    ErrorCode::InboxFull,
+                    format!("{to_user_id}'s inbox is full; the message was not sent"),
+                )
+                .with_client_msg_id(cmid),
+            )),
+            Err(BrokerError::UnknownRecipient) => Err(Stop::Refused(
+                FrameError::new(
+                    ErrorCode::UnknownUser,
+                    format!("{to_user_id} has not logged in recently; the message was not sent"),
+                )
+                .with_client_msg_id(cmid),
+            )),
             Err(BrokerError::OutcomeUnknown(_)) => {
-                Ok(Err(outcome_unknown().with_client_msg_id(cmid)))
+                Err(Stop::Refused(outcome_unknown().with_client_msg_id(cmid)))
             }
-            Err(_) => Ok(Err(self.unavailable("sending").with_client_msg_id(cmid))),
+            Err(_) => Err(Stop::Refused(
+                self.unavailable("sending").with_client_msg_id(cmid),
+            )),
         }
     }
 
@@ -1091,18 +1151,18 @@ impl Session {
         }
     }
 
-    fn ack(&mut self, target: Target, id: StreamId) -> Result<Result<(), FrameError>, Close> {
+    fn ack(&mut self, target: Target, id: StreamId) -> Handled {
         let Some(identity) = &self.identity else {
-            return Ok(Err(not_logged_in()));
+            return Err(Stop::Refused(not_logged_in()));
         };
         if !self.ack_mode {
-            return Ok(Err(FrameError::new(
+            return Err(Stop::Refused(FrameError::new(
                 ErrorCode::AcksDisabled,
                 "log in with \"ack\": true to acknowledge messages",
             )));
         }
         if !identity.proven && target == Target::Inbox {
-            return Ok(Err(self.refuse(AuthError::Anonymous)));
+            return Err(Stop::Refused(self.refuse(AuthError::Anonymous)));
         }
         let keys = self.node.broker.keys();
         let acks_key = keys.acks(&identity.user_id);
@@ -1110,11 +1170,11 @@ impl Session {
         let (cursor, field) = match &target {
             Target::Room(room) => match self.room_index(room) {
                 Some(i) => (&mut self.rooms[i].cursor, ack_field_room(&room.key)),
-                None => return Ok(Err(not_in_room(room))),
+                None => return Err(Stop::Refused(not_in_room(room))),
             },
             Target::Inbox => match self.inbox.as_mut() {
                 Some(inbox) => (&mut inbox.cursor, ACK_FIELD_INBOX.to_string()),
-                None => return Ok(Err(not_logged_in())),
+                None => return Err(Stop::Refused(not_logged_in())),
             },
         };
         cursor.ack(id);
@@ -1131,7 +1191,7 @@ impl Session {
                     .record_read(keys.inbox_stream(&identity.user_id), stored);
             }
         }
-        Ok(Ok(()))
+        Ok(())
     }
 
     async fn sync(
@@ -1140,16 +1200,16 @@ impl Session {
         target: Target,
         since: Option<StreamId>,
         limit: Option<u32>,
-    ) -> Result<Result<(), FrameError>, Close> {
+    ) -> Handled {
         let Some(identity) = &self.identity else {
-            return Ok(Err(not_logged_in()));
+            return Err(Stop::Refused(not_logged_in()));
         };
         if !identity.proven && target == Target::Inbox {
-            return Ok(Err(self.refuse(AuthError::Anonymous)));
+            return Err(Stop::Refused(self.refuse(AuthError::Anonymous)));
         }
         if let Target::Room(room) = &target {
             if self.room_index(room).is_none() {
-                return Ok(Err(not_in_room(room)));
+                return Err(Stop::Refused(not_in_room(room)));
             }
         }
         let max = self.node.config.sync_max;
@@ -1166,29 +1226,29 @@ impl Session {
         target: Target,
         after: StreamId,
         limit: usize,
-    ) -> Result<Result<(), FrameError>, Close> {
+    ) -> Handled {
         let keys = self.node.broker.keys();
         let (stream_key, head) = match &target {
             Target::Room(room) => (keys.room_stream(&room.key), protocol::MESSAGE_HEAD),
             Target::Inbox => {
                 let Some(identity) = &self.identity else {
-                    return Ok(Err(not_logged_in()));
+                    return Err(Stop::Refused(not_logged_in()));
                 };
                 (keys.inbox_stream(&identity.user_id), protocol::DM_HEAD)
             }
         };
         let unavailable = |session: &Session| {
             let err = session.unavailable("sync");
-            Ok(Err(match &target {
+            Err(Stop::Refused(match &target {
                 Target::Room(room) => err.in_room(room),
                 Target::Inbox => err,
             }))
         };
         match &target {
             Target::Room(room) if self.room_index(room).is_none() => {
-                return Ok(Err(not_in_room(room)))
+                return Err(Stop::Refused(not_in_room(room)))
             }
-            Target::Inbox if self.inbox.is_none() => return Ok(Err(not_logged_in())),
+            Target::Inbox if self.inbox.is_none() => return Err(Stop::Refused(not_logged_in())),
             _ => {}
         }
         // The page is read in parts of about GATEWAY_REPLAY_BUFFER_BYTES, each written (and
@@ -1258,7 +1318,7 @@ impl Session {
         flush(socket).await?;
         self.node.metrics.sync_replays.inc();
         self.node.metrics.sync_messages.inc_by(count as u64);
-        Ok(Ok(()))
+        Ok(())
     }
 
     fn cursor_of(&mut self, target: &Target) -> Option<&mut StreamCursor> {
