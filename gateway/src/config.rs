@@ -306,6 +306,26 @@ impl Config {
         config
     }
 
+    /// Parses settings given as `(GATEWAY_NAME, value)` pairs, as if they were the environment
+    /// (the process's own environment is not read for the named ones; others keep their
+    /// defaults), and validates them. For nodes started in-process.
+    pub fn from_settings(settings: &[(String, String)]) -> Result<Config, String> {
+        use clap::CommandFactory;
+        let command = Config::command();
+        let mut argv = vec!["gateway".to_string()];
+        for (name, value) in settings {
+            let flag = command
+                .get_arguments()
+                .find(|arg| arg.get_env().is_some_and(|env| env == name.as_str()))
+                .and_then(|arg| arg.get_long())
+                .ok_or_else(|| format!("{name} is not a gateway setting"))?;
+            argv.push(format!("--{flag}={value}"));
+        }
+        let config = Config::try_parse_from(argv).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
     /// Cross-field checks that clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
         if let Some(url) = &self.redis_url {

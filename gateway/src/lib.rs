@@ -26,8 +26,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::node::Node;
 
-/// Runs a node until SIGTERM/SIGINT, then shuts down gracefully: stop accepting, close every
-/// WebSocket with 1012, announce the leaves, and exit within the grace period.
+/// Runs a node on the configured addresses until SIGTERM/SIGINT (see `serve`).
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let public = TcpListener::bind(config.listen)
         .await
@@ -35,6 +34,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding GATEWAY_ADMIN_LISTEN {}", config.admin_listen))?;
+    serve(public, admin, config, shutdown_signal()).await
+}
+
+/// Serves a node on bound listeners (WebSockets and the page on `public`; health, metrics and
+/// the server API on `admin`) until `shutdown` completes, then shuts down gracefully: stop
+/// accepting, close every WebSocket with 1012, announce the leaves, and return within the
+/// grace period. Tests run nodes in-process this way, on listeners bound to port 0.
+pub async fn serve(
+    public: TcpListener,
+    admin: TcpListener,
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let config = Config {
+        listen: public.local_addr()?,
+        admin_listen: admin.local_addr()?,
+        ..config
+    };
     let grace = config.shutdown_grace();
     let node = Node::start(config).context("starting the node")?;
     tracing::info!(
@@ -57,7 +74,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let public_task = tokio::spawn(public_server);
     let admin_task = tokio::spawn(async move { admin_server.await });
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!(open = node.open_connections(), "shutting down");
     node.shutdown.cancel();
     node.sessions.close();

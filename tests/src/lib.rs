@@ -476,30 +476,149 @@ impl Gateway {
     /// The value of one metric sample line (`name{labels} value`) whose text starts with
     /// `prefix`, summed over matching lines.
     pub async fn metric(&self, prefix: &str) -> Result<f64> {
-        let (_, body) = http_get(&self.admin_addr(), "/metrics").await?;
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(prefix))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        metric_at(&self.admin_addr(), prefix).await
     }
 }
 
+/// A gateway node running in this test process on a runtime (and thread) of its own, on
+/// listeners bound to port 0: no process start-up, no port races. For tests where the process
+/// boundary is not the point (SIGKILL, SIGSTOP, SIGTERM need a `Gateway` process). Dropping it
+/// shuts the node down gracefully, as SIGTERM would.
+pub struct InProcessGateway {
+    pub node_id: String,
+    pub port: u16,
+    pub admin_port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl InProcessGateway {
+    pub async fn start(opts: GatewayOpts) -> Result<InProcessGateway> {
+        let node_id = opts.node_id.clone().unwrap_or_else(|| {
+            static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("inproc-{}-{n}", std::process::id())
+        });
+        let mut settings = vec![("GATEWAY_NODE_ID".to_string(), node_id.clone())];
+        if let Some(url) = &opts.redis_url {
+            settings.push(("GATEWAY_REDIS_URL".into(), url.clone()));
+        }
+        settings.extend(opts.env.iter().cloned());
+        let config = gateway::config::Config::from_settings(&settings).map_err(|e| anyhow!(e))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ports_tx, ports_rx) = tokio::sync::oneshot::channel::<Result<(u16, u16)>>();
+        let thread = std::thread::Builder::new()
+            .name(format!("gateway {node_id}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ports_tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let bind = async {
+                        let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                        anyhow::Ok((public, admin))
+                    };
+                    let (public, admin) = match bind.await {
+                        Ok(listeners) => listeners,
+                        Err(e) => {
+                            let _ = ports_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    let ports =
+                        (|| anyhow::Ok((public.local_addr()?.port(), admin.local_addr()?.port())))(
+                        );
+                    let _ = ports_tx.send(ports);
+                    let shutdown = async {
+                        let _ = stopped.await;
+                    };
+                    if let Err(e) = gateway::serve(public, admin, config, shutdown).await {
+                        eprintln!("in-process gateway failed: {e:#}");
+                    }
+                });
+            })?;
+        let (port, admin_port) = ports_rx
+            .await
+            .context("the in-process gateway's thread ended")??;
+        let gw = InProcessGateway {
+            node_id,
+            port,
+            admin_port,
+            stop: Some(stop),
+            thread: Some(thread),
+        };
+        wait_for("in-process gateway /healthz", WAIT, || {
+            let admin = gw.admin_addr();
+            async move { matches!(http_get(&admin, "/healthz").await, Ok((200, _))).then_some(()) }
+        })
+        .await?;
+        Ok(gw)
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn admin_addr(&self) -> String {
+        format!("127.0.0.1:{}", self.admin_port)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    /// The value of one metric (see `Gateway::metric`).
+    pub async fn metric(&self, prefix: &str) -> Result<f64> {
+        metric_at(&self.admin_addr(), prefix).await
+    }
+}
+
+impl Drop for InProcessGateway {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The value of one metric sample line (`name{labels} value`) of the admin listener at
+/// `admin` whose text starts with `prefix`, summed over matching lines.
+async fn metric_at(admin: &str, prefix: &str) -> Result<f64> {
+    let (_, body) = http_get(admin, "/metrics").await?;
+    Ok(body
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
+}
+
 /// One node of each backend, with the extra settings `env`: the embedded broker, and a node on
-/// a Redis of its own (kept alive by the returned handle). For scenarios that must behave the
-/// same on both.
+/// a Redis of its own (kept alive by the returned handle), both in-process. For scenarios that
+/// must behave the same on both.
 pub async fn both_backends(
     env: &[(&str, &str)],
-) -> Result<Vec<(&'static str, Option<RedisServer>, Gateway)>> {
+) -> Result<Vec<(&'static str, Option<RedisServer>, InProcessGateway)>> {
     let with = |mut opts: GatewayOpts| {
         for (key, value) in env {
             opts = opts.env(key, value);
         }
         opts
     };
-    let embedded = Gateway::start(with(GatewayOpts::default())).await?;
+    let embedded = InProcessGateway::start(with(GatewayOpts::default())).await?;
     let redis = RedisServer::start().await?;
-    let on_redis = Gateway::start(with(GatewayOpts::redis(&redis.url()))).await?;
+    let on_redis = InProcessGateway::start(with(GatewayOpts::redis(&redis.url()))).await?;
     Ok(vec![
         ("embedded", None, embedded),
         ("redis", Some(redis), on_redis),

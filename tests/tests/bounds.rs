@@ -4,7 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use e2e::{is, mint_token, wait_for, Client, Gateway, GatewayOpts, RedisServer, WAIT};
+use e2e::{
+    is, mint_token, wait_for, Client, Gateway, GatewayOpts, InProcessGateway, RedisServer, WAIT,
+};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -28,7 +30,7 @@ async fn bystander_still_chats(url: &str, room: &str) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_frame_flood_is_refused_then_closed_with_4029() -> anyhow::Result<()> {
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::default()
             .env("GATEWAY_MAX_FRAMES_PER_SEC", 100)
             .env("GATEWAY_FRAME_BURST", 100),
@@ -71,7 +73,7 @@ async fn a_frame_flood_is_refused_then_closed_with_4029() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn websocket_ping_floods_are_closed_too() -> anyhow::Result<()> {
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::default()
             .env("GATEWAY_MAX_FRAMES_PER_SEC", 100)
             .env("GATEWAY_FRAME_BURST", 100),
@@ -101,7 +103,7 @@ async fn websocket_ping_floods_are_closed_too() -> anyhow::Result<()> {
 #[tokio::test]
 async fn syncs_joins_and_dms_have_budgets_of_their_own() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::redis(&redis.url())
             .with_jwt()
             .env("GATEWAY_MAX_SYNCS_PER_SEC", 2)
@@ -243,8 +245,8 @@ async fn idle_rooms_and_inboxes_expire() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let ttl = [("GATEWAY_HISTORY_TTL_MS", "1500")];
     for gw in [
-        Gateway::start(GatewayOpts::default().env(ttl[0].0, ttl[0].1)).await?,
-        Gateway::start(GatewayOpts::redis(&redis.url()).env(ttl[0].0, ttl[0].1)).await?,
+        InProcessGateway::start(GatewayOpts::default().env(ttl[0].0, ttl[0].1)).await?,
+        InProcessGateway::start(GatewayOpts::redis(&redis.url()).env(ttl[0].0, ttl[0].1)).await?,
     ] {
         let mut c = Client::connect(&gw.ws_url()).await?;
         c.login("writer", json!("old")).await?;
@@ -273,7 +275,8 @@ async fn idle_rooms_and_inboxes_expire() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn connections_that_never_log_in_are_closed_with_4002() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_LOGIN_TIMEOUT_MS", 600)).await?;
+    let gw = InProcessGateway::start(GatewayOpts::default().env("GATEWAY_LOGIN_TIMEOUT_MS", 600))
+        .await?;
     let mut idler = Client::connect(&gw.ws_url()).await?;
     let started = Instant::now();
     // Pinging keeps the heartbeat happy, not the login deadline.
@@ -298,7 +301,7 @@ async fn connections_that_never_log_in_are_closed_with_4002() -> anyhow::Result<
 
 #[tokio::test]
 async fn half_sent_and_silent_sockets_are_dropped_and_capped() -> anyhow::Result<()> {
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::default()
             .env("GATEWAY_HANDSHAKE_TIMEOUT_MS", 700)
             .env("GATEWAY_MAX_PENDING_HANDSHAKES", 40),
@@ -339,7 +342,7 @@ async fn half_sent_and_silent_sockets_are_dropped_and_capped() -> anyhow::Result
 
 #[tokio::test]
 async fn one_address_or_one_user_cannot_take_every_slot() -> anyhow::Result<()> {
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::default()
             .env("GATEWAY_MAX_CONNECTIONS_PER_IP", 3)
             .env("GATEWAY_MAX_CONNECTIONS_PER_USER", 2)
@@ -382,7 +385,8 @@ async fn one_address_or_one_user_cannot_take_every_slot() -> anyhow::Result<()> 
 #[tokio::test]
 async fn a_node_joins_at_most_its_rooms() -> anyhow::Result<()> {
     // Four channels: the connection's user channel and three rooms.
-    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_ROOMS_PER_NODE", 4)).await?;
+    let gw = InProcessGateway::start(GatewayOpts::default().env("GATEWAY_MAX_ROOMS_PER_NODE", 4))
+        .await?;
     let mut c = Client::connect(&gw.ws_url()).await?;
     for room in ["a", "b", "c"] {
         c.login("many", json!(room)).await?;
@@ -439,7 +443,7 @@ async fn close_code(tcp: &mut TcpStream) -> anyhow::Result<Option<u16>> {
 
 #[tokio::test]
 async fn protocol_errors_close_with_1002_and_bad_utf8_with_1007() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default()).await?;
+    let gw = InProcessGateway::start(GatewayOpts::default()).await?;
     let cases: [(&str, Vec<u8>, u16); 3] = [
         (
             "invalid UTF-8 text",
@@ -460,7 +464,7 @@ async fn protocol_errors_close_with_1002_and_bad_utf8_with_1007() -> anyhow::Res
 #[tokio::test]
 async fn replays_are_read_in_parts_as_the_client_reads() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::redis(&redis.url())
             .env("GATEWAY_REPLAY_BUFFER_BYTES", 65536)
             .env("GATEWAY_SYNC_MAX", 500),
@@ -657,7 +661,7 @@ async fn presence_broadcasts_per_room_are_capped_whoever_toggles() -> anyhow::Re
 #[tokio::test]
 async fn big_replays_are_slowed_to_their_byte_budget_not_refused() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::redis(&redis.url()).env("GATEWAY_MAX_REPLAY_BYTES_PER_SEC", 200_000),
     )
     .await?;
@@ -692,7 +696,7 @@ async fn big_replays_are_slowed_to_their_byte_budget_not_refused() -> anyhow::Re
 
 #[tokio::test]
 async fn an_address_closed_for_abuse_must_pause_before_reconnecting() -> anyhow::Result<()> {
-    let gw = Gateway::start(
+    let gw = InProcessGateway::start(
         GatewayOpts::default()
             .env("GATEWAY_MAX_FRAMES_PER_SEC", 50)
             .env("GATEWAY_FRAME_BURST", 50)
@@ -739,7 +743,8 @@ async fn an_address_closed_for_abuse_must_pause_before_reconnecting() -> anyhow:
 #[tokio::test]
 async fn one_address_holds_only_so_many_connections_that_never_log_in() -> anyhow::Result<()> {
     let gw =
-        Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_PENDING_LOGINS_PER_IP", 2)).await?;
+        InProcessGateway::start(GatewayOpts::default().env("GATEWAY_MAX_PENDING_LOGINS_PER_IP", 2))
+            .await?;
     let mut first = Client::connect(&gw.ws_url()).await?;
     let _second = Client::connect(&gw.ws_url()).await?;
     let refused = e2e::refused_upgrade(&gw.ws_url(), &[]).await?;
@@ -760,8 +765,10 @@ async fn one_address_holds_only_so_many_connections_that_never_log_in() -> anyho
 
 #[tokio::test]
 async fn one_address_upgrading_too_fast_is_told_when_to_retry() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC", 3))
-        .await?;
+    let gw = InProcessGateway::start(
+        GatewayOpts::default().env("GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC", 3),
+    )
+    .await?;
     let mut bystander = Client::connect(&gw.ws_url()).await?;
     bystander.login("calm", json!("calm")).await?;
     // Connect and close as fast as a client can: the burst (2 s worth, 6) passes, then 429.

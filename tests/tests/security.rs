@@ -449,8 +449,9 @@ async fn foreign_origins_get_403() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn room_num(gw: &Gateway, room: &str) -> anyhow::Result<u64> {
-    let (_, body) = http_get(&gw.addr(), "/api/rooms").await?;
+/// `num` of a room in `/api/rooms` of the node at `addr`.
+async fn room_num(addr: &str, room: &str) -> anyhow::Result<u64> {
+    let (_, body) = http_get(addr, "/api/rooms").await?;
     let rooms: Value = serde_json::from_str(&body)?;
     Ok(rooms["rooms"]
         .as_array()
@@ -497,7 +498,7 @@ async fn client_strings_cannot_break_records_or_share_keys_on_either_backend() -
         let odd = "w}:1:{x";
         let mut w = Client::connect(&url).await?;
         w.login(odd, json!("x")).await?;
-        assert_eq!(room_num(&gw, "x").await?, 2, "{backend}");
+        assert_eq!(room_num(&gw.addr(), "x").await?, 2, "{backend}");
         let logout_seen = u.recv_until(|f| f["event"] == "login" && f["userId"] == odd);
         logout_seen.await?;
         w.close().await?;
@@ -507,8 +508,8 @@ async fn client_strings_cannot_break_records_or_share_keys_on_either_backend() -
         u.close().await?;
         v.close().await?;
         wait_for("every room to empty", WAIT, || async {
-            let x = room_num(&gw, "x").await.ok()?;
-            let other = room_num(&gw, "x}:d:1:u:c").await.ok()?;
+            let x = room_num(&gw.addr(), "x").await.ok()?;
+            let other = room_num(&gw.addr(), "x}:d:1:u:c").await.ok()?;
             (x == 0 && other == 0).then_some(())
         })
         .await?;
@@ -539,7 +540,7 @@ async fn a_dead_nodes_odd_room_and_user_names_are_pruned_once() -> anyhow::Resul
     watcher
         .expect_none(Duration::from_millis(2000), is("logout"))
         .await?;
-    assert_eq!(room_num(&nodes[0], room).await?, 1);
+    assert_eq!(room_num(&nodes[0].addr(), room).await?, 1);
     nodes.truncate(1);
     Ok(())
 }

@@ -4,12 +4,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use e2e::{gateway_bin, http_get, is, Client, Gateway, GatewayOpts, WAIT};
+use e2e::{gateway_bin, http_get, is, Client, GatewayOpts, InProcessGateway, WAIT};
 use serde_json::json;
 
 #[tokio::test]
 async fn tutorial_flow_on_one_node() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default()).await?;
+    let gw = InProcessGateway::start(GatewayOpts::default()).await?;
     // The tutorial's client connects to the bare host URL.
     let root_url = format!("ws://{}", gw.addr());
 
@@ -75,7 +75,7 @@ async fn tutorial_flow_on_one_node() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn bad_input_gets_error_frames_and_the_connection_stays_open() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default()).await?;
+    let gw = InProcessGateway::start(GatewayOpts::default()).await?;
     let mut c = Client::connect(&gw.ws_url()).await?;
     let cases: Vec<(&str, &str)> = vec![
         ("not json at all", "bad_json"),
@@ -131,7 +131,8 @@ async fn bad_input_gets_error_frames_and_the_connection_stays_open() -> anyhow::
 #[tokio::test]
 async fn silent_connections_are_reaped_and_leave_their_rooms() -> anyhow::Result<()> {
     let gw =
-        Gateway::start(GatewayOpts::default().env("GATEWAY_HEARTBEAT_TIMEOUT_MS", 600)).await?;
+        InProcessGateway::start(GatewayOpts::default().env("GATEWAY_HEARTBEAT_TIMEOUT_MS", 600))
+            .await?;
     let mut silent = Client::connect(&gw.ws_url()).await?;
     silent.login("quiet", json!(5)).await?;
     let mut chatty = Client::connect(&gw.ws_url()).await?;
@@ -159,7 +160,8 @@ async fn silent_connections_are_reaped_and_leave_their_rooms() -> anyhow::Result
 
 #[tokio::test]
 async fn oversized_messages_close_with_1009_and_the_page_is_served() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_MESSAGE_BYTES", 1024)).await?;
+    let gw = InProcessGateway::start(GatewayOpts::default().env("GATEWAY_MAX_MESSAGE_BYTES", 1024))
+        .await?;
     let mut c = Client::connect(&gw.ws_url()).await?;
     c.login("big", json!(1)).await?;
     let big = "x".repeat(2000);
@@ -179,7 +181,8 @@ async fn oversized_messages_close_with_1009_and_the_page_is_served() -> anyhow::
 
 #[tokio::test]
 async fn connection_limit_closes_with_1013() -> anyhow::Result<()> {
-    let gw = Gateway::start(GatewayOpts::default().env("GATEWAY_MAX_CONNECTIONS", 2)).await?;
+    let gw =
+        InProcessGateway::start(GatewayOpts::default().env("GATEWAY_MAX_CONNECTIONS", 2)).await?;
     let _a = Client::connect(&gw.ws_url()).await?;
     let _b = Client::connect(&gw.ws_url()).await?;
     let mut c = Client::connect(&gw.ws_url()).await?;
@@ -226,7 +229,8 @@ async fn a_client_sending_fast_while_reading_is_not_cut_as_slow() -> anyhow::Res
     // between its frames, not after it stops sending.
     let redis = e2e::RedisServer::start().await?;
     let gw =
-        Gateway::start(GatewayOpts::redis(&redis.url()).env("GATEWAY_OUTBOUND_QUEUE", 64)).await?;
+        InProcessGateway::start(GatewayOpts::redis(&redis.url()).env("GATEWAY_OUTBOUND_QUEUE", 64))
+            .await?;
     let (ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await?;
     let (mut tx, mut rx) = ws.split();
     tx.send(Message::text(
