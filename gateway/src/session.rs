@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::stream::FuturesOrdered;
+use futures_util::{SinkExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -231,6 +232,24 @@ impl Stop {
 /// What handling one frame came to.
 type Handled = Result<(), Stop>;
 
+/// Chat messages one connection may have on their way into the broker at once. Appends are
+/// pipelined on the broker's connection and answered in the order they were sent; with this
+/// many in flight the session stops reading the socket until one is answered.
+const APPENDS_IN_FLIGHT: usize = 32;
+
+/// How long a closing connection waits for its chat messages in flight to be stored.
+const DRAIN_APPENDS: Duration = Duration::from_secs(5);
+
+/// A chat message on its way into the broker.
+type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> + Send>>;
+
+/// The broker's answer to a chat message, with what the client's reply needs.
+struct AppendDone {
+    room: RoomId,
+    client_msg_id: Option<String>,
+    result: Result<crate::broker::Appended, BrokerError>,
+}
+
 struct Session {
     node: Arc<Node>,
     conn_id: u64,
@@ -325,8 +344,12 @@ async fn serve(
     let ack_check_every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
     let mut ack_check = tokio::time::interval(ack_check_every);
 
+    // The connection's chat messages in flight, answered in order; the socket is read on while
+    // they wait, and deliveries go out.
+    let mut appends: FuturesOrdered<PendingAppend> = FuturesOrdered::new();
     let close = loop {
         let check_acks = session.ack_mode && session.has_unacked();
+        let reading = appends.len() < APPENDS_IN_FLIGHT;
         let step = tokio::select! {
             biased;
             _ = node.shutdown.cancelled() => Err(Close::SHUTDOWN),
@@ -334,7 +357,11 @@ async fn serve(
             _ = &mut idle => Err(Close::HEARTBEAT),
             _ = &mut expiry => Err(Close::TOKEN_EXPIRED),
             _ = &mut login_deadline, if session.identity.is_none() => Err(Close::LOGIN_TIMEOUT),
-            incoming = socket.recv() => {
+            // Before reading on: polling the appends is what sends them to the broker.
+            Some(done) = appends.next(), if !appends.is_empty() => {
+                session.answer_append(&mut socket, done).await
+            }
+            incoming = socket.recv(), if reading => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
                 let admission = match &incoming {
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Admission::Accept,
@@ -347,7 +374,7 @@ async fn serve(
                     // Boxed: frame handling is the deepest future here, and keeping it out of
                     // the connection's state machine keeps idle connections small.
                     Some(Ok(Message::Text(text))) => {
-                        Box::pin(session.handle_text(&mut socket, &text)).await
+                        Box::pin(session.handle_text(&mut socket, &text, &mut appends)).await
                     }
                     Some(Ok(Message::Binary(_))) => {
                         let err = FrameError::new(
@@ -381,6 +408,16 @@ async fn serve(
         }
     };
 
+    // Chat messages read before the close still go into the broker: their rooms are owed
+    // them even if their sender is gone (it cannot be answered any more).
+    let drained = tokio::time::timeout(DRAIN_APPENDS, async {
+        while let Some(done) = appends.next().await {
+            session.count_append(&done.result);
+        }
+    });
+    if drained.await.is_err() {
+        tracing::warn!("chat messages still in flight at the close were given up");
+    }
     if let Some(code) = close.code {
         if close == Close::SLOW {
             node.metrics.slow_consumer_disconnects.inc();
@@ -527,11 +564,23 @@ impl Session {
         write(socket, err.encode()).await
     }
 
-    async fn handle_text(&mut self, socket: &mut WebSocket, text: &str) -> Result<(), Close> {
+    async fn handle_text(
+        &mut self,
+        socket: &mut WebSocket,
+        text: &str,
+        appends: &mut FuturesOrdered<PendingAppend>,
+    ) -> Result<(), Close> {
         let frame = match parse_client_frame(text) {
             Ok(frame) => frame,
             Err(err) => return self.send_error(socket, err).await,
         };
+        // Chat messages are pipelined; anything else waits for them, so that every answer
+        // keeps the order of the frames it answers.
+        if !matches!(frame, ClientFrame::Chat { .. }) {
+            while let Some(done) = appends.next().await {
+                self.answer_append(socket, done).await?;
+            }
+        }
         // Requests that cost the broker or other clients more than a frame have budgets of
         // their own.
         let budget = match &frame {
@@ -568,9 +617,11 @@ impl Session {
                     self.echo_user_id = echo_user_id;
                 }
                 let span = tracing::info_span!("publish", room = %room.key);
-                self.chat(socket, room, content, client_msg_id)
-                    .instrument(span)
-                    .await
+                let pending = {
+                    let _entered = span.enter();
+                    self.start_chat(room, content, client_msg_id)
+                };
+                pending.map(|append| appends.push_back(Box::pin(append.instrument(span))))
             }
             ClientFrame::Ack { target, id } => self.ack(target, id),
             ClientFrame::Sync {
@@ -1012,13 +1063,13 @@ impl Session {
         }
     }
 
-    async fn chat(
+    /// Checks a chat message and starts its append; the answer comes from `answer_append`.
+    fn start_chat(
         &mut self,
-        socket: &mut WebSocket,
         room: RoomId,
         content: String,
         client_msg_id: Option<String>,
-    ) -> Handled {
+    ) -> Result<impl std::future::Future<Output = AppendDone> + Send + 'static, Stop> {
         self.node.metrics.messages_received.inc();
         let cmid = client_msg_id.as_deref();
         let Some(identity) = &self.identity else {
@@ -1046,26 +1097,50 @@ impl Session {
             template,
             self.node.config.history_max_len,
         );
-        match self.node.broker.append(&request).await {
-            Ok(appended) if appended.created => {
-                self.node.metrics.messages_published.inc();
-                Ok(())
+        let node = self.node.clone();
+        Ok(async move {
+            let result = node.broker.append(&request).await;
+            AppendDone {
+                room,
+                client_msg_id,
+                result,
             }
-            Ok(appended) => {
-                self.node.metrics.dedup_hits.inc();
-                let frame = protocol::sent_frame(&room, appended.id, cmid.unwrap_or_default());
-                write(socket, frame).await?;
-                Ok(())
-            }
-            Err(BrokerError::OutcomeUnknown(_)) => Err(Stop::Refused(
-                outcome_unknown().in_room(&room).with_client_msg_id(cmid),
-            )),
-            Err(_) => Err(Stop::Refused(
-                self.unavailable("sending")
-                    .in_room(&room)
-                    .with_client_msg_id(cmid),
-            )),
+        })
+    }
+
+    fn count_append(&self, result: &Result<crate::broker::Appended, BrokerError>) {
+        match result {
+            Ok(appended) if appended.created => self.node.metrics.messages_published.inc(),
+            Ok(_) => self.node.metrics.dedup_hits.inc(),
+            Err(_) => {}
         }
+    }
+
+    /// Answers a chat message once the broker has: nothing when it was stored (the sender gets
+    /// its copy like everyone), `sent` when it was a duplicate, an `error` when it failed.
+    async fn answer_append(
+        &mut self,
+        socket: &mut WebSocket,
+        done: AppendDone,
+    ) -> Result<(), Close> {
+        let AppendDone {
+            room,
+            client_msg_id,
+            result,
+        } = done;
+        let cmid = client_msg_id.as_deref();
+        self.count_append(&result);
+        let err = match result {
+            Ok(appended) if appended.created => return Ok(()),
+            Ok(appended) => {
+                let frame = protocol::sent_frame(&room, appended.id, cmid.unwrap_or_default());
+                return write(socket, frame).await;
+            }
+            Err(BrokerError::OutcomeUnknown(_)) => outcome_unknown(),
+            Err(_) => self.unavailable("sending"),
+        };
+        self.send_error(socket, err.in_room(&room).with_client_msg_id(cmid))
+            .await
     }
 
     async fn dm(
