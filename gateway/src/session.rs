@@ -302,32 +302,7 @@ async fn serve(
     pending_login: Option<CountGuard<std::net::IpAddr>>,
 ) -> Close {
     let node = slot.node.clone();
-    let conn_id = slot.conn_id;
-    let (outbox, mut queue) = mpsc::channel(node.config.outbound_queue as usize);
-    let slow = CancellationToken::new();
-    let mut session = Session {
-        conn_key: format!("{}:{}:{conn_id}", node.node_id, node.incarnation),
-        member: Member {
-            conn_id,
-            outbox,
-            slow: slow.clone(),
-        },
-        identity: None,
-        ack_mode: false,
-        rooms: Vec::new(),
-        inbox: None,
-        unacked_limit: 2 * node.config.outbound_queue.max(node.config.sync_max) as usize,
-        // Room for a replay page of ordinary messages and a burst of live traffic.
-        unacked_bytes_limit: 8 * (1 << 20).max(node.config.max_message_bytes) as usize,
-        node: node.clone(),
-        conn_id,
-        claims: None,
-        expires_at: None,
-        echo_user_id: None,
-        budgets: Budgets::new(&node.config),
-        user_slot: None,
-        pending_login,
-    };
+    let (mut session, mut queue, slow) = Session::new(node.clone(), slot.conn_id, pending_login);
     if let Some(claims) = claims {
         session.set_claims(claims);
     }
@@ -363,31 +338,9 @@ async fn serve(
             }
             incoming = socket.recv(), if reading => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
-                let admission = match &incoming {
-                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Admission::Accept,
-                    Some(Ok(_)) => session.budgets.admit_frame(),
-                };
-                match incoming {
-                    Some(Ok(_)) if !matches!(admission, Admission::Accept) => {
-                        Box::pin(session.refuse_frame(&mut socket, admission)).await
-                    }
-                    // Boxed: frame handling is the deepest future here, and keeping it out of
-                    // the connection's state machine keeps idle connections small.
-                    Some(Ok(Message::Text(text))) => {
-                        Box::pin(session.handle_text(&mut socket, &text, &mut appends)).await
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        let err = FrameError::new(
-                            ErrorCode::BinaryFrame,
-                            "binary frames are not supported; send JSON text frames",
-                        );
-                        Box::pin(session.send_error(&mut socket, err)).await
-                    }
-                    // Pings are answered by the WebSocket layer; both count as signs of life.
-                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
-                    Some(Ok(Message::Close(_))) | None => Err(Close::CLIENT),
-                    Some(Err(e)) => Err(classify_read_error(e)),
-                }
+                // Boxed: frame handling is the deepest future here, and keeping it out of
+                // the connection's state machine keeps idle connections small.
+                Box::pin(session.on_incoming(&mut socket, incoming, &mut appends)).await
             }
             Some(delivery) = queue.recv() => session.deliver(&mut socket, delivery, &mut queue).await,
             _ = ack_check.tick(), if check_acks => Box::pin(session.redeliver(&mut socket)).await,
@@ -407,37 +360,7 @@ async fn serve(
             expiry.as_mut().reset(applied_expiry.unwrap_or(far));
         }
     };
-
-    // Chat messages read before the close still go into the broker: their rooms are owed
-    // them even if their sender is gone (it cannot be answered any more).
-    let drained = tokio::time::timeout(DRAIN_APPENDS, async {
-        while let Some(done) = appends.next().await {
-            session.count_append(&done.result);
-        }
-    });
-    if drained.await.is_err() {
-        tracing::warn!("chat messages still in flight at the close were given up");
-    }
-    if let Some(code) = close.code {
-        if close == Close::SLOW {
-            node.metrics.slow_consumer_disconnects.inc();
-        }
-        let frame = CloseFrame {
-            code,
-            reason: Utf8Bytes::from_static(close.text),
-        };
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            socket.send(Message::Close(Some(frame))),
-        )
-        .await;
-    }
-    node.metrics
-        .connections_closed
-        .with_label_values(&[close.reason])
-        .inc();
-    drop(socket);
-    Box::pin(session.leave_everything()).await;
+    session.finish(socket, close, appends).await;
     drop(slot);
     close
 }
@@ -482,6 +405,113 @@ async fn flush(socket: &mut WebSocket) -> Result<(), Close> {
 }
 
 impl Session {
+    /// A session for a new connection, with its delivery queue and the token the hub cancels
+    /// when that queue overflows.
+    fn new(
+        node: Arc<Node>,
+        conn_id: u64,
+        pending_login: Option<CountGuard<std::net::IpAddr>>,
+    ) -> (Session, mpsc::Receiver<Arc<Delivery>>, CancellationToken) {
+        let (outbox, queue) = mpsc::channel(node.config.outbound_queue as usize);
+        let slow = CancellationToken::new();
+        let session = Session {
+            conn_key: format!("{}:{}:{conn_id}", node.node_id, node.incarnation),
+            member: Member {
+                conn_id,
+                outbox,
+                slow: slow.clone(),
+            },
+            identity: None,
+            ack_mode: false,
+            rooms: Vec::new(),
+            inbox: None,
+            unacked_limit: 2 * node.config.outbound_queue.max(node.config.sync_max) as usize,
+            // Room for a replay page of ordinary messages and a burst of live traffic.
+            unacked_bytes_limit: 8 * (1 << 20).max(node.config.max_message_bytes) as usize,
+            budgets: Budgets::new(&node.config),
+            node,
+            conn_id,
+            claims: None,
+            expires_at: None,
+            echo_user_id: None,
+            user_slot: None,
+            pending_login,
+        };
+        (session, queue, slow)
+    }
+
+    /// One read from the socket: a frame within the frame budget is handled, beyond it
+    /// refused; a close, a read error or the end of the stream ends the connection.
+    async fn on_incoming(
+        &mut self,
+        socket: &mut WebSocket,
+        incoming: Option<Result<Message, axum::Error>>,
+        appends: &mut FuturesOrdered<PendingAppend>,
+    ) -> Result<(), Close> {
+        let admission = match &incoming {
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Admission::Accept,
+            Some(Ok(_)) => self.budgets.admit_frame(),
+        };
+        match incoming {
+            Some(Ok(_)) if !matches!(admission, Admission::Accept) => {
+                self.refuse_frame(socket, admission).await
+            }
+            Some(Ok(Message::Text(text))) => self.handle_text(socket, &text, appends).await,
+            Some(Ok(Message::Binary(_))) => {
+                let err = FrameError::new(
+                    ErrorCode::BinaryFrame,
+                    "binary frames are not supported; send JSON text frames",
+                );
+                self.send_error(socket, err).await
+            }
+            // Pings are answered by the WebSocket layer; both count as signs of life.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+            Some(Ok(Message::Close(_))) | None => Err(Close::CLIENT),
+            Some(Err(e)) => Err(classify_read_error(e)),
+        }
+    }
+
+    /// Ends the connection: stores the chat messages still in flight, sends the close frame,
+    /// counts the close, then leaves every room (announcing the logouts).
+    async fn finish(
+        mut self,
+        mut socket: WebSocket,
+        close: Close,
+        mut appends: FuturesOrdered<PendingAppend>,
+    ) {
+        // Chat messages read before the close still go into the broker: their rooms are owed
+        // them even if their sender is gone (it cannot be answered any more).
+        let drained = tokio::time::timeout(DRAIN_APPENDS, async {
+            while let Some(done) = appends.next().await {
+                self.count_append(&done.result);
+            }
+        });
+        if drained.await.is_err() {
+            tracing::warn!("chat messages still in flight at the close were given up");
+        }
+        let metrics = &self.node.metrics;
+        if let Some(code) = close.code {
+            if close == Close::SLOW {
+                metrics.slow_consumer_disconnects.inc();
+            }
+            let frame = CloseFrame {
+                code,
+                reason: Utf8Bytes::from_static(close.text),
+            };
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                socket.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+        metrics
+            .connections_closed
+            .with_label_values(&[close.reason])
+            .inc();
+        drop(socket);
+        Box::pin(self.leave_everything()).await;
+    }
+
     fn has_unacked(&self) -> bool {
         self.rooms.iter().any(|r| !r.cursor.unacked.is_empty())
             || self
