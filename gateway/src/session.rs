@@ -1118,15 +1118,18 @@ impl Session {
             now_ms(),
             cmid,
         );
-        let request = AppendRequest::room_message(
-            self.node.broker.keys(),
-            &room.key,
-            &identity.user_id,
-            cmid,
-            &self.header(Kind::Message),
-            template,
-            self.node.config.history_max_len,
-        );
+        let request = AppendRequest {
+            pipelined: true,
+            ..AppendRequest::room_message(
+                self.node.broker.keys(),
+                &room.key,
+                &identity.user_id,
+                cmid,
+                &self.header(Kind::Message),
+                template,
+                self.node.config.history_max_len,
+            )
+        };
         let node = self.node.clone();
         Ok(async move {
             let result = node.broker.append(&request).await;

@@ -91,6 +91,10 @@ pub struct AppendRequest {
     pub refuse_when_full: bool,
     /// A key that must exist for the append to happen (`BrokerError::UnknownRecipient`).
     pub require_key: Option<String>,
+    /// Sent while other appends of the same connection are in flight: the broker must never
+    /// store it after one sent later, so it is refused (`Unavailable`, not stored) rather than
+    /// retried when the broker cannot run it at once.
+    pub pipelined: bool,
 }
 
 impl AppendRequest {
@@ -120,6 +124,7 @@ impl AppendRequest {
             max_len,
             refuse_when_full: false,
             require_key: None,
+            pipelined: false,
         }
     }
 
@@ -151,6 +156,7 @@ impl AppendRequest {
             max_len,
             refuse_when_full: true,
             require_key: require_seen.then(|| keys.user_seen(to)),
+            pipelined: false,
         }
     }
 }

@@ -190,6 +190,9 @@ impl RedisBroker {
             };
             match stream {
                 Ok(mut stream) => {
+                    // A new connection may mean a Redis that lost its script cache: load the
+                    // scripts now, so appends in flight rarely meet a NOSCRIPT.
+                    self.load_scripts().await;
                     self.up.store(true, Ordering::Relaxed);
                     self.connected.send_replace(true);
                     self.metrics.broker_up.set(1);
@@ -313,18 +316,23 @@ impl RedisBroker {
     }
 
     pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
-        let mut invocation = self.scripts.append.prepare_invoke();
-        invocation
-            .key(&req.stream_key)
-            .key(req.dedup_key.as_deref().unwrap_or(""))
-            .key(
+        // EVALSHA by hand rather than `invoke_async`, which answers a NOSCRIPT (Redis restarted
+        // empty, or its script cache flushed) by loading the script and calling again: by then
+        // a later append of the same connection, already sent, may have run before this one.
+        // A pipelined append is refused instead (certainly not stored); others are retried.
+        let mut call = redis::cmd("EVALSHA");
+        call.arg(self.scripts.append.get_hash())
+            .arg(5)
+            .arg(&req.stream_key)
+            .arg(req.dedup_key.as_deref().unwrap_or(""))
+            .arg(
                 req.count_room
                     .as_deref()
                     .map(|room| self.keys.room_users(room))
                     .unwrap_or_default(),
             )
-            .key(trim_marker(&req.stream_key))
-            .key(req.require_key.as_deref().unwrap_or(""))
+            .arg(trim_marker(&req.stream_key))
+            .arg(req.require_key.as_deref().unwrap_or(""))
             .arg(req.max_len)
             .arg(self.limits.dedup_ttl_ms)
             .arg(&req.channel)
@@ -341,7 +349,22 @@ impl RedisBroker {
             .arg(self.limits.history_ttl_ms);
         let mut con = self.commands.clone();
         let started = Instant::now();
-        let result: Result<(String, i64), RedisError> = invocation.invoke_async(&mut con).await;
+        let result: Result<(String, i64), RedisError> = match call.query_async(&mut con).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                let loaded = self
+                    .scripts
+                    .append
+                    .prepare_invoke()
+                    .load_async(&mut con)
+                    .await;
+                if req.pipelined || loaded.is_err() {
+                    Err(e)
+                } else {
+                    call.query_async(&mut con).await
+                }
+            }
+            other => other,
+        };
         self.metrics
             .redis_command_duration
             .with_label_values(&["append"])
@@ -369,6 +392,25 @@ impl RedisBroker {
             id: parse_id(&id)?,
             created: created == 1,
         })
+    }
+
+    /// Loads every script into Redis's script cache (errors are left to the calls: each one
+    /// loads its script again when it meets a NOSCRIPT).
+    async fn load_scripts(&self) {
+        let mut con = self.commands.clone();
+        let scripts = &self.scripts;
+        for script in [
+            &scripts.append,
+            &scripts.join,
+            &scripts.leave,
+            &scripts.prune,
+            &scripts.refresh,
+        ] {
+            if let Err(e) = script.prepare_invoke().load_async(&mut con).await {
+                tracing::debug!("loading a script failed: {e}");
+                return;
+            }
+        }
     }
 
     /// A join or leave script call with the room's presence keys (the scripts share them).
