@@ -1,21 +1,27 @@
-// A local cluster for the browser tests: its own redis-server on a free port, N gateway nodes
-// and nginx rendered from deploy/nginx/nginx.conf.template, all stopped by pid.
+// A local cluster for the browser tests: the project's own cluster runner
+// (`tests/src/bin/cluster.rs`, the e2e harness: its own redis-server on a free port, N gateway
+// nodes and nginx from deploy/nginx/nginx.conf.template), driven as one process. Nodes are
+// killed or frozen by their pids; stopping the runner stops everything it started.
 // (Never the Redis on 127.0.0.1:6379.)
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
+import { spawn } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
-import { Procs, freePort, canConnect, waitFor } from './helpers.mjs';
+import { canConnect, waitFor } from './helpers.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const ROOT = path.resolve(here, '../..');
 export const ARTIFACTS = path.join(ROOT, 'artifacts', 'browser');
 
-/** `$GATEWAY_BIN`, else target/{debug,release}/gateway (release when E2E_RELEASE=1). */
-export function gatewayBin() {
-  if (process.env.GATEWAY_BIN) return process.env.GATEWAY_BIN;
+/** A binary of this workspace: target/{debug,release}/<name> (release when E2E_RELEASE=1). */
+function workspaceBin(name) {
   const target = process.env.CARGO_TARGET_DIR || path.join(ROOT, 'target');
-  return path.join(target, process.env.E2E_RELEASE === '1' ? 'release' : 'debug', 'gateway');
+  return path.join(target, process.env.E2E_RELEASE === '1' ? 'release' : 'debug', name);
+}
+
+/** `$GATEWAY_BIN`, else the workspace's gateway binary. */
+export function gatewayBin() {
+  return process.env.GATEWAY_BIN || workspaceBin('gateway');
 }
 
 async function httpGet(url, timeoutMs = 2000) {
@@ -29,98 +35,57 @@ async function httpGet(url, timeoutMs = 2000) {
   }
 }
 
-/** Fills deploy/nginx/nginx.conf.template: replaces exactly the ${NGINX_*} placeholders. */
-export function renderNginx(vars) {
-  const template = fs.readFileSync(path.join(ROOT, 'deploy/nginx/nginx.conf.template'), 'utf8');
-  const out = template.replace(/\$\{(NGINX_[A-Z_]+)\}/g, (_, name) => {
-    if (!(name in vars)) throw new Error(`nginx template: no value for ${name}`);
-    return vars[name];
-  });
-  return out;
-}
-
 export class Cluster {
   constructor({ nodes = 2, env = {}, name = 'cluster' } = {}) {
     this.count = nodes;
     this.env = env;
-    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), `chat-${name}-`));
-    this.procs = new Procs(path.join(ARTIFACTS, 'logs', name));
+    this.name = name;
     this.nodes = [];
   }
 
   async start() {
-    const bin = gatewayBin();
+    const bin = workspaceBin('cluster');
     if (!fs.existsSync(bin)) {
-      throw new Error(`gateway binary not found at ${bin}: run \`cargo build -p gateway\` first (or set GATEWAY_BIN)`);
+      throw new Error(`cluster runner not found at ${bin}: run \`cargo build --workspace --bins\` first`);
     }
-    // Redis of our own, keeping nothing on disk.
-    this.redisPort = await freePort();
-    this.redis = this.procs.spawn('redis', 'redis-server', [
-      '--port', String(this.redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
-      '--daemonize', 'no', '--loglevel', 'warning',
-    ]);
-    await waitFor('redis-server accepting', () => canConnect(this.redisPort), 10000);
-
-    for (let i = 0; i < this.count; i += 1) {
-      const node = { id: `node-${String.fromCharCode(97 + i)}` };
-      node.port = await freePort();
-      node.adminPort = await freePort();
-      this.nodes.push(node);
-      this.spawnNode(node, bin);
-    }
-    for (const node of this.nodes) {
-      await waitFor(`${node.id} /healthz`, async () => {
-        if (node.proc.exited) throw new Error(`${node.id} exited (${node.proc.code}): ${this.procs.log(node.id).slice(-2000)}`);
-        return (await httpGet(`http://127.0.0.1:${node.adminPort}/healthz`)).status === 200;
-      }, 30000);
-    }
-
-    // nginx in front, from the deploy template.
-    this.nginxPort = await freePort();
-    const prefix = path.join(this.dir, 'nginx');
-    fs.mkdirSync(prefix, { recursive: true });
-    const conf = renderNginx({
-      NGINX_LISTEN: `127.0.0.1:${this.nginxPort}`,
-      NGINX_UPSTREAM_SERVERS: this.nodes.map((n) => `server 127.0.0.1:${n.port};`).join('\n        '),
-      NGINX_WORKER_PROCESSES: '1',
-      NGINX_WORKER_CONNECTIONS: '1024',
-      NGINX_WORKER_RLIMIT_NOFILE: '4096',
-      NGINX_PREFIX: prefix,
-      NGINX_ACCESS_LOG: 'off',
-      // Fixed loopback upstreams: nothing to re-resolve (as e2e::nginx::LOCAL_RESOLVER).
-      NGINX_RESOLVER: '# no resolver: fixed upstream addresses',
+    const args = [
+      '--nodes', String(this.count), '--port', '0', '--nginx-workers', '1',
+      '--log', process.env.E2E_LOG || 'warn', '--ready-json',
+    ];
+    for (const [name, value] of Object.entries(this.env)) args.push('--env', `${name}=${value}`);
+    const logDir = path.join(ARTIFACTS, 'logs', this.name);
+    fs.mkdirSync(logDir, { recursive: true });
+    const log = fs.openSync(path.join(logDir, 'cluster.log'), 'w');
+    const env = { ...process.env };
+    if (process.env.GATEWAY_BIN) env.GATEWAY_BIN = process.env.GATEWAY_BIN;
+    this.proc = spawn(bin, args, { stdio: ['ignore', 'pipe', log], env });
+    fs.closeSync(log);
+    this.exited = new Promise((resolve) => this.proc.once('exit', resolve));
+    // If the tests die without stop(), the runner still stops what it started (on SIGTERM).
+    const proc = this.proc;
+    process.once('exit', () => { try { proc.kill('SIGTERM'); } catch { /* gone */ } });
+    const ready = await new Promise((resolve, reject) => {
+      let buffered = '';
+      const timer = setTimeout(() => reject(new Error(`cluster not ready within 60 s (log: ${logDir})`)), 60000);
+      this.proc.stdout.on('data', (chunk) => {
+        buffered += chunk;
+        for (const line of buffered.split('\n')) {
+          if (line.startsWith('READY ')) {
+            clearTimeout(timer);
+            resolve(JSON.parse(line.slice('READY '.length)));
+          }
+        }
+        buffered = buffered.slice(buffered.lastIndexOf('\n') + 1);
+      });
+      this.proc.once('exit', (code, signal) => {
+        clearTimeout(timer);
+        reject(new Error(`cluster runner exited (${code ?? signal}) before it was ready (log: ${logDir})`));
+      });
     });
-    const confPath = path.join(prefix, 'nginx.conf');
-    fs.writeFileSync(confPath, conf);
-    // One process (no master/worker split), so killing it by pid leaves no worker behind.
-    this.nginx = this.procs.spawn('nginx', 'nginx', [
-      '-e', 'stderr', '-p', prefix, '-c', confPath, '-g', 'master_process off;',
-    ]);
-    await waitFor('nginx /nginx-health', async () => {
-      if (this.nginx.exited) throw new Error(`nginx exited: ${this.procs.log('nginx')}`);
-      return (await httpGet(`${this.url}/nginx-health`)).status === 200;
-    }, 10000);
+    this.proc.stdout.resume();
+    this.url = ready.url.replace(/\/$/, '');
+    this.nodes = ready.nodes.map((n) => ({ ...n, exited: false, frozen: false }));
     return this;
-  }
-
-  spawnNode(node, bin = gatewayBin()) {
-    node.proc = this.procs.spawn(node.id, bin, [], {
-      env: {
-        PATH: process.env.PATH,
-        RUST_LOG: process.env.E2E_LOG || 'warn',
-        GATEWAY_LISTEN: `127.0.0.1:${node.port}`,
-        GATEWAY_ADMIN_LISTEN: `127.0.0.1:${node.adminPort}`,
-        GATEWAY_REDIS_URL: `redis://127.0.0.1:${this.redisPort}/`,
-        GATEWAY_NODE_ID: node.id,
-        // nginx connects from loopback: its X-Forwarded-For names the client.
-        GATEWAY_TRUSTED_PROXIES: '127.0.0.1',
-        ...this.env,
-      },
-    });
-  }
-
-  get url() {
-    return `http://127.0.0.1:${this.nginxPort}`;
   }
 
   /** Sum of a metric's samples on one node's /metrics (lines starting with `name`). */
@@ -135,11 +100,11 @@ export class Cluster {
     return sum;
   }
 
-  /** Open WebSocket connections per live node: { 'node-a': 1, ... }. */
+  /** Open WebSocket connections per live node: { 'node-1': 1, ... }. */
   async connections() {
     const out = {};
     for (const node of this.nodes) {
-      if (node.proc.exited) continue;
+      if (node.exited) continue;
       out[node.id] = await this.metric(node, 'gateway_connections_open');
     }
     return out;
@@ -149,18 +114,31 @@ export class Cluster {
     return this.nodes.find((n) => n.id === id);
   }
 
-  /** SIGKILL one node by its pid. */
+  /** SIGKILL one node by its pid; resolves once its port is closed. */
   async killNode(node) {
-    await this.procs.kill(node.proc, 'SIGKILL');
+    try { process.kill(node.pid, 'SIGKILL'); } catch { /* gone already */ }
+    node.exited = true;
+    await waitFor(`${node.id} gone`, async () => !(await canConnect(node.adminPort)), 5000);
   }
 
   /** SIGSTOP: the node stops answering but its sockets stay open. */
   freezeNode(node) {
-    process.kill(node.proc.pid, 'SIGSTOP');
+    process.kill(node.pid, 'SIGSTOP');
+    node.frozen = true;
   }
 
+  /** Stops the runner (SIGTERM: it stops nginx, the nodes and Redis); a frozen node is killed first. */
   async stop() {
-    await this.procs.stopAll();
-    fs.rmSync(this.dir, { recursive: true, force: true });
+    if (!this.proc) return;
+    for (const node of this.nodes) {
+      if (node.frozen && !node.exited) {
+        try { process.kill(node.pid, 'SIGKILL'); } catch { /* gone */ }
+      }
+    }
+    if (this.proc.exitCode === null && this.proc.signalCode === null) {
+      this.proc.kill('SIGTERM');
+      const done = await Promise.race([this.exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 20000))]);
+      if (!done) this.proc.kill('SIGKILL');
+    }
   }
 }

@@ -28,9 +28,14 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     nodes: usize,
 
-    /// nginx port on 127.0.0.1 (the chat page and WebSocket entry point).
+    /// nginx port on 127.0.0.1 (the chat page and WebSocket entry point); 0 = a free one.
     #[arg(long, default_value_t = 18080)]
     port: u16,
+
+    /// For programs driving the runner (the browser tests): once everything is up, print one
+    /// line `READY {json}` on stdout with the ports and the nodes' ids, ports and pids.
+    #[arg(long)]
+    ready_json: bool,
 
     /// Redis port on 127.0.0.1 (default: a free port; never the machine's 6379 unless asked).
     #[arg(long)]
@@ -83,7 +88,7 @@ async fn main() -> Result<()> {
         redis_port: args.redis_port,
         gateway_env,
         nginx: NginxOpts {
-            port: Some(args.port),
+            port: (args.port != 0).then_some(args.port),
             worker_processes: args.nginx_workers.clone(),
             access_log: args.access_log,
             inherit_stderr: true,
@@ -110,6 +115,24 @@ async fn main() -> Result<()> {
         None
     };
 
+    if args.ready_json {
+        let nodes: Vec<_> = cluster
+            .nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({
+                    "id": n.node_id, "port": n.port, "adminPort": n.admin_port,
+                    "pid": n.proc.pid(),
+                })
+            })
+            .collect();
+        let ready = serde_json::json!({
+            "url": cluster.nginx.http_url(),
+            "redisUrl": cluster.redis.url(),
+            "nodes": nodes,
+        });
+        println!("READY {ready}");
+    }
     println!();
     println!("chat page (via nginx):  {}", cluster.nginx.http_url());
     println!("websocket (via nginx):  {}", cluster.ws_url());
