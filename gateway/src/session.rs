@@ -604,9 +604,11 @@ impl Session {
             Ok(frame) => frame,
             Err(err) => return self.send_error(socket, err).await,
         };
-        // Chat messages are pipelined; anything else waits for them, so that every answer
-        // keeps the order of the frames it answers.
-        if !matches!(frame, ClientFrame::Chat { .. }) {
+        // Chat messages are pipelined; anything else but a ping waits for them, so that every
+        // answer keeps the order of the frames it answers. A ping is answered at once: its
+        // `pong` refers to nothing, and a client must not think the connection dead because
+        // the broker is slow with its messages.
+        if !matches!(frame, ClientFrame::Chat { .. } | ClientFrame::Ping) {
             while let Some(done) = appends.next().await {
                 self.answer_append(socket, done).await?;
             }
