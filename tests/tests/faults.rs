@@ -384,3 +384,38 @@ async fn a_large_dead_node_is_pruned_in_one_go() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A client's chat message waits for a frozen Redis; its `heartBeat` ping is answered at once
+/// all the same (a client that pings to check its connection must not think it dead), and the
+/// message is answered once Redis is back.
+#[tokio::test]
+async fn a_ping_is_answered_while_a_message_waits_for_a_frozen_redis() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gw = e2e::InProcessGateway::start(GatewayOpts::redis(&redis.url())).await?;
+    let mut c = Client::connect(&gw.ws_url()).await?;
+    c.login("pinger", json!("frozen")).await?;
+    redis.signal(19);
+    let thaw = scopeguard_thaw(&redis);
+    c.send(json!({"roomId":"frozen","content":"waits","clientMsgId":"w1"}))
+        .await?;
+    c.send(json!({"event":"heartBeat","content":"ping"}))
+        .await?;
+    let first = c.recv_timeout(Duration::from_secs(2)).await?;
+    assert_eq!(first["event"], "heartBeat", "{first}");
+    assert_eq!(first["content"], "pong", "{first}");
+    drop(thaw);
+    let answer = c.recv_until(|f| f["clientMsgId"] == "w1").await?;
+    assert_eq!(answer["event"], "message", "{answer}");
+    Ok(())
+}
+
+/// Thaws Redis when dropped (also when the test fails), so it is never left frozen.
+fn scopeguard_thaw(redis: &RedisServer) -> impl Drop + '_ {
+    struct Thaw<'a>(&'a RedisServer);
+    impl Drop for Thaw<'_> {
+        fn drop(&mut self) {
+            self.0.signal(18);
+        }
+    }
+    Thaw(redis)
+}
