@@ -8,7 +8,8 @@ pub enum Align {
     /// The first column left, the others (figures) right: `|---|---:|`.
     #[default]
     Figures,
-    /// Every column as Markdown's default (left): `|---|---|`; an empty cell is written `| |`.
+    /// Every column as Markdown's default (left): `|---|---|`; an empty header cell (the
+    /// unnamed value column of a key–value table) is written `| |`.
     Plain,
 }
 
@@ -88,7 +89,7 @@ impl Table {
         if !self.title.is_empty() {
             out.push_str(&format!("**{}**\n\n", self.title));
         }
-        out.push_str(&self.markdown_row(&self.header));
+        out.push_str(&self.markdown_row(&self.header, true));
         let aligns: Vec<&str> = (0..self.header.len())
             .map(|i| match self.align {
                 Align::Figures if i > 0 => "---:",
@@ -97,27 +98,22 @@ impl Table {
             .collect();
         out.push_str(&format!("|{}|\n", aligns.join("|")));
         for row in &self.rows {
-            out.push_str(&self.markdown_row(row));
+            out.push_str(&self.markdown_row(row, false));
         }
         out
     }
 
-    fn markdown_row(&self, cells: &[String]) -> String {
-        match self.align {
-            Align::Figures => format!("| {} |\n", cells.join(" | ")),
-            Align::Plain => {
-                let mut out = String::from("|");
-                for cell in cells {
-                    if cell.is_empty() {
-                        out.push_str(" |");
-                    } else {
-                        out.push_str(&format!(" {cell} |"));
-                    }
-                }
-                out.push('\n');
-                out
+    fn markdown_row(&self, cells: &[String], header: bool) -> String {
+        let mut out = String::from("|");
+        for cell in cells {
+            if cell.is_empty() && header && self.align == Align::Plain {
+                out.push_str(" |");
+            } else {
+                out.push_str(&format!(" {cell} |"));
             }
         }
+        out.push('\n');
+        out
     }
 }
 
@@ -170,12 +166,13 @@ mod tests {
     }
 
     #[test]
-    fn plain_tables_have_no_title_and_compact_empty_cells() {
+    fn plain_tables_have_no_title_and_a_compact_unnamed_column() {
         let mut t = Table::plain(&["machine", ""]);
         t.row(vec!["commit".into(), "`abc`".into()]);
+        t.row(vec!["redis".into(), String::new()]);
         assert_eq!(
             t.markdown(),
-            "| machine | |\n|---|---|\n| commit | `abc` |\n"
+            "| machine | |\n|---|---|\n| commit | `abc` |\n| redis |  |\n"
         );
     }
 
