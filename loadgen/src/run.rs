@@ -239,10 +239,66 @@ pub async fn run(
     control: &impl Control,
 ) -> Result<crate::stats::Report> {
     let (conns, room_names) = plan(&spec, slice, targets.len());
+    let (phase_tx, phase_rx) = watch::channel(CONNECT);
+    let ctx = new_ctx(&spec, slice, targets, room_names, &conns, phase_rx);
+    let started_us = now_us();
+    let t0 = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    ticker.tick().await;
+    let mut check = tokio::time::interval(Duration::from_millis(10));
+    let mut clock = Clock {
+        t0,
+        ticker: &mut ticker,
+        check: &mut check,
+    };
+    let mut tasks = connect_phase(&ctx, conns, slice, control, &mut clock).await;
+    let connect_phase_s = t0.elapsed().as_secs_f64();
+    control.ready().await;
+    let cpu_at_run = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+    let phase_s = run_phase(&ctx, &phase_tx, control, &mut clock).await;
+    drain_phase(&ctx, &phase_tx).await;
+    control.progress(&ctx.stats, t0.elapsed().as_secs_f64());
+    stop(&phase_tx, &mut tasks).await;
+
+    let mut report = ctx.stats.report(spec.kind.name());
+    report.workers = 1;
+    report.started_us = started_us;
+    report.finished_us = now_us();
+    report.phase_s = phase_s;
+    report.connect_phase_s = connect_phase_s;
+    report.joined = ctx.joined.load(Relaxed);
+    report.expected = local_expected(&ctx);
+    let cpu_now = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+    report.cpu_s = cpu_now - cpu_at_run;
+    report.cpu_total_s = cpu_now;
+    report.rss_kib = crate::stats::proc_status_kib("self", "VmHWM:").unwrap_or(0);
+    report.settings = serde_json::to_value(&spec)?;
+    Ok(report)
+}
+
+/// The run's clock: its start, the progress ticker (every second) and the check interval
+/// (every 10 ms) the phases wake up on.
+struct Clock<'a> {
+    t0: Instant,
+    ticker: &'a mut tokio::time::Interval,
+    check: &'a mut tokio::time::Interval,
+}
+
+/// The shared context of this process's connections: rooms, the per-sender rate of the open
+/// loop, and the closed loop's probe counters and notifications.
+fn new_ctx(
+    spec: &Spec,
+    slice: Slice,
+    targets: Vec<Target>,
+    room_names: Vec<String>,
+    conns: &[ConnSpec],
+    phase_rx: watch::Receiver<u8>,
+) -> Arc<Ctx> {
     let senders_total = match spec.kind {
         Kind::Bigroom => spec.senders.min(spec.connections),
         Kind::Rooms | Kind::Reliable => {
-            let sizes = room_sizes(&spec);
+            let sizes = room_sizes(spec);
             sizes.iter().map(|s| (*s).min(spec.senders_per_room)).sum()
         }
         _ => 0,
@@ -258,8 +314,7 @@ pub async fn run(
     } else {
         0
     };
-    let (phase_tx, phase_rx) = watch::channel(CONNECT);
-    let ctx = Arc::new(Ctx {
+    Arc::new(Ctx {
         stats: Stats::default(),
         sources: conn::source_addrs(slice.index * spec.source_addrs, spec.source_addrs),
         targets,
@@ -282,18 +337,24 @@ pub async fn run(
             .collect(),
         notify: (0..closed_senders).map(|_| Notify::new()).collect(),
         spec: spec.clone(),
-    });
-    let started_us = now_us();
-    let t0 = Instant::now();
-    let total = conns.len();
-    let mut tasks = tokio::task::JoinSet::new();
-    let handshake = Arc::new(Semaphore::new(512));
-    let per_process_rate = (spec.connect_rate / slice.count as f64).max(1.0);
+    })
+}
 
-    // Connect phase (churn opens its connections in the run phase instead).
+/// Connect phase: opens the connections at the process's share of the connect rate (at most
+/// 512 handshakes at once) until every one is in or failed, or the deadline passes; churn only
+/// starts its slots (they connect in the run phase). Returns the connections' tasks.
+async fn connect_phase(
+    ctx: &Arc<Ctx>,
+    conns: Vec<ConnSpec>,
+    slice: Slice,
+    control: &impl Control,
+    clock: &mut Clock<'_>,
+) -> tokio::task::JoinSet<()> {
+    let total = conns.len();
+    let handshake = Arc::new(Semaphore::new(512));
+    let per_process_rate = (ctx.spec.connect_rate / slice.count as f64).max(1.0);
     let spawner = {
         let ctx = ctx.clone();
-        let handshake = handshake.clone();
         async move {
             let mut tasks = tokio::task::JoinSet::new();
             let begin = Instant::now();
@@ -314,23 +375,18 @@ pub async fn run(
     let mut spawn_fut = Box::pin(spawner);
     let connect_deadline =
         Instant::now() + Duration::from_secs_f64(30.0 + total as f64 / per_process_rate);
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    ticker.tick().await;
-    let mut check = tokio::time::interval(Duration::from_millis(10));
-    let mut spawned = false;
+    let mut tasks = None;
     loop {
         tokio::select! {
-            joined = &mut spawn_fut, if !spawned => {
-                tasks = joined;
-                spawned = true;
+            joined = &mut spawn_fut, if tasks.is_none() => {
+                tasks = Some(joined);
             }
-            _ = ticker.tick() => {
-                control.progress(&ctx.stats, t0.elapsed().as_secs_f64());
+            _ = clock.ticker.tick() => {
+                control.progress(&ctx.stats, clock.t0.elapsed().as_secs_f64());
             }
-            _ = check.tick() => {}
+            _ = clock.check.tick() => {}
         }
-        if spawned && (ctx.settled.load(Relaxed) >= total || spec.kind == Kind::Churn) {
+        if tasks.is_some() && (ctx.settled.load(Relaxed) >= total || ctx.spec.kind == Kind::Churn) {
             break;
         }
         if Instant::now() > connect_deadline {
@@ -338,36 +394,45 @@ pub async fn run(
             break;
         }
     }
-    if !spawned {
-        tasks = spawn_fut.await;
+    match tasks {
+        Some(tasks) => tasks,
+        None => spawn_fut.await,
     }
-    let connect_phase_s = t0.elapsed().as_secs_f64();
-    control.ready().await;
-    let cpu_at_run = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+}
 
-    // Run phase.
+/// Run phase: starts every connection's part and waits for the duration (the raw ceiling
+/// ends early once its server closed every connection). Returns its length in seconds.
+async fn run_phase(
+    ctx: &Ctx,
+    phase_tx: &watch::Sender<u8>,
+    control: &impl Control,
+    clock: &mut Clock<'_>,
+) -> f64 {
     let run_start = Instant::now();
     let _ = ctx.start.set(run_start);
     let _ = phase_tx.send(RUN);
-    let end = run_start + Duration::from_secs_f64(spec.duration_s);
+    let end = run_start + Duration::from_secs_f64(ctx.spec.duration_s);
     while Instant::now() < end {
-        if spec.kind == Kind::Ceiling
+        if ctx.spec.kind == Kind::Ceiling
             && ctx.stats.open.load(Relaxed) == 0
             && ctx.stats.delivered.load(Relaxed) > 0
         {
             break;
         }
         tokio::select! {
-            _ = check.tick() => {}
-            _ = ticker.tick() => control.progress(&ctx.stats, t0.elapsed().as_secs_f64()),
+            _ = clock.check.tick() => {}
+            _ = clock.ticker.tick() => control.progress(&ctx.stats, clock.t0.elapsed().as_secs_f64()),
             _ = tokio::time::sleep_until(end.into()) => {}
         }
     }
-    let phase_s = run_start.elapsed().as_secs_f64();
+    run_start.elapsed().as_secs_f64()
+}
 
-    // Drain: no new sends; wait for deliveries to stop (or to reach what is expected).
+/// Drain: no new sends; waits (at most `drain_s`) until deliveries stop for a second or reach
+/// what is expected, and churn's connections are closed.
+async fn drain_phase(ctx: &Ctx, phase_tx: &watch::Sender<u8>) {
     let _ = phase_tx.send(DRAIN);
-    let drain_end = Instant::now() + Duration::from_secs_f64(spec.drain_s);
+    let drain_end = Instant::now() + Duration::from_secs_f64(ctx.spec.drain_s);
     let mut quiet_since = Instant::now();
     let mut seen = ctx.stats.delivered.load(Relaxed);
     while Instant::now() < drain_end {
@@ -377,14 +442,17 @@ pub async fn run(
             seen = now;
             quiet_since = Instant::now();
         }
-        let expected = local_expected(&ctx);
+        let expected = local_expected(ctx);
         let done_expected = expected > 0 && ctx.stats.distinct.load(Relaxed) >= expected;
-        let churn_busy = spec.kind == Kind::Churn && ctx.stats.open.load(Relaxed) > 0;
+        let churn_busy = ctx.spec.kind == Kind::Churn && ctx.stats.open.load(Relaxed) > 0;
         if !churn_busy && (done_expected || quiet_since.elapsed() > Duration::from_millis(1000)) {
             break;
         }
     }
-    control.progress(&ctx.stats, t0.elapsed().as_secs_f64());
+}
+
+/// Stop: every connection closes; the tasks get 10 s to end, then are aborted.
+async fn stop(phase_tx: &watch::Sender<u8>, tasks: &mut tokio::task::JoinSet<()>) {
     let _ = phase_tx.send(STOP);
     let close_deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while tokio::time::timeout_at(close_deadline, tasks.join_next())
@@ -394,21 +462,6 @@ pub async fn run(
         .is_some()
     {}
     tasks.abort_all();
-
-    let mut report = ctx.stats.report(spec.kind.name());
-    report.workers = 1;
-    report.started_us = started_us;
-    report.finished_us = now_us();
-    report.phase_s = phase_s;
-    report.connect_phase_s = connect_phase_s;
-    report.joined = ctx.joined.load(Relaxed);
-    report.expected = local_expected(&ctx);
-    let cpu_now = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
-    report.cpu_s = cpu_now - cpu_at_run;
-    report.cpu_total_s = cpu_now;
-    report.rss_kib = crate::stats::proc_status_kib("self", "VmHWM:").unwrap_or(0);
-    report.settings = serde_json::to_value(&spec)?;
-    Ok(report)
 }
 
 /// What this process can compute of the expected deliveries (bigroom is completed after the
@@ -729,6 +782,8 @@ fn jitter(base: f64) -> Duration {
     Duration::from_secs_f64(base * rand::rng().random_range(0.5..1.5))
 }
 
+/// One connection from its login to its end (or to a reconnect): logs in (every scenario but
+/// the raw ceiling), counts the join, then drives the scenario's part (`drive`).
 async fn session(
     ctx: &Arc<Ctx>,
     spec: &ConnSpec,
@@ -737,7 +792,6 @@ async fn session(
     resume: bool,
     permit: &mut Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Outcome {
-    let mut phase = ctx.phase.clone();
     let room = ctx
         .rooms
         .get(spec.room)
@@ -745,41 +799,63 @@ async fn session(
         .unwrap_or_default();
     let login = ctx.spec.login && ctx.spec.kind != Kind::Ceiling;
     if login {
-        let from = if resume { st.last_id.clone() } else { None };
-        st.in_replay = from.is_some();
-        if !send_text(ctx, &mut ws, login_frame(ctx, spec, &room, from.as_deref())).await {
-            return Outcome::Failed;
-        }
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
-            let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
-                Ok(m) => m,
-                Err(_) => {
-                    ctx.stats.error("login_timeout");
-                    return if resume {
-                        Outcome::Reconnect
-                    } else {
-                        Outcome::Failed
-                    };
-                }
-            };
-            let (step, info) = on_message(ctx, spec, st, msg, false);
-            if let Step::Closed = step {
-                return if resume {
-                    Outcome::Reconnect
-                } else {
-                    Outcome::Failed
-                };
-            }
-            if let Some(since) = info.sync_more {
-                let f = serde_json::json!({"event":"sync","roomId":room,"since":since});
-                let _ = send_text(ctx, &mut ws, f.to_string()).await;
-            }
-            if info.own_login {
-                break;
-            }
+        if let Err(outcome) = log_in(ctx, spec, st, &mut ws, &room, resume).await {
+            return outcome;
         }
     }
+    count_join(ctx, spec, st);
+    permit.take();
+    drive(ctx, spec, st, ws, &room).await
+}
+
+/// Sends the login (resuming from the last id seen after a reconnect) and reads until the
+/// connection's own login frame, asking for more of the replay as the gateway offers it.
+/// A failure is a reconnect when resuming, else the connection's end.
+async fn log_in(
+    ctx: &Ctx,
+    spec: &ConnSpec,
+    st: &mut ConnState,
+    ws: &mut Ws,
+    room: &str,
+    resume: bool,
+) -> Result<(), Outcome> {
+    let failed = || {
+        if resume {
+            Outcome::Reconnect
+        } else {
+            Outcome::Failed
+        }
+    };
+    let from = if resume { st.last_id.clone() } else { None };
+    st.in_replay = from.is_some();
+    if !send_text(ctx, ws, login_frame(ctx, spec, room, from.as_deref())).await {
+        return Err(Outcome::Failed);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Ok(m) => m,
+            Err(_) => {
+                ctx.stats.error("login_timeout");
+                return Err(failed());
+            }
+        };
+        let (step, info) = on_message(ctx, spec, st, msg, false);
+        if let Step::Closed = step {
+            return Err(failed());
+        }
+        if let Some(since) = info.sync_more {
+            let f = serde_json::json!({"event":"sync","roomId":room,"since":since});
+            let _ = send_text(ctx, ws, f.to_string()).await;
+        }
+        if info.own_login {
+            return Ok(());
+        }
+    }
+}
+
+/// The first time a connection is in, it counts as joined (in its room too) and settled.
+fn count_join(ctx: &Ctx, spec: &ConnSpec, st: &mut ConnState) {
     if !st.joined_once {
         st.joined_once = true;
         ctx.joined.fetch_add(1, Relaxed);
@@ -788,16 +864,55 @@ async fn session(
         }
         ctx.settled.fetch_add(1, Relaxed);
     }
-    permit.take();
+}
 
+/// How a logged-in connection takes part in its scenario.
+struct Part {
+    /// A sender of the saturated big room (bigroom at rate 0): keeps `window` messages in
+    /// flight (`send_window`).
+    closed_loop: bool,
+    /// A sender of rooms, reliable, or bigroom at a rate: sends what falls due at the
+    /// sender rate (`send_due`).
+    open_loop: bool,
+    /// A receiving member of reliable: drops its connection at this time (then reconnects).
+    reconnect_at: Option<tokio::time::Instant>,
+    /// The closed-loop sender's index into `Ctx::notify` and the probes' `probe_seen`.
+    notify_idx: Option<usize>,
+}
+
+/// Which part of its scenario the connection plays.
+fn part(ctx: &Ctx, spec: &ConnSpec) -> Part {
+    let closed_loop =
+        spec.sender.is_some() && ctx.spec.kind == Kind::Bigroom && ctx.spec.rate <= 0.0;
+    let open_loop = spec.sender.is_some() && !closed_loop && ctx.sender_rate > 0.0;
+    Part {
+        closed_loop,
+        open_loop,
+        reconnect_at: None,
+        notify_idx: spec
+            .sender
+            .map(|s| s as usize)
+            .filter(|s| *s < ctx.notify.len()),
+    }
+}
+
+/// The logged-in connection until the end of the run: reads every frame (acking as the
+/// scenario asks), heartbeats, sends its part (closed or open loop), and for reliable's
+/// receivers, drops the connection at a random time to reconnect.
+async fn drive(
+    ctx: &Arc<Ctx>,
+    spec: &ConnSpec,
+    st: &mut ConnState,
+    mut ws: Ws,
+    room: &str,
+) -> Outcome {
+    let mut phase = ctx.phase.clone();
     let mut heartbeat = (ctx.spec.heartbeat_s > 0.0).then(|| {
         let first = tokio::time::Instant::now() + jitter(ctx.spec.heartbeat_s);
         tokio::time::interval_at(first, Duration::from_secs_f64(ctx.spec.heartbeat_s))
     });
-    let closed_loop =
-        spec.sender.is_some() && ctx.spec.kind == Kind::Bigroom && ctx.spec.rate <= 0.0;
-    let open_loop = spec.sender.is_some() && !closed_loop && ctx.sender_rate > 0.0;
-    let tick_period = if open_loop {
+    let mut part = part(ctx, spec);
+    let tick_period = if part.open_loop {
         Duration::from_secs_f64((1.0 / ctx.sender_rate).clamp(0.001, 0.1))
     } else {
         Duration::from_secs(3600)
@@ -809,15 +924,10 @@ async fn session(
     let mut ack_tick = tokio::time::interval(Duration::from_millis(100));
     // Only receiving members drop their connections; senders stay (their messages are the
     // reference for what every member must get).
-    let reconnect_at = (ctx.spec.kind == Kind::Reliable
+    part.reconnect_at = (ctx.spec.kind == Kind::Reliable
         && ctx.spec.reconnect_every_s > 0.0
         && spec.sender.is_none())
     .then(|| tokio::time::Instant::now() + jitter(ctx.spec.reconnect_every_s));
-    let notify_idx = spec
-        .sender
-        .map(|s| s as usize)
-        .filter(|s| *s < ctx.notify.len());
-    let window = ctx.spec.window.max(1);
 
     loop {
         let ph = *phase.borrow_and_update();
@@ -826,31 +936,12 @@ async fn session(
             return Outcome::Done;
         }
         let running = ph == RUN;
-        // Closed loop: send as long as the window allows.
-        if closed_loop && running {
-            let mut min_seen = st.echo_max;
-            if let Some(s) = notify_idx {
-                for p in &ctx.probe_seen {
-                    min_seen = min_seen.min(p[s].load(Relaxed));
-                }
-            }
-            let mut burst = 0;
-            while st.seq - min_seen.min(st.seq) < window && burst < 64 {
-                st.seq += 1;
-                burst += 1;
-                let f = chat_frame(ctx, &room, spec.sender.unwrap_or(0), st.seq);
-                if !send_text(ctx, &mut ws, f).await {
-                    return Outcome::Failed;
-                }
-                Stats::add(&ctx.stats.sent, 1);
-                if let Some(r) = ctx.rooms.get(spec.room) {
-                    Stats::add(&r.sent, 1);
-                }
-            }
+        if part.closed_loop && running && !send_window(ctx, spec, st, &mut ws, room, &part).await {
+            return Outcome::Failed;
         }
         let notified = async {
-            match notify_idx {
-                Some(i) if closed_loop && running => ctx.notify[i].notified().await,
+            match part.notify_idx {
+                Some(i) if part.closed_loop && running => ctx.notify[i].notified().await,
                 _ => std::future::pending().await,
             }
         };
@@ -863,57 +954,26 @@ async fn session(
             }
         };
         let reconnect = async {
-            match reconnect_at {
+            match part.reconnect_at {
                 Some(at) if running => tokio::time::sleep_until(at).await,
                 _ => std::future::pending().await,
             }
         };
         tokio::select! {
             msg = ws.next() => {
-                let stopping = ph >= DRAIN || ctx.spec.kind == Kind::Ceiling;
-                let (step, info) = on_message(ctx, spec, st, msg, stopping);
-                if let Step::Closed = step {
-                    return if ctx.spec.kind == Kind::Reliable && ph < STOP {
-                        Outcome::Reconnect
-                    } else {
-                        Outcome::Done
-                    };
-                }
-                if let Some(since) = info.sync_more {
-                    let f = serde_json::json!({"event":"sync","roomId":room,"since":since});
-                    if !send_text(ctx, &mut ws, f.to_string()).await {
-                        return Outcome::Reconnect;
-                    }
-                }
-                if ctx.spec.ack && st.unacked >= ctx.spec.ack_every && !send_ack(ctx, &mut ws, st, &room).await {
-                    return Outcome::Reconnect;
+                if let Some(outcome) = on_read(ctx, spec, st, &mut ws, room, msg, ph).await {
+                    return outcome;
                 }
             }
             _ = phase.changed() => {}
             _ = notified => {}
-            _ = send_tick.tick(), if open_loop && running => {
-                let Some(start) = ctx.start.get() else { continue };
-                let elapsed = start.elapsed().as_secs_f64() - offset;
-                if elapsed < 0.0 {
-                    continue;
-                }
-                let due = (elapsed * ctx.sender_rate) as u64 + 1;
-                let mut burst = 0;
-                while st.seq < due && burst < 1000 {
-                    st.seq += 1;
-                    burst += 1;
-                    let f = chat_frame(ctx, &room, spec.sender.unwrap_or(0), st.seq);
-                    if !send_text(ctx, &mut ws, f).await {
-                        return if ctx.spec.kind == Kind::Reliable { Outcome::Reconnect } else { Outcome::Failed };
-                    }
-                    Stats::add(&ctx.stats.sent, 1);
-                    if let Some(r) = ctx.rooms.get(spec.room) {
-                        Stats::add(&r.sent, 1);
-                    }
+            _ = send_tick.tick(), if part.open_loop && running => {
+                if let Some(outcome) = send_due(ctx, spec, st, &mut ws, room, offset).await {
+                    return outcome;
                 }
             }
             _ = ack_tick.tick(), if ctx.spec.ack => {
-                if st.unacked > 0 && !send_ack(ctx, &mut ws, st, &room).await {
+                if st.unacked > 0 && !send_ack(ctx, &mut ws, st, room).await {
                     return Outcome::Reconnect;
                 }
             }
@@ -928,6 +988,109 @@ async fn session(
             }
         }
     }
+}
+
+/// A frame (or the end) read in the run: handled, then the sync the gateway offers and the
+/// ack the scenario asks for. Returns how the session ends, if it does.
+async fn on_read(
+    ctx: &Ctx,
+    spec: &ConnSpec,
+    st: &mut ConnState,
+    ws: &mut Ws,
+    room: &str,
+    msg: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+    ph: u8,
+) -> Option<Outcome> {
+    let stopping = ph >= DRAIN || ctx.spec.kind == Kind::Ceiling;
+    let (step, info) = on_message(ctx, spec, st, msg, stopping);
+    if let Step::Closed = step {
+        return Some(if ctx.spec.kind == Kind::Reliable && ph < STOP {
+            Outcome::Reconnect
+        } else {
+            Outcome::Done
+        });
+    }
+    if let Some(since) = info.sync_more {
+        let f = serde_json::json!({"event":"sync","roomId":room,"since":since});
+        if !send_text(ctx, ws, f.to_string()).await {
+            return Some(Outcome::Reconnect);
+        }
+    }
+    if ctx.spec.ack && st.unacked >= ctx.spec.ack_every && !send_ack(ctx, ws, st, room).await {
+        return Some(Outcome::Reconnect);
+    }
+    None
+}
+
+/// The saturated big room's sender: sends (at most 64 at a time) while fewer than `window`
+/// of its messages are unseen by its own echo or by the slowest probe. False when a send
+/// fails.
+async fn send_window(
+    ctx: &Ctx,
+    spec: &ConnSpec,
+    st: &mut ConnState,
+    ws: &mut Ws,
+    room: &str,
+    part: &Part,
+) -> bool {
+    let window = ctx.spec.window.max(1);
+    let mut min_seen = st.echo_max;
+    if let Some(s) = part.notify_idx {
+        for p in &ctx.probe_seen {
+            min_seen = min_seen.min(p[s].load(Relaxed));
+        }
+    }
+    let mut burst = 0;
+    while st.seq - min_seen.min(st.seq) < window && burst < 64 {
+        st.seq += 1;
+        burst += 1;
+        let f = chat_frame(ctx, room, spec.sender.unwrap_or(0), st.seq);
+        if !send_text(ctx, ws, f).await {
+            return false;
+        }
+        Stats::add(&ctx.stats.sent, 1);
+        if let Some(r) = ctx.rooms.get(spec.room) {
+            Stats::add(&r.sent, 1);
+        }
+    }
+    true
+}
+
+/// An open-loop sender (rooms, reliable, bigroom at a rate): sends every message due at the
+/// sender rate since the run started (at most 1000 at a time), `offset` seconds late. Returns
+/// how the session ends when a send fails (reliable reconnects).
+async fn send_due(
+    ctx: &Ctx,
+    spec: &ConnSpec,
+    st: &mut ConnState,
+    ws: &mut Ws,
+    room: &str,
+    offset: f64,
+) -> Option<Outcome> {
+    let start = ctx.start.get()?;
+    let elapsed = start.elapsed().as_secs_f64() - offset;
+    if elapsed < 0.0 {
+        return None;
+    }
+    let due = (elapsed * ctx.sender_rate) as u64 + 1;
+    let mut burst = 0;
+    while st.seq < due && burst < 1000 {
+        st.seq += 1;
+        burst += 1;
+        let f = chat_frame(ctx, room, spec.sender.unwrap_or(0), st.seq);
+        if !send_text(ctx, ws, f).await {
+            return Some(if ctx.spec.kind == Kind::Reliable {
+                Outcome::Reconnect
+            } else {
+                Outcome::Failed
+            });
+        }
+        Stats::add(&ctx.stats.sent, 1);
+        if let Some(r) = ctx.rooms.get(spec.room) {
+            Stats::add(&r.sent, 1);
+        }
+    }
+    None
 }
 
 async fn send_ack(ctx: &Ctx, ws: &mut Ws, st: &mut ConnState, room: &str) -> bool {

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use e2e::report::Table;
 use serde::Serialize;
 
 use crate::stats::{proc_cpu_s, proc_status_kib, Report};
@@ -614,29 +615,13 @@ pub fn main(a: SuiteArgs) -> Result<()> {
     if a.duration <= 0.0 || a.duration > 120.0 {
         bail!("--duration must be in (0, 120] seconds per run");
     }
-    let root = a
-        .root
-        .clone()
-        .unwrap_or(std::env::current_dir()?)
-        .canonicalize()?;
-    let gateway_bin = a
-        .gateway_bin
-        .clone()
-        .or_else(|| std::env::var_os("GATEWAY_BIN").map(PathBuf::from))
-        .unwrap_or_else(|| root.join("target/release/gateway"));
-    if !gateway_bin.exists() {
-        bail!(
-            "gateway binary {} not found (build it with cargo build --release -p gateway)",
-            gateway_bin.display()
-        );
-    }
+    let (root, gateway_bin) = locate(&a)?;
     let work = match &a.workdir {
         Some(w) => w.clone(),
         None => std::env::temp_dir().join(format!("loadgen-suite-{}", std::process::id())),
     };
     std::fs::create_dir_all(&work)?;
     eprintln!("suite: logs and configs in {}", work.display());
-    let want = |n: &str| a.only.is_empty() || a.only.iter().any(|o| o == n);
     let machine = machine(&root, &a);
     let command = format!(
         "loadgen {}",
@@ -656,36 +641,125 @@ pub fn main(a: SuiteArgs) -> Result<()> {
     stack.start_nodes(a.nodes)?;
     let node_ports: Vec<u16> = stack.nodes.iter().map(|n| n.1).collect();
     let (nginx, nginx_port) = stack.start_nginx("main", &node_ports, 2)?;
-    let nginx_url = format!("ws://127.0.0.1:{nginx_port}/ws");
-    let direct = stack.node_urls().join(",");
-    let groups = Groups {
-        gateways: stack.node_pids(),
-        nginx: Some(nginx.pid()),
-        redis: stack.redis.as_ref().map(|r| r.pid()),
-        ceiling: None,
-    };
-    let mut runner = Runner {
-        exe: std::env::current_exe()?,
-        work: work.clone(),
-        runs: Vec::new(),
-    };
-    let dur = s(a.duration);
-    let members = s(a.members);
-    let mut profile = String::new();
-    let mut frame_bytes = 260usize;
-    let mut max_rate = std::collections::HashMap::new();
+    let mut suite = Suite::new(&a, stack, &nginx, nginx_port, work)?;
+    suite.bigroom_max()?;
+    suite.ceiling_max()?;
+    suite.latency_fractions()?;
+    suite.latency_floor()?;
+    suite.rooms()?;
+    suite.churn()?;
+    suite.reliable()?;
+    drop(nginx);
+    let idles = suite.idle()?;
+    write_reports(&a, &root, &gateway_bin, &command, &machine, &suite, &idles)
+}
 
-    // 1. Big room, saturated (closed loop), direct and through nginx.
-    if want("bigroom") || want("latency") || want("ceiling") {
-        for (path, url) in [("direct", direct.as_str()), ("nginx", nginx_url.as_str())] {
+/// The workspace root and the gateway binary (which must exist).
+fn locate(a: &SuiteArgs) -> Result<(PathBuf, PathBuf)> {
+    let root = a
+        .root
+        .clone()
+        .unwrap_or(std::env::current_dir()?)
+        .canonicalize()?;
+    let gateway_bin = a
+        .gateway_bin
+        .clone()
+        .or_else(|| std::env::var_os("GATEWAY_BIN").map(PathBuf::from))
+        .unwrap_or_else(|| root.join("target/release/gateway"));
+    if !gateway_bin.exists() {
+        bail!(
+            "gateway binary {} not found (build it with cargo build --release -p gateway)",
+            gateway_bin.display()
+        );
+    }
+    Ok((root, gateway_bin))
+}
+
+/// The suite while it runs: the stack, the runs so far, and what later scenarios take from
+/// earlier ones (the frame size, the maximum rates, the profile).
+struct Suite<'a> {
+    a: &'a SuiteArgs,
+    stack: Stack,
+    runner: Runner,
+    /// The processes whose CPU every run through the main stack samples.
+    groups: Groups,
+    /// The nodes' URLs, comma-separated, and the main nginx's.
+    direct: String,
+    nginx_url: String,
+    /// Bytes per delivery in the saturated big room (the raw ceiling sends frames this size).
+    frame_bytes: usize,
+    /// Deliveries/s of the saturated big room, by path.
+    max_rate: std::collections::HashMap<&'static str, f64>,
+    /// The gateways' `perf report` during the big room through nginx (`--perf`).
+    profile: String,
+}
+
+impl<'a> Suite<'a> {
+    fn new(
+        a: &'a SuiteArgs,
+        stack: Stack,
+        nginx: &Proc,
+        nginx_port: u16,
+        work: PathBuf,
+    ) -> Result<Suite<'a>> {
+        let groups = Groups {
+            gateways: stack.node_pids(),
+            nginx: Some(nginx.pid()),
+            redis: stack.redis.as_ref().map(|r| r.pid()),
+            ceiling: None,
+        };
+        Ok(Suite {
+            a,
+            direct: stack.node_urls().join(","),
+            nginx_url: format!("ws://127.0.0.1:{nginx_port}/ws"),
+            stack,
+            runner: Runner {
+                exe: std::env::current_exe()?,
+                work,
+                runs: Vec::new(),
+            },
+            groups,
+            frame_bytes: 260,
+            max_rate: std::collections::HashMap::new(),
+            profile: String::new(),
+        })
+    }
+
+    /// Whether `--only` selects scenario `n` (everything when empty).
+    fn want(&self, n: &str) -> bool {
+        self.a.only.is_empty() || self.a.only.iter().any(|o| o == n)
+    }
+
+    /// The two paths of the main stack, with their URLs: the nodes directly, and nginx.
+    fn paths(&self) -> [(&'static str, String); 2] {
+        [
+            ("direct", self.direct.clone()),
+            ("nginx", self.nginx_url.clone()),
+        ]
+    }
+
+    /// Messages per batch in the batched ceiling runs: as many as the closed loop keeps in
+    /// flight.
+    fn batched(&self) -> usize {
+        (self.a.window * 3) as usize
+    }
+
+    /// Phase 1: the big room, saturated (closed loop), direct and through nginx: the maximum rate of
+    /// each path (and, with `--perf`, the gateways' profile through nginx).
+    fn bigroom_max(&mut self) -> Result<()> {
+        if !(self.want("bigroom") || self.want("latency") || self.want("ceiling")) {
+            return Ok(());
+        }
+        let a = self.a;
+        for (path, url) in self.paths() {
             let args = vec![
                 s("bigroom"),
                 s("--url"),
                 s(url),
                 s("-c"),
-                members.clone(),
+                s(a.members),
                 s("-d"),
-                dur.clone(),
+                s(a.duration),
                 s("--rate"),
                 s(0),
                 s("--senders"),
@@ -693,73 +767,65 @@ pub fn main(a: SuiteArgs) -> Result<()> {
                 s("--window"),
                 s(a.window),
             ];
-            let perf_out = work.join("perf.data");
+            let perf_out = self.runner.work.join("perf.data");
             let do_perf = a.perf && path == "nginx";
-            let pids = stack.node_pids();
-            let run = runner.run(
+            let pids = self.stack.node_pids();
+            let run = self.runner.run(
                 &format!("bigroom-max-{path}"),
                 path,
                 &args,
-                &groups,
+                &self.groups,
                 |ready, p| {
                     if do_perf {
-                        wait_for("bigroom ready", Duration::from_secs(60), || {
-                            ready.exists() || !p.alive()
-                        })?;
-                        std::thread::sleep(Duration::from_secs(1));
-                        let pid_list = pids
-                            .iter()
-                            .map(|p| p.to_string())
-                            .collect::<Vec<_>>()
-                            .join(",");
-                        let secs = (a.duration - 2.0).clamp(1.0, 10.0);
-                        let _ = Command::new("perf")
-                            .args(["record", "-F", "499", "-g", "-o"])
-                            .arg(&perf_out)
-                            .args(["-p", &pid_list, "--", "sleep", &s(secs)])
-                            .stdout(Stdio::null())
-                            .stderr(Stdio::null())
-                            .status();
+                        perf_record(ready, p, &pids, a.duration, &perf_out)?;
                     }
                     Ok(())
                 },
             )?;
             if do_perf {
-                let out = Command::new("perf")
-                    .args([
-                        "report",
-                        "--stdio",
-                        "--no-children",
-                        "--sort",
-                        "dso,sym",
-                        "--percent-limit",
-                        "1.5",
-                        "-g",
-                        "none",
-                        "-i",
-                    ])
-                    .arg(&perf_out)
-                    .output();
-                if let Ok(o) = out {
-                    profile = String::from_utf8_lossy(&o.stdout)
-                        .lines()
-                        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-                        .take(40)
-                        .collect::<Vec<_>>()
-                        .join("\n");
+                if let Some(profile) = perf_report(&perf_out) {
+                    self.profile = profile;
                 }
             }
             if run.report.bytes_per_delivery > 0.0 {
-                frame_bytes = run.report.bytes_per_delivery.round() as usize;
+                self.frame_bytes = run.report.bytes_per_delivery.round() as usize;
             }
-            max_rate.insert(path, run.report.delivered_per_s);
+            self.max_rate.insert(path, run.report.delivered_per_s);
         }
+        Ok(())
     }
 
-    // 2. The raw ceiling, direct and through the same nginx template: one write per delivery,
-    //    and batched (as many messages per write as the closed loop keeps in flight).
-    let batched = (a.window * 3) as usize;
-    if want("ceiling") {
+    /// One raw-ceiling run of this suite's stack and frame size.
+    fn ceiling(
+        &mut self,
+        name: &str,
+        path: &str,
+        members: usize,
+        rate: f64,
+        batch: usize,
+        duration: f64,
+    ) -> Result<Run> {
+        let frame_bytes = self.frame_bytes;
+        ceiling_run(
+            &mut self.runner,
+            &self.stack,
+            name,
+            path,
+            members,
+            frame_bytes,
+            rate,
+            batch,
+            duration,
+        )
+    }
+
+    /// Phase 2: the raw ceiling, direct and through the same nginx template: one write per delivery,
+    /// and batched (as many messages per write as the closed loop keeps in flight).
+    fn ceiling_max(&mut self) -> Result<()> {
+        if !self.want("ceiling") {
+            return Ok(());
+        }
+        let batched = self.batched();
         for (path, batch) in [
             ("direct", 1),
             ("nginx", 1),
@@ -771,25 +837,20 @@ pub fn main(a: SuiteArgs) -> Result<()> {
             } else {
                 format!("ceiling-batched-{path}")
             };
-            ceiling_run(
-                &mut runner,
-                &stack,
-                &name,
-                path,
-                a.members,
-                frame_bytes,
-                0.0,
-                batch,
-                a.duration,
-            )?;
+            self.ceiling(&name, path, self.a.members, 0.0, batch, self.a.duration)?;
         }
+        Ok(())
     }
 
-    // 3. Latency at half the maximum rate (the target), and at lower fractions of it (to show
-    //    where the latency targets hold).
-    if want("latency") {
-        for (path, url) in [("direct", direct.as_str()), ("nginx", nginx_url.as_str())] {
-            let Some(max) = max_rate.get(path).copied() else {
+    /// Phase 3: latency at half the maximum rate (the target), and at lower fractions of it (to show
+    /// where the latency targets hold); the raw ceiling at half and 3% for reference.
+    fn latency_fractions(&mut self) -> Result<()> {
+        if !self.want("latency") {
+            return Ok(());
+        }
+        let a = self.a;
+        for (path, url) in self.paths() {
+            let Some(max) = self.max_rate.get(path).copied() else {
                 continue;
             };
             for (fraction, name) in [
@@ -807,9 +868,9 @@ pub fn main(a: SuiteArgs) -> Result<()> {
                 let args = vec![
                     s("bigroom"),
                     s("--url"),
-                    s(url),
+                    s(&url),
                     s("-c"),
-                    members.clone(),
+                    s(a.members),
                     s("-d"),
                     s(d),
                     s("--rate"),
@@ -817,37 +878,35 @@ pub fn main(a: SuiteArgs) -> Result<()> {
                     s("--senders"),
                     s(3),
                 ];
-                runner.run(&name, path, &args, &groups, no_during)?;
+                self.runner
+                    .run(&name, path, &args, &self.groups, no_during)?;
             }
             // The raw ceiling at the same rates (half and 3%), for its latency (it writes what
             // fell due since its last round in one write, like a server draining a queue).
-            if want("ceiling") {
+            if self.want("ceiling") {
                 for (fraction, label) in [(0.5, "half"), (0.03, "3pct")] {
                     let msgs = (max * fraction / a.members as f64).max(1.0).round();
-                    ceiling_run(
-                        &mut runner,
-                        &stack,
-                        &format!("ceiling-{label}-{path}"),
-                        path,
-                        a.members,
-                        frame_bytes,
-                        msgs,
-                        batched,
-                        if fraction == 0.5 {
-                            a.duration
-                        } else {
-                            a.duration.min(6.0)
-                        },
-                    )?;
+                    let d = if fraction == 0.5 {
+                        a.duration
+                    } else {
+                        a.duration.min(6.0)
+                    };
+                    let name = format!("ceiling-{label}-{path}");
+                    self.ceiling(&name, path, a.members, msgs, self.batched(), d)?;
                 }
             }
         }
+        Ok(())
     }
 
-    // 3b. The latency floor: a room of 10 members at 100 messages/s (the fan-out is too small
-    //     to queue), gateway and raw ceiling, directly and through nginx.
-    if want("latency") {
-        for (path, url) in [("direct", direct.as_str()), ("nginx", nginx_url.as_str())] {
+    /// Phase 3b: the latency floor: a room of 10 members at 100 messages/s (the fan-out is too small
+    /// to queue), gateway and raw ceiling, directly and through nginx.
+    fn latency_floor(&mut self) -> Result<()> {
+        if !self.want("latency") {
+            return Ok(());
+        }
+        let d = self.a.duration.min(5.0);
+        for (path, url) in self.paths() {
             let args = vec![
                 s("bigroom"),
                 s("--url"),
@@ -855,50 +914,44 @@ pub fn main(a: SuiteArgs) -> Result<()> {
                 s("-c"),
                 s(10),
                 s("-d"),
-                s(a.duration.min(5.0)),
+                s(d),
                 s("--rate"),
                 s(100),
                 s("--senders"),
                 s(3),
             ];
-            runner.run(
-                &format!("bigroom-floor-{path}"),
-                path,
-                &args,
-                &groups,
-                no_during,
-            )?;
-            if want("ceiling") {
-                ceiling_run(
-                    &mut runner,
-                    &stack,
-                    &format!("ceiling-floor-{path}"),
-                    path,
-                    10,
-                    frame_bytes,
-                    100.0,
-                    batched,
-                    a.duration.min(5.0),
-                )?;
+            let name = format!("bigroom-floor-{path}");
+            self.runner
+                .run(&name, path, &args, &self.groups, no_during)?;
+            if self.want("ceiling") {
+                let name = format!("ceiling-floor-{path}");
+                self.ceiling(&name, path, 10, 100.0, self.batched(), d)?;
             }
         }
+        Ok(())
     }
 
-    // 4. Many small rooms, churn, reliable: through nginx.
-    // Chat-like load at a fraction of the measured big-room maximum through nginx (15% for
-    // rooms, which average 30 members; 10% for reliable, rooms of 20 on average).
-    let nginx_max = max_rate.get("nginx").copied().unwrap_or(60_000.0);
-    let rooms_rate = (nginx_max * 0.15 / 30.0).round().max(10.0);
-    let reliable_rate = (nginx_max * 0.1 / 20.0).round().max(10.0);
-    if want("rooms") {
+    /// The saturated big room's rate through nginx (or a guess when it did not run): the chat
+    /// scenarios offer a fraction of it.
+    fn nginx_max(&self) -> f64 {
+        self.max_rate.get("nginx").copied().unwrap_or(60_000.0)
+    }
+
+    /// Phase 4a: many small rooms through nginx, at 15% of the big room's maximum (rooms average
+    /// 30 members).
+    fn rooms(&mut self) -> Result<()> {
+        if !self.want("rooms") {
+            return Ok(());
+        }
+        let rooms_rate = (self.nginx_max() * 0.15 / 30.0).round().max(10.0);
         let args = vec![
             s("rooms"),
             s("--url"),
-            nginx_url.clone(),
+            s(&self.nginx_url),
             s("-c"),
             s(5000),
             s("-d"),
-            dur.clone(),
+            s(self.a.duration),
             s("--rate"),
             s(rooms_rate),
             s("--room-min"),
@@ -908,17 +961,24 @@ pub fn main(a: SuiteArgs) -> Result<()> {
             s("--senders-per-room"),
             s(3),
         ];
-        runner.run("rooms", "nginx", &args, &groups, no_during)?;
+        self.runner
+            .run("rooms", "nginx", &args, &self.groups, no_during)?;
+        Ok(())
     }
-    if want("churn") {
+
+    /// Phase 4b: connection churn through nginx.
+    fn churn(&mut self) -> Result<()> {
+        if !self.want("churn") {
+            return Ok(());
+        }
         let args = vec![
             s("churn"),
             s("--url"),
-            nginx_url.clone(),
+            s(&self.nginx_url),
             s("-c"),
             s(200),
             s("-d"),
-            dur.clone(),
+            s(self.a.duration),
             s("--rooms"),
             s(50),
             s("--messages"),
@@ -926,17 +986,26 @@ pub fn main(a: SuiteArgs) -> Result<()> {
             s("--source-addrs"),
             s(4),
         ];
-        runner.run("churn", "nginx", &args, &groups, no_during)?;
+        self.runner
+            .run("churn", "nginx", &args, &self.groups, no_during)?;
+        Ok(())
     }
-    if want("reliable") {
+
+    /// Phase 4c: reliable delivery with reconnects through nginx, at 10% of the big room's maximum
+    /// (rooms of 20 on average).
+    fn reliable(&mut self) -> Result<()> {
+        if !self.want("reliable") {
+            return Ok(());
+        }
+        let reliable_rate = (self.nginx_max() * 0.1 / 20.0).round().max(10.0);
         let args = vec![
             s("reliable"),
             s("--url"),
-            nginx_url.clone(),
+            s(&self.nginx_url),
             s("-c"),
             s(1000),
             s("-d"),
-            dur.clone(),
+            s(self.a.duration),
             s("--rate"),
             s(reliable_rate),
             s("--room-min"),
@@ -950,17 +1019,23 @@ pub fn main(a: SuiteArgs) -> Result<()> {
             s("--drain"),
             s(10),
         ];
-        runner.run("reliable", "nginx", &args, &groups, no_during)?;
+        self.runner
+            .run("reliable", "nginx", &args, &self.groups, no_during)?;
+        Ok(())
     }
-    drop(nginx);
 
-    // 5. Idle connections: RSS per connection directly, then the big count through nginx.
-    let mut idles = Vec::new();
-    if want("idle") {
+    /// Phase 5: idle connections: RSS per connection directly, then the big count through an nginx
+    /// of its own, then (with `--stretch`) the stretch target on more nodes.
+    fn idle(&mut self) -> Result<Vec<Idle>> {
+        let mut idles = Vec::new();
+        if !self.want("idle") {
+            return Ok(idles);
+        }
+        let a = self.a;
         let n = a.idle_per_node * a.nodes;
         idles.push(idle_run(
-            &mut runner,
-            &stack,
+            &mut self.runner,
+            &self.stack,
             "idle-direct",
             n,
             None,
@@ -971,11 +1046,11 @@ pub fn main(a: SuiteArgs) -> Result<()> {
         )?);
         let baseline = idles[0].gateway_rss_before_kib.clone();
         let workers = (a.idle_nginx * 2).div_ceil(15_000) + 1;
-        let ports: Vec<u16> = stack.nodes.iter().map(|n| n.1).collect();
-        let (ng, port) = stack.start_nginx("idle", &ports, workers)?;
+        let ports: Vec<u16> = self.stack.nodes.iter().map(|n| n.1).collect();
+        let (ng, port) = self.stack.start_nginx("idle", &ports, workers)?;
         idles.push(idle_run(
-            &mut runner,
-            &stack,
+            &mut self.runner,
+            &self.stack,
             "idle-nginx",
             a.idle_nginx,
             Some((&ng, port, workers)),
@@ -986,51 +1061,121 @@ pub fn main(a: SuiteArgs) -> Result<()> {
         )?);
         drop(ng);
         if a.stretch > 0 {
-            stack.start_nodes(a.stretch_nodes)?;
-            let ports: Vec<u16> = stack.nodes.iter().map(|n| n.1).collect();
-            let workers = (a.stretch * 2).div_ceil(15_000) + 1;
-            let (ng, port) = stack.start_nginx("stretch", &ports, workers)?;
-            let r = idle_run(
-                &mut runner,
-                &stack,
-                "idle-stretch",
-                a.stretch,
-                Some((&ng, port, workers)),
-                a.idle_hold,
-                a.stretch_nodes,
-                a.connect_rate,
-                Some(&baseline),
-            );
-            drop(ng);
-            stack.stop_nodes_from(a.nodes);
-            idles.push(r?);
+            idles.push(self.idle_stretch(&baseline)?);
         }
+        Ok(idles)
     }
 
+    /// The stretch target: `--stretch` idle connections through nginx over `--stretch-nodes`
+    /// nodes (the extra nodes stop afterwards).
+    fn idle_stretch(&mut self, baseline: &[u64]) -> Result<Idle> {
+        let a = self.a;
+        self.stack.start_nodes(a.stretch_nodes)?;
+        let ports: Vec<u16> = self.stack.nodes.iter().map(|n| n.1).collect();
+        let workers = (a.stretch * 2).div_ceil(15_000) + 1;
+        let (ng, port) = self.stack.start_nginx("stretch", &ports, workers)?;
+        let r = idle_run(
+            &mut self.runner,
+            &self.stack,
+            "idle-stretch",
+            a.stretch,
+            Some((&ng, port, workers)),
+            a.idle_hold,
+            a.stretch_nodes,
+            a.connect_rate,
+            Some(baseline),
+        );
+        drop(ng);
+        self.stack.stop_nodes_from(a.nodes);
+        r
+    }
+}
+
+/// `perf record` of the gateways for up to 10 s of the run, once its connections are in.
+fn perf_record(
+    ready: &Path,
+    p: &mut Proc,
+    pids: &[u32],
+    duration: f64,
+    perf_out: &Path,
+) -> Result<()> {
+    wait_for("bigroom ready", Duration::from_secs(60), || {
+        ready.exists() || !p.alive()
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    let pid_list = pids
+        .iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let secs = (duration - 2.0).clamp(1.0, 10.0);
+    let _ = Command::new("perf")
+        .args(["record", "-F", "499", "-g", "-o"])
+        .arg(perf_out)
+        .args(["-p", &pid_list, "--", "sleep", &s(secs)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    Ok(())
+}
+
+/// The top of `perf report` (symbols over 1.5%, at most 40 lines), if perf ran.
+fn perf_report(perf_out: &Path) -> Option<String> {
+    let o = Command::new("perf")
+        .args([
+            "report",
+            "--stdio",
+            "--no-children",
+            "--sort",
+            "dso,sym",
+            "--percent-limit",
+            "1.5",
+            "-g",
+            "none",
+            "-i",
+        ])
+        .arg(perf_out)
+        .output()
+        .ok()?;
+    Some(
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .take(40)
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+}
+
+/// Writes the Markdown report and the JSON (without the raw histograms, to keep the committed
+/// file small).
+fn write_reports(
+    a: &SuiteArgs,
+    root: &Path,
+    gateway_bin: &Path,
+    command: &str,
+    machine: &Machine,
+    suite: &Suite,
+    idles: &[Idle],
+) -> Result<()> {
     let settings = serde_json::json!({
         "nodes": a.nodes, "duration_s": a.duration, "members": a.members, "window": a.window,
-        "idle_per_node": a.idle_per_node, "idle_nginx": a.idle_nginx, "frame_bytes": frame_bytes,
+        "idle_per_node": a.idle_per_node, "idle_nginx": a.idle_nginx, "frame_bytes": suite.frame_bytes,
         "gateway_bin": gateway_bin.display().to_string(),
         "gateway_env": "GATEWAY_MAX_CONNECTIONS=19500, GATEWAY_TRUSTED_PROXIES=127.0.0.1, others default",
         "nginx": "deploy/nginx/nginx.conf.template, worker_connections 19000, worker_rlimit_nofile 20000",
     });
-    let doc = markdown(
-        &command,
-        &machine,
-        &settings,
-        &runner.runs,
-        &idles,
-        &profile,
-    );
+    let runs = &suite.runner.runs;
+    let doc = markdown(command, machine, &settings, runs, idles, &suite.profile);
     let out = root.join(&a.out);
     std::fs::write(&out, doc)?;
     let json = SuiteJson {
-        command,
-        machine: &machine,
+        command: command.to_string(),
+        machine,
         settings,
-        runs: &runner.runs,
-        idle: &idles,
-        profile: &profile,
+        runs,
+        idle: idles,
+        profile: &suite.profile,
     };
     let mut runs_json = serde_json::to_value(&json)?;
     // Keep the committed JSON small: drop the raw histograms.
@@ -1174,6 +1319,8 @@ fn us_per(cpu: f64, deliveries: u64) -> String {
     format!("{:.2}", cpu * 1e6 / deliveries as f64)
 }
 
+/// The Markdown report: how it was measured and on what, the targets, throughput and latency,
+/// CPU per delivery, idle connections, the profile, and every run's command.
 fn markdown(
     command: &str,
     m: &Machine,
@@ -1183,7 +1330,31 @@ fn markdown(
     profile: &str,
 ) -> String {
     let mut o = String::new();
-    let find = |n: &str| runs.iter().find(|r| r.name == n);
+    o.push_str(&intro(command, m, settings));
+    o.push_str("## Against the targets\n\n");
+    o.push_str(&targets_table(runs, idles).markdown());
+    o.push('\n');
+    o.push_str(&throughput_section(runs));
+    o.push_str(&cpu_section(runs, m.cores));
+    if !idles.is_empty() {
+        o.push_str(&idle_section(idles));
+    }
+    if !profile.is_empty() {
+        o.push_str("## Where the gateways' time goes (perf, big room through nginx)\n\n```\n");
+        o.push_str(profile);
+        o.push_str("\n```\n\n");
+    }
+    o.push_str("## Commands of each run\n\n");
+    for r in runs {
+        o.push_str(&format!("- `{}`: `{}`\n", r.name, r.command));
+    }
+    o.push('\n');
+    o
+}
+
+/// The title, how the suite measures, the command, the machine and the settings.
+fn intro(command: &str, m: &Machine, settings: &serde_json::Value) -> String {
+    let mut o = String::new();
     o.push_str("# Benchmarks\n\n");
     o.push_str("Measured on this project's machine by the benchmark suite (`loadgen suite`), which starts\n");
     o.push_str("its own Redis, gateway nodes and nginx (from `deploy/nginx/nginx.conf.template`), runs every\n");
@@ -1193,149 +1364,277 @@ fn markdown(
     );
     o.push_str("estimated.\n\n");
     o.push_str(&format!("Command (from the workspace root, after `cargo build --release -p gateway -p loadgen`):\n\n```\n{command}\n```\n\n"));
-    o.push_str("| machine | |\n|---|---|\n");
-    o.push_str(&format!("| commit | `{}` |\n| date | {} |\n| CPU | {} × {} |\n| memory | {:.1} GiB |\n| kernel | {} |\n| open files per process | {} |\n| nginx | {} |\n| Redis | {} |\n\n",
-        m.commit, m.date, m.cores, m.cpu, m.mem_gib, m.kernel, m.nofile, m.nginx, m.redis));
+    let mut t = Table::plain(&["machine", ""]);
+    for (k, v) in [
+        ("commit", format!("`{}`", m.commit)),
+        ("date", m.date.clone()),
+        ("CPU", format!("{} × {}", m.cores, m.cpu)),
+        ("memory", format!("{:.1} GiB", m.mem_gib)),
+        ("kernel", m.kernel.clone()),
+        ("open files per process", m.nofile.to_string()),
+        ("nginx", m.nginx.clone()),
+        ("Redis", m.redis.clone()),
+    ] {
+        t.row(vec![k.to_string(), v]);
+    }
+    o.push_str(&t.markdown());
+    o.push('\n');
     o.push_str(&format!("Settings: `{settings}`\n\n"));
+    o
+}
 
-    // Targets.
-    o.push_str("## Against the targets\n\n| target | measured | result |\n|---|---|---|\n");
+/// Each target against what was measured: big-room fan-out against the raw ceiling, latency at
+/// half the maximum rate (with the references beside it), and the idle connections.
+fn targets_table(runs: &[Run], idles: &[Idle]) -> Table {
+    let mut t = Table::plain(&["target", "measured", "result"]);
     for path in ["nginx", "direct"] {
-        let Some(g) = find(&format!("bigroom-max-{path}")) else {
-            continue;
-        };
-        for (label, c) in [
-            ("one write per delivery", find(&format!("ceiling-{path}"))),
-            ("batched writes", find(&format!("ceiling-batched-{path}"))),
-        ] {
-            let Some(c) = c else { continue };
-            let ratio = g.report.delivered_per_s / c.report.delivered_per_s.max(1.0);
-            o.push_str(&format!(
-                "| big-room fan-out ({path}) ≥ 70% of the raw ceiling {path}, {label} | {:.0} vs {:.0} deliveries/s = {:.0}% | {} |\n",
-                g.report.delivered_per_s, c.report.delivered_per_s, ratio * 100.0,
-                if ratio >= 0.7 { "met".to_string() } else { format!("missed by {:.0} points", (0.7 - ratio) * 100.0) }
-            ));
-        }
+        fanout_target_rows(&mut t, runs, path);
     }
     for path in ["nginx", "direct"] {
-        if let Some(r) = find(&format!("bigroom-half-{path}")) {
-            let l = &r.report.latency;
-            let ok = l.p50_ms <= 1.0 && l.p99_ms <= 10.0;
-            o.push_str(&format!(
-                "| latency at half the max rate ({path}): p50 ≤ 1 ms, p99 ≤ 10 ms | p50 {:.3} ms, p99 {:.3} ms at {:.0} deliveries/s | {} |\n",
-                l.p50_ms, l.p99_ms, r.report.delivered_per_s,
-                if ok { "met".to_string() } else { format!("missed (p50 {:+.2} ms, p99 {:+.2} ms over)", (l.p50_ms - 1.0).max(0.0), (l.p99_ms - 10.0).max(0.0)) }
-            ));
-            if let Some(c) = find(&format!("ceiling-half-{path}")) {
-                let cl = &c.report.latency;
-                o.push_str(&format!(
-                    "| (reference) the raw ceiling ({path}) at the same rate | p50 {:.3} ms, p99 {:.3} ms at {:.0} deliveries/s | – |\n",
-                    cl.p50_ms, cl.p99_ms, c.report.delivered_per_s
-                ));
-            }
-            if let (Some(f), Some(c)) = (
-                find(&format!("bigroom-floor-{path}")),
-                find(&format!("ceiling-floor-{path}")),
-            ) {
-                o.push_str(&format!(
-                    "| ({path}) latency floor: a room of 10 at 100 messages/s, gateway vs raw ceiling | p50 {:.3} / {:.3} ms, p99 {:.3} / {:.3} ms | {} |\n",
-                    f.report.latency.p50_ms, c.report.latency.p50_ms,
-                    f.report.latency.p99_ms, c.report.latency.p99_ms,
-                    if f.report.latency.p50_ms <= 1.0 && f.report.latency.p99_ms <= 10.0 { "within the latency targets" } else { "above the latency targets" }
-                ));
-            }
-            // The highest measured rate at which both latency targets hold.
-            let best = runs
-                .iter()
-                .filter(|r| {
-                    r.name.starts_with("bigroom-") && r.name.ends_with(&format!("pct-{path}"))
-                        || r.name == format!("bigroom-half-{path}")
-                })
-                .filter(|r| r.report.latency.p50_ms <= 1.0 && r.report.latency.p99_ms <= 10.0)
-                .max_by(|a, b| {
-                    a.report
-                        .delivered_per_s
-                        .total_cmp(&b.report.delivered_per_s)
-                });
-            o.push_str(&format!(
-                "| ({path}) highest measured rate where p50 ≤ 1 ms and p99 ≤ 10 ms | {} | – |\n",
-                match best {
-                    Some(b) => format!(
-                        "{:.0} deliveries/s (`{}`: p50 {:.3} ms, p99 {:.3} ms)",
-                        b.report.delivered_per_s,
-                        b.name,
-                        b.report.latency.p50_ms,
-                        b.report.latency.p99_ms
-                    ),
-                    None => "none of the measured rates".to_string(),
-                }
-            ));
-        }
+        latency_target_rows(&mut t, runs, path);
     }
     for i in idles {
-        if i.name == "idle-direct" {
-            o.push_str(&format!(
-                "| gateway RSS ≤ 8 KiB per connection at 15k connections per node | {:.2} KiB per connection at {:.0} per node | {} |\n",
-                i.gateway_kib_per_conn, i.per_node_connections,
-                if i.gateway_kib_per_conn <= 8.0 && i.per_node_connections >= 15_000.0 { "met".to_string() } else { format!("missed ({:.2} KiB over)", (i.gateway_kib_per_conn - 8.0).max(0.0)) }
-            ));
-        } else {
-            let target = i.connections as u64;
-            o.push_str(&format!(
-                "| {} concurrent connections through nginx, presence on | {} held | {} |\n",
-                target,
-                i.held,
-                if i.held >= target {
-                    "met".to_string()
-                } else {
-                    format!("missed by {}", target - i.held)
-                }
-            ));
-        }
+        t.row(idle_target_row(i));
     }
-    o.push('\n');
+    t
+}
 
-    // Throughput and latency.
-    o.push_str("## Throughput and latency\n\n");
-    o.push_str("| run | path | conns | msgs/s sent | deliveries/s | B/delivery | p50 ms | p90 ms | p99 ms | max ms | expected | lost | dup | out of order | errors |\n");
-    o.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+/// The run called `name`, if it ran.
+fn find<'r>(runs: &'r [Run], name: &str) -> Option<&'r Run> {
+    runs.iter().find(|r| r.name == name)
+}
+
+/// Big-room fan-out on `path` ≥ 70% of the raw ceiling, one write per delivery and batched.
+fn fanout_target_rows(t: &mut Table, runs: &[Run], path: &str) {
+    let Some(g) = find(runs, &format!("bigroom-max-{path}")) else {
+        return;
+    };
+    for (label, c) in [
+        (
+            "one write per delivery",
+            find(runs, &format!("ceiling-{path}")),
+        ),
+        (
+            "batched writes",
+            find(runs, &format!("ceiling-batched-{path}")),
+        ),
+    ] {
+        let Some(c) = c else { continue };
+        let ratio = g.report.delivered_per_s / c.report.delivered_per_s.max(1.0);
+        t.row(vec![
+            format!("big-room fan-out ({path}) ≥ 70% of the raw ceiling {path}, {label}"),
+            format!(
+                "{:.0} vs {:.0} deliveries/s = {:.0}%",
+                g.report.delivered_per_s,
+                c.report.delivered_per_s,
+                ratio * 100.0
+            ),
+            if ratio >= 0.7 {
+                "met".to_string()
+            } else {
+                format!("missed by {:.0} points", (0.7 - ratio) * 100.0)
+            },
+        ]);
+    }
+}
+
+/// Latency at half the maximum rate on `path` (p50 ≤ 1 ms, p99 ≤ 10 ms), the raw ceiling at
+/// the same rate, the latency floor, and the highest measured rate where the targets hold.
+fn latency_target_rows(t: &mut Table, runs: &[Run], path: &str) {
+    let Some(r) = find(runs, &format!("bigroom-half-{path}")) else {
+        return;
+    };
+    let l = &r.report.latency;
+    let ok = l.p50_ms <= 1.0 && l.p99_ms <= 10.0;
+    t.row(vec![
+        format!("latency at half the max rate ({path}): p50 ≤ 1 ms, p99 ≤ 10 ms"),
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms at {:.0} deliveries/s",
+            l.p50_ms, l.p99_ms, r.report.delivered_per_s
+        ),
+        if ok {
+            "met".to_string()
+        } else {
+            format!(
+                "missed (p50 {:+.2} ms, p99 {:+.2} ms over)",
+                (l.p50_ms - 1.0).max(0.0),
+                (l.p99_ms - 10.0).max(0.0)
+            )
+        },
+    ]);
+    if let Some(c) = find(runs, &format!("ceiling-half-{path}")) {
+        let cl = &c.report.latency;
+        t.row(vec![
+            format!("(reference) the raw ceiling ({path}) at the same rate"),
+            format!(
+                "p50 {:.3} ms, p99 {:.3} ms at {:.0} deliveries/s",
+                cl.p50_ms, cl.p99_ms, c.report.delivered_per_s
+            ),
+            "–".into(),
+        ]);
+    }
+    if let (Some(f), Some(c)) = (
+        find(runs, &format!("bigroom-floor-{path}")),
+        find(runs, &format!("ceiling-floor-{path}")),
+    ) {
+        let (fl, cl) = (&f.report.latency, &c.report.latency);
+        t.row(vec![
+            format!(
+                "({path}) latency floor: a room of 10 at 100 messages/s, gateway vs raw ceiling"
+            ),
+            format!(
+                "p50 {:.3} / {:.3} ms, p99 {:.3} / {:.3} ms",
+                fl.p50_ms, cl.p50_ms, fl.p99_ms, cl.p99_ms
+            ),
+            if fl.p50_ms <= 1.0 && fl.p99_ms <= 10.0 {
+                "within the latency targets"
+            } else {
+                "above the latency targets"
+            }
+            .into(),
+        ]);
+    }
+    // The highest measured rate at which both latency targets hold.
+    let best = runs
+        .iter()
+        .filter(|r| {
+            r.name.starts_with("bigroom-") && r.name.ends_with(&format!("pct-{path}"))
+                || r.name == format!("bigroom-half-{path}")
+        })
+        .filter(|r| r.report.latency.p50_ms <= 1.0 && r.report.latency.p99_ms <= 10.0)
+        .max_by(|a, b| {
+            a.report
+                .delivered_per_s
+                .total_cmp(&b.report.delivered_per_s)
+        });
+    t.row(vec![
+        format!("({path}) highest measured rate where p50 ≤ 1 ms and p99 ≤ 10 ms"),
+        match best {
+            Some(b) => format!(
+                "{:.0} deliveries/s (`{}`: p50 {:.3} ms, p99 {:.3} ms)",
+                b.report.delivered_per_s, b.name, b.report.latency.p50_ms, b.report.latency.p99_ms
+            ),
+            None => "none of the measured rates".to_string(),
+        },
+        "–".into(),
+    ]);
+}
+
+/// Gateway RSS per connection (the direct idle run) or connections held (through nginx).
+fn idle_target_row(i: &Idle) -> Vec<String> {
+    if i.name == "idle-direct" {
+        return vec![
+            "gateway RSS ≤ 8 KiB per connection at 15k connections per node".into(),
+            format!(
+                "{:.2} KiB per connection at {:.0} per node",
+                i.gateway_kib_per_conn, i.per_node_connections
+            ),
+            if i.gateway_kib_per_conn <= 8.0 && i.per_node_connections >= 15_000.0 {
+                "met".to_string()
+            } else {
+                format!(
+                    "missed ({:.2} KiB over)",
+                    (i.gateway_kib_per_conn - 8.0).max(0.0)
+                )
+            },
+        ];
+    }
+    let target = i.connections as u64;
+    vec![
+        format!("{target} concurrent connections through nginx, presence on"),
+        format!("{} held", i.held),
+        if i.held >= target {
+            "met".to_string()
+        } else {
+            format!("missed by {}", target - i.held)
+        },
+    ]
+}
+
+/// Every run but the idle ones: rates, latency percentiles and delivery checks.
+fn throughput_section(runs: &[Run]) -> String {
+    let mut t = Table::plain(&[
+        "run",
+        "path",
+        "conns",
+        "msgs/s sent",
+        "deliveries/s",
+        "B/delivery",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "expected",
+        "lost",
+        "dup",
+        "out of order",
+        "errors",
+    ]);
     for r in runs.iter().filter(|r| !r.name.starts_with("idle")) {
         let p = &r.report;
         let errs: u64 = p.errors.values().sum::<u64>() + p.unexpected_closes;
-        o.push_str(&format!(
-            "| {} | {} | {} | {:.0} | {:.0} | {:.0} | {:.3} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} | {} |\n",
-            r.name, r.path, p.joined.max(p.max_open), p.sent_per_s, p.delivered_per_s, p.bytes_per_delivery,
-            p.latency.p50_ms, p.latency.p90_ms, p.latency.p99_ms, p.latency.max_ms,
-            p.expected, p.lost, p.duplicates, p.out_of_order, errs
-        ));
+        t.row(vec![
+            r.name.clone(),
+            r.path.clone(),
+            p.joined.max(p.max_open).to_string(),
+            format!("{:.0}", p.sent_per_s),
+            format!("{:.0}", p.delivered_per_s),
+            format!("{:.0}", p.bytes_per_delivery),
+            format!("{:.3}", p.latency.p50_ms),
+            format!("{:.3}", p.latency.p90_ms),
+            format!("{:.3}", p.latency.p99_ms),
+            format!("{:.3}", p.latency.max_ms),
+            p.expected.to_string(),
+            p.lost.to_string(),
+            p.duplicates.to_string(),
+            p.out_of_order.to_string(),
+            errs.to_string(),
+        ]);
     }
+    let mut o = String::from("## Throughput and latency\n\n");
+    o.push_str(&t.markdown());
     o.push_str("\nLatency is end to end: from the sender's timestamp in the message to its receipt by each member\n");
     o.push_str("(one clock: every process runs on this machine). In the closed-loop `max` runs the senders keep a\n");
     o.push_str("window of messages in flight, so their latency is queueing at saturation, not a target figure.\n");
     o.push_str("The ceiling runs write as fast as the sockets take the bytes, so their latency is socket-buffer\n");
     o.push_str("queueing too.\n\n");
+    o
+}
 
-    // CPU.
-    o.push_str("## CPU time per delivery (µs)\n\n");
-    o.push_str("| run | deliveries | gateways | nginx | Redis | ceiling server | generator | total | cores busy: measured / whole machine |\n");
-    o.push_str("|---|---|---|---|---|---|---|---|---|\n");
+/// CPU time per delivery of each process group, and cores busy, for every non-idle run.
+fn cpu_section(runs: &[Run], cores: usize) -> String {
+    let mut t = Table::plain(&[
+        "run",
+        "deliveries",
+        "gateways",
+        "nginx",
+        "Redis",
+        "ceiling server",
+        "generator",
+        "total",
+        "cores busy: measured / whole machine",
+    ]);
     for r in runs.iter().filter(|r| !r.name.starts_with("idle")) {
         let d = r.report.delivered;
         let c = &r.cpu;
-        o.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2} / {:.2} |\n",
-            r.name,
-            d,
+        t.row(vec![
+            r.name.clone(),
+            d.to_string(),
             us_per(c.gateways, d),
             us_per(c.nginx, d),
             us_per(c.redis, d),
             us_per(c.ceiling_server, d),
             us_per(c.generator, d),
             us_per(c.total(), d),
-            c.total() / r.wall_s.max(1e-3),
-            r.machine_busy_cores
-        ));
+            format!(
+                "{:.2} / {:.2}",
+                c.total() / r.wall_s.max(1e-3),
+                r.machine_busy_cores
+            ),
+        ]);
     }
+    let mut o = String::from("## CPU time per delivery (µs)\n\n");
+    o.push_str(&t.markdown());
     o.push_str("\nCPU time is sampled from the moment every connection is in until the generator exits (the\n");
     o.push_str("measured phase, the drain and the close; not the connect phase) and divided by the run's\n");
     o.push_str("deliveries. Cores busy: the measured processes' CPU seconds over that interval, and the whole\n");
@@ -1343,54 +1642,54 @@ fn markdown(
     o.push_str(
         "the machine (this machine is shared with other engineers' builds and tests). It has ",
     );
-    o.push_str(&format!("{} cores.\n\n", m.cores));
+    o.push_str(&format!("{cores} cores.\n\n"));
+    o
+}
 
-    if !idles.is_empty() {
-        o.push_str("## Idle connections\n\n");
-        o.push_str("| run | connections | held | connects/s | per node | nodes' open connections | gateway RSS per connection | nginx workers | nginx RSS | errors |\n");
-        o.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
-        for i in idles {
-            o.push_str(&format!(
-                "| {} | {} | {} | {:.0} | {:.0} | {:?} | {:.2} KiB | {} | {} | {} |\n",
-                i.name,
-                i.connections,
-                i.held,
-                i.connect_rate,
-                i.per_node_connections,
-                i.gateway_open,
-                i.gateway_kib_per_conn,
-                i.nginx_workers,
-                if i.nginx_rss_kib > 0 {
-                    format!("{:.1} MiB", i.nginx_rss_kib as f64 / 1024.0)
-                } else {
-                    "–".into()
-                },
-                if i.errors.is_empty() {
-                    "none".to_string()
-                } else {
-                    format!("{:?}", i.errors)
-                }
-            ));
-        }
-        o.push_str("\nGateway RSS per connection = (sum of the nodes' VmRSS while the connections are held − before the\n");
-        o.push_str("first idle run) / connections held; for the run through nginx this is an upper bound, since the\n");
-        o.push_str("nodes reuse memory that the direct run left with their allocator.\n");
-        o.push_str(
-            "Every idle connection logs in to a room of 50 (presence on) and pings every 25 s.\n\n",
-        );
+/// The idle runs: connections held, gateway RSS per connection, nginx's share.
+fn idle_section(idles: &[Idle]) -> String {
+    let mut t = Table::plain(&[
+        "run",
+        "connections",
+        "held",
+        "connects/s",
+        "per node",
+        "nodes' open connections",
+        "gateway RSS per connection",
+        "nginx workers",
+        "nginx RSS",
+        "errors",
+    ]);
+    for i in idles {
+        t.row(vec![
+            i.name.clone(),
+            i.connections.to_string(),
+            i.held.to_string(),
+            format!("{:.0}", i.connect_rate),
+            format!("{:.0}", i.per_node_connections),
+            format!("{:?}", i.gateway_open),
+            format!("{:.2} KiB", i.gateway_kib_per_conn),
+            i.nginx_workers.to_string(),
+            if i.nginx_rss_kib > 0 {
+                format!("{:.1} MiB", i.nginx_rss_kib as f64 / 1024.0)
+            } else {
+                "–".into()
+            },
+            if i.errors.is_empty() {
+                "none".to_string()
+            } else {
+                format!("{:?}", i.errors)
+            },
+        ]);
     }
-
-    if !profile.is_empty() {
-        o.push_str("## Where the gateways' time goes (perf, big room through nginx)\n\n```\n");
-        o.push_str(profile);
-        o.push_str("\n```\n\n");
-    }
-
-    o.push_str("## Commands of each run\n\n");
-    for r in runs {
-        o.push_str(&format!("- `{}`: `{}`\n", r.name, r.command));
-    }
-    o.push('\n');
+    let mut o = String::from("## Idle connections\n\n");
+    o.push_str(&t.markdown());
+    o.push_str("\nGateway RSS per connection = (sum of the nodes' VmRSS while the connections are held − before the\n");
+    o.push_str("first idle run) / connections held; for the run through nginx this is an upper bound, since the\n");
+    o.push_str("nodes reuse memory that the direct run left with their allocator.\n");
+    o.push_str(
+        "Every idle connection logs in to a room of 50 (presence on) and pings every 25 s.\n\n",
+    );
     o
 }
 

@@ -149,16 +149,89 @@ pub fn main(common: Common, spec: Spec, targets: Vec<Target>) -> Result<()> {
     Ok(())
 }
 
+/// Runs the scenario as `n` worker processes (this binary again, with the same arguments and
+/// its slice): starts them, prints their summed progress, starts them together once all are
+/// connected, waits for them and merges their reports.
 async fn parent(common: &Common, spec: &Spec, n: usize) -> Result<Report> {
+    let progress = Arc::new(Mutex::new(vec![Progress::default(); n]));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let mut workers = spawn_workers(common, spec, n, &progress, ready_tx)?;
+    let t0 = Instant::now();
+    let limit = Duration::from_secs_f64(
+        60.0 + spec.connections as f64 / spec.connect_rate.max(1.0)
+            + spec.duration_s
+            + spec.drain_s
+            + 30.0,
+    );
+    let mut printer = ProgressPrinter {
+        quiet: common.quiet,
+        t0,
+        last: Progress::default(),
+        last_t: Instant::now(),
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    ticker.tick().await;
+    // Wait for every worker's READY, then start them together.
+    let mut ready = 0;
+    while ready < n {
+        tokio::select! {
+            r = ready_rx.recv() => match r {
+                Some(_) => ready += 1,
+                None => break,
+            },
+            _ = ticker.tick() => printer.print(&progress),
+        }
+        if t0.elapsed() > limit {
+            bail!("workers did not get ready in time");
+        }
+    }
+    if let Some(f) = &common.ready_file {
+        let _ = std::fs::write(f, b"ready\n");
+    }
+    for s in workers.stdins.iter_mut() {
+        let _ = s.write_all(b"GO\n").await;
+        let _ = s.flush().await;
+    }
+    wait_workers(&mut workers.children, t0, limit, &mut ticker, || {
+        printer.print(&progress)
+    })
+    .await?;
+    drop(workers.stdins);
+    let mut parts = Vec::new();
+    for f in &workers.files {
+        let data = std::fs::read(f).with_context(|| format!("worker report {}", f.display()))?;
+        parts.push(serde_json::from_slice::<Report>(&data)?);
+        let _ = std::fs::remove_file(f);
+    }
+    Ok(Report::merge(&parts))
+}
+
+/// The worker processes: their handles, their stdins (for GO) and their report files.
+struct Workers {
+    children: Vec<tokio::process::Child>,
+    stdins: Vec<tokio::process::ChildStdin>,
+    files: Vec<std::path::PathBuf>,
+}
+
+/// Starts `n` workers, each writing its report to a file of its own, and forwards their
+/// output: `READY` to `ready_tx` (with the worker's index), progress lines into `progress`.
+fn spawn_workers(
+    common: &Common,
+    spec: &Spec,
+    n: usize,
+    progress: &Arc<Mutex<Vec<Progress>>>,
+    ready_tx: tokio::sync::mpsc::UnboundedSender<usize>,
+) -> Result<Workers> {
     let exe = std::env::current_exe()?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let dir = std::env::temp_dir();
     let pid = std::process::id();
-    let progress = Arc::new(Mutex::new(vec![Progress::default(); n]));
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
-    let mut children = Vec::new();
-    let mut stdins = Vec::new();
-    let mut files = Vec::new();
+    let mut workers = Workers {
+        children: Vec::new(),
+        stdins: Vec::new(),
+        files: Vec::new(),
+    };
     for i in 0..n {
         let file = dir.join(format!("loadgen-{pid}-{i}.json"));
         let _ = std::fs::remove_file(&file);
@@ -181,7 +254,9 @@ async fn parent(common: &Common, spec: &Spec, n: usize) -> Result<Report> {
             .spawn()
             .context("starting a worker process")?;
         let stdout = child.stdout.take().context("worker stdout")?;
-        stdins.push(child.stdin.take().context("worker stdin")?);
+        workers
+            .stdins
+            .push(child.stdin.take().context("worker stdin")?);
         let progress = progress.clone();
         let ready_tx = ready_tx.clone();
         tokio::spawn(async move {
@@ -196,59 +271,49 @@ async fn parent(common: &Common, spec: &Spec, n: usize) -> Result<Report> {
                 }
             }
         });
-        children.push(child);
-        files.push(file);
+        workers.children.push(child);
+        workers.files.push(file);
     }
-    drop(ready_tx);
-    let t0 = Instant::now();
-    let limit = Duration::from_secs_f64(
-        60.0 + spec.connections as f64 / spec.connect_rate.max(1.0)
-            + spec.duration_s
-            + spec.drain_s
-            + 30.0,
-    );
-    let mut last = Progress::default();
-    let mut last_t = Instant::now();
-    let mut print = |progress: &Arc<Mutex<Vec<Progress>>>| {
-        if common.quiet {
+    Ok(workers)
+}
+
+/// Prints the workers' summed progress once a second (unless quiet).
+struct ProgressPrinter {
+    quiet: bool,
+    t0: Instant,
+    last: Progress,
+    last_t: Instant,
+}
+
+impl ProgressPrinter {
+    fn print(&mut self, progress: &Arc<Mutex<Vec<Progress>>>) {
+        if self.quiet {
             return;
         }
         let p = Progress::sum(progress.lock().expect("progress lock").iter().copied());
         eprintln!(
             "{}",
             p.line(
-                &last,
-                t0.elapsed().as_secs_f64(),
-                last_t.elapsed().as_secs_f64()
+                &self.last,
+                self.t0.elapsed().as_secs_f64(),
+                self.last_t.elapsed().as_secs_f64()
             )
         );
-        last = p;
-        last_t = Instant::now();
-    };
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    ticker.tick().await;
-    // Wait for every worker's READY, then start them together.
-    let mut ready = 0;
-    while ready < n {
-        tokio::select! {
-            r = ready_rx.recv() => match r {
-                Some(_) => ready += 1,
-                None => break,
-            },
-            _ = ticker.tick() => print(&progress),
-        }
-        if t0.elapsed() > limit {
-            bail!("workers did not get ready in time");
-        }
+        self.last = p;
+        self.last_t = Instant::now();
     }
-    if let Some(f) = &common.ready_file {
-        let _ = std::fs::write(f, b"ready\n");
-    }
-    for s in stdins.iter_mut() {
-        let _ = s.write_all(b"GO\n").await;
-        let _ = s.flush().await;
-    }
+}
+
+/// Waits until every worker has exited, printing progress on each tick; past `limit` (from
+/// `t0`) kills them all and fails.
+async fn wait_workers(
+    children: &mut [tokio::process::Child],
+    t0: Instant,
+    limit: Duration,
+    ticker: &mut tokio::time::Interval,
+    mut print: impl FnMut(),
+) -> Result<()> {
+    let n = children.len();
     let mut done = vec![false; n];
     while done.iter().any(|d| !d) {
         for (i, c) in children.iter_mut().enumerate() {
@@ -263,16 +328,9 @@ async fn parent(common: &Common, spec: &Spec, n: usize) -> Result<Report> {
             bail!("workers did not finish in time; killed them");
         }
         tokio::select! {
-            _ = ticker.tick() => print(&progress),
+            _ = ticker.tick() => print(),
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
     }
-    drop(stdins);
-    let mut parts = Vec::new();
-    for f in &files {
-        let data = std::fs::read(f).with_context(|| format!("worker report {}", f.display()))?;
-        parts.push(serde_json::from_slice::<Report>(&data)?);
-        let _ = std::fs::remove_file(f);
-    }
-    Ok(Report::merge(&parts))
+    Ok(())
 }

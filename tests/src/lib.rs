@@ -4,6 +4,7 @@
 //! Every process is started by the harness and killed by its own pid when its handle drops.
 
 pub mod nginx;
+pub mod report;
 
 use std::net::TcpListener;
 use std::path::PathBuf;

@@ -104,27 +104,61 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
     alice
         .recv_until(|f| f["event"] == "login" && f["userId"] == "bob")
         .await?;
+    let id = publish_as_the_system(&gws, &mut alice, &mut bob).await?;
+    let carol_id = publish_as_a_user(&gws, &mut alice, &mut bob, &id).await?;
+    read_history_count_presence_and_rooms(&gws, &id, &carol_id).await?;
+    send_a_direct_message(&gws, &mut alice).await?;
+    disconnect_everywhere(&gws, &mut alice, &mut bob).await
+}
 
-    // Publish as the system identity, through the node alice is not on.
+/// Publishes as the system identity through the node alice is not on (both members get it),
+/// then retries with the same idempotency key (nothing published, the first id answered).
+/// Returns the message's id.
+async fn publish_as_the_system(
+    gws: &[Gateway],
+    alice: &mut Client,
+    bob: &mut Client,
+) -> Result<String> {
     let body = json!({"content": "maintenance at 18:00", "idempotencyKey": "notice-1"});
     let (status, published) = post(&gws[1], "/v1/rooms/7/messages", &body).await?;
     ensure!(status == 201, "publish answered {status}: {published}");
-    ensure!(published["duplicate"] == false && published["roomId"] == json!(7));
+    ensure!(
+        published["duplicate"] == false && published["roomId"] == json!(7),
+        "{published}"
+    );
     let id = published["id"].as_str().context("no id")?.to_string();
-    for client in [&mut alice, &mut bob] {
+    for client in [alice, bob] {
         let frame = client.recv_until(is("message")).await?;
         ensure!(frame["id"] == id.as_str(), "{frame}");
-        ensure!(frame["userId"] == "system" && frame["userName"] == "System");
-        ensure!(frame["content"] == "maintenance at 18:00" && frame["num"] == 2);
+        ensure!(
+            frame["userId"] == "system" && frame["userName"] == "System",
+            "{frame}"
+        );
+        ensure!(
+            frame["content"] == "maintenance at 18:00" && frame["num"] == 2,
+            "{frame}"
+        );
         ensure!(frame["roomId"] == json!(7), "{frame}");
     }
 
     // A retry with the same key publishes nothing and answers the original id.
     let (status, retry) = post(&gws[0], "/v1/rooms/7/messages", &body).await?;
     ensure!(status == 200, "retry answered {status}: {retry}");
-    ensure!(retry["duplicate"] == true && retry["id"] == id.as_str());
+    ensure!(
+        retry["duplicate"] == true && retry["id"] == id.as_str(),
+        "{retry}"
+    );
+    Ok(id)
+}
 
-    // As a given user.
+/// Publishes as a given user (carol); bob gets it, and alice gets no repeat of the system's
+/// message. Returns carol's message id.
+async fn publish_as_a_user(
+    gws: &[Gateway],
+    alice: &mut Client,
+    bob: &mut Client,
+    id: &str,
+) -> Result<Value> {
     let as_carol = call(
         &gws[0],
         "POST",
@@ -134,13 +168,22 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
     .await?;
     let frame = bob.recv_until(is("message")).await?;
     ensure!(
-        frame["id"] == as_carol["id"] && frame["userId"] == "carol" && frame["userName"] == "Carol"
+        frame["id"] == as_carol["id"] && frame["userId"] == "carol" && frame["userName"] == "Carol",
+        "{frame}"
     );
     alice
-        .expect_none(Duration::from_millis(300), |f| f["id"] == id.as_str())
+        .expect_none(Duration::from_millis(300), |f| f["id"] == id)
         .await?;
+    Ok(as_carol["id"].clone())
+}
 
-    // History, count, presence, room list.
+/// History (whole and paged), the room's count, its presence and the room list, from either
+/// node.
+async fn read_history_count_presence_and_rooms(
+    gws: &[Gateway],
+    id: &str,
+    carol_id: &Value,
+) -> Result<()> {
     let history = call(&gws[0], "GET", "/v1/rooms/7/messages", None).await?;
     let ids: Vec<&str> = history["messages"]
         .as_array()
@@ -148,11 +191,11 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
         .iter()
         .filter_map(|m| m["id"].as_str())
         .collect();
+    ensure!(ids == [id, carol_id.as_str().unwrap()], "{history}");
     ensure!(
-        ids == [id.as_str(), as_carol["id"].as_str().unwrap()],
+        history["more"] == false && history["lastId"] == *carol_id,
         "{history}"
     );
-    ensure!(history["more"] == false && history["lastId"] == as_carol["id"]);
     let page = call(
         &gws[1],
         "GET",
@@ -160,7 +203,10 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
         None,
     )
     .await?;
-    ensure!(page["messages"][0]["id"] == as_carol["id"] && page["more"] == false);
+    ensure!(
+        page["messages"][0]["id"] == *carol_id && page["more"] == false,
+        "{page}"
+    );
     let room = call(&gws[1], "GET", "/v1/rooms/7", None).await?;
     ensure!(room == json!({"roomId": 7, "num": 2}), "{room}");
     let presence = call(&gws[1], "GET", "/v1/rooms/7/presence", None).await?;
@@ -184,8 +230,11 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
             .any(|r| r["roomId"] == json!(7) && r["num"] == 2),
         "{rooms}"
     );
+    Ok(())
+}
 
-    // A direct message to alice from the backend, through bob's node.
+/// A direct message to alice from the backend, through bob's node.
+async fn send_a_direct_message(gws: &[Gateway], alice: &mut Client) -> Result<()> {
     let dm = call(
         &gws[1],
         "POST",
@@ -195,11 +244,20 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
     .await?;
     let frame = alice.recv_until(is("dm")).await?;
     ensure!(
-        frame["id"] == dm["id"] && frame["fromUserId"] == "system" && frame["toUserId"] == "alice"
+        frame["id"] == dm["id"] && frame["fromUserId"] == "system" && frame["toUserId"] == "alice",
+        "{frame}"
     );
     ensure!(frame["content"] == "your order shipped", "{frame}");
+    Ok(())
+}
 
-    // Disconnect alice everywhere (she is on node 0, the call goes to node 1); bob stays.
+/// Disconnects alice everywhere (she is on node 0 and, in a second tab, node 1; the call goes
+/// to node 1): both tabs closed with 4010, bob told and still served, the close counted.
+async fn disconnect_everywhere(
+    gws: &[Gateway],
+    alice: &mut Client,
+    bob: &mut Client,
+) -> Result<()> {
     let mut alice_tab2 = Client::connect(&gws[1].ws_url()).await?;
     alice_tab2.login_proven("alice", json!(8)).await?;
     let answer = call(&gws[1], "POST", "/v1/users/alice/disconnect", None).await?;
@@ -207,8 +265,11 @@ async fn a_backend_publishes_reads_and_disconnects_through_any_node() -> Result<
         answer == json!({"userId": "alice", "closeCode": 4010}),
         "{answer}"
     );
-    ensure!(alice.expect_close(WAIT).await? == 4010);
-    ensure!(alice_tab2.expect_close(WAIT).await? == 4010);
+    ensure!(alice.expect_close(WAIT).await? == 4010, "alice's first tab");
+    ensure!(
+        alice_tab2.expect_close(WAIT).await? == 4010,
+        "alice's second tab"
+    );
     let frame = bob
         .recv_until(|f| f["event"] == "logout" && f["userId"] == "alice")
         .await?;

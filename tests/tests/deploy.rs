@@ -353,76 +353,112 @@ fn compose_file_validates_against_the_compose_spec_schema() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn compose_services_are_complete_and_consistent() -> Result<()> {
-    let doc = compose()?;
-    let services = doc["services"]
+/// The compose file's services, by name.
+fn services(doc: &Value) -> Result<&serde_json::Map<String, Value>> {
+    doc["services"]
         .as_object()
-        .ok_or_else(|| anyhow!("no services"))?;
-    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+        .ok_or_else(|| anyhow!("docker-compose.yml: no services"))
+}
+
+/// The named volumes declared at the top level of the compose file.
+fn named_volumes(doc: &Value) -> BTreeSet<String> {
+    doc["volumes"]
+        .as_object()
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn compose_runs_exactly_the_stack_services() -> Result<()> {
+    let doc = compose()?;
+    let names: BTreeSet<&str> = services(&doc)?.keys().map(String::as_str).collect();
     let expected: BTreeSet<&str> = ["redis", "gateway", "nginx", "prometheus", "grafana"].into();
     ensure!(
         names == expected,
         "services {names:?}, expected {expected:?}"
     );
-    let named_volumes: BTreeSet<String> = doc["volumes"]
-        .as_object()
-        .map(|m| m.keys().cloned().collect())
-        .unwrap_or_default();
+    Ok(())
+}
 
-    for (name, svc) in services {
-        // image or build (and a build's context and Dockerfile exist).
+#[test]
+fn every_compose_service_has_an_image_or_a_build_that_exists() -> Result<()> {
+    let doc = compose()?;
+    for (name, svc) in services(&doc)? {
         let has_image = svc["image"].is_string();
         let build = &svc["build"];
         ensure!(
             has_image || !build.is_null(),
             "{name}: neither image nor build"
         );
-        if !build.is_null() {
-            let context = text(&build["context"])
-                .or_else(|| text(build))
-                .ok_or_else(|| anyhow!("{name}: build without context"))?;
-            let dir = path(&context);
-            ensure!(dir.is_dir(), "{name}: build context {context} is missing");
-            let dockerfile = text(&build["dockerfile"]).unwrap_or_else(|| "Dockerfile".into());
-            ensure!(
-                dir.join(&dockerfile).is_file(),
-                "{name}: {dockerfile} is missing"
-            );
+        if build.is_null() {
+            continue;
         }
-        // Every service is health-checked.
+        let context = text(&build["context"])
+            .or_else(|| text(build))
+            .ok_or_else(|| anyhow!("{name}: build without context"))?;
+        let dir = path(&context);
+        ensure!(dir.is_dir(), "{name}: build context {context} is missing");
+        let dockerfile = text(&build["dockerfile"]).unwrap_or_else(|| "Dockerfile".into());
+        ensure!(
+            dir.join(&dockerfile).is_file(),
+            "{name}: {dockerfile} is missing"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn every_compose_service_is_health_checked() -> Result<()> {
+    let doc = compose()?;
+    for (name, svc) in services(&doc)? {
         ensure!(
             healthcheck_test(svc).is_some(),
             "{name}: no healthcheck test"
         );
-        // depends_on: known services, valid conditions, a healthcheck behind service_healthy.
-        if let Some(deps) = svc["depends_on"].as_object() {
-            for (dep, spec) in deps {
-                let target = services
-                    .get(dep)
-                    .ok_or_else(|| anyhow!("{name} depends on unknown {dep}"))?;
-                let condition = spec["condition"].as_str().unwrap_or("service_started");
-                ensure!(
-                    [
-                        "service_started",
-                        "service_healthy",
-                        "service_completed_successfully"
-                    ]
-                    .contains(&condition),
-                    "{name}: bad condition {condition} on {dep}"
-                );
-                ensure!(
-                    condition != "service_healthy" || healthcheck_test(target).is_some(),
-                    "{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
-                );
-            }
-        } else {
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_dependencies_are_known_services_with_valid_conditions() -> Result<()> {
+    let doc = compose()?;
+    let services = services(&doc)?;
+    for (name, svc) in services {
+        let Some(deps) = svc["depends_on"].as_object() else {
             ensure!(
                 svc["depends_on"].is_null(),
                 "{name}: use the long depends_on form with conditions"
             );
+            continue;
+        };
+        for (dep, spec) in deps {
+            let target = services
+                .get(dep)
+                .ok_or_else(|| anyhow!("{name} depends on unknown {dep}"))?;
+            let condition = spec["condition"].as_str().unwrap_or("service_started");
+            ensure!(
+                [
+                    "service_started",
+                    "service_healthy",
+                    "service_completed_successfully"
+                ]
+                .contains(&condition),
+                "{name}: bad condition {condition} on {dep}"
+            );
+            ensure!(
+                condition != "service_healthy" || healthcheck_test(target).is_some(),
+                "{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+            );
         }
-        // Bind mounts exist in the repo; named volumes are declared.
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_bind_mounts_exist_and_named_volumes_are_declared() -> Result<()> {
+    let doc = compose()?;
+    let named_volumes = named_volumes(&doc);
+    for (name, svc) in services(&doc)? {
         for (source, target) in mounts(svc)? {
             if is_bind(&source) {
                 let local = path(source.trim_start_matches("./"));
@@ -437,7 +473,14 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
                 );
             }
         }
-        // Only the accepted GATEWAY_* names, in any service.
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_services_set_only_accepted_gateway_settings() -> Result<()> {
+    let doc = compose()?;
+    for (name, svc) in services(&doc)? {
         for key in environment(svc)?.keys() {
             if key.starts_with("GATEWAY_") {
                 ensure!(
@@ -447,8 +490,12 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
 
-    // redis: append-only persistence on a named volume.
+#[test]
+fn compose_redis_persists_append_only_on_a_named_volume() -> Result<()> {
+    let doc = compose()?;
     let redis = service(&doc, "redis")?;
     let command: Vec<String> = redis["command"]
         .as_array()
@@ -462,30 +509,68 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
             .any(|w| w[0] == "--appendonly" && w[1] == "yes"),
         "redis: no --appendonly yes in {command:?}"
     );
+    let named_volumes = named_volumes(&doc);
     ensure!(
         mounts(redis)?
             .iter()
             .any(|(s, t)| t == "/data" && named_volumes.contains(s)),
         "redis: /data is not a named volume"
     );
-    ensure!(healthcheck_test(redis)
-        .unwrap_or_default()
-        .contains("redis-cli ping"));
+    let check = healthcheck_test(redis).unwrap_or_default();
+    ensure!(
+        check.contains("redis-cli ping"),
+        "redis: healthcheck {check:?} is not redis-cli ping"
+    );
+    Ok(())
+}
 
-    // gateway: replicas, listeners, Redis, readiness on the admin port, nothing published.
+/// The gateway service's environment and its public and admin ports.
+fn gateway_env(doc: &Value) -> Result<(BTreeMap<String, String>, u16, u16)> {
+    let env = environment(service(doc, "gateway")?)?;
+    let listen = env
+        .get("GATEWAY_LISTEN")
+        .ok_or_else(|| anyhow!("gateway: no GATEWAY_LISTEN"))?;
+    let admin = env
+        .get("GATEWAY_ADMIN_LISTEN")
+        .ok_or_else(|| anyhow!("gateway: no GATEWAY_ADMIN_LISTEN"))?;
+    let (public_port, admin_port) = (port_of(listen)?, port_of(admin)?);
+    Ok((env, public_port, admin_port))
+}
+
+#[test]
+fn compose_gateway_runs_three_replicas_on_redis() -> Result<()> {
+    let doc = compose()?;
     let gateway = service(&doc, "gateway")?;
     let replicas = gateway["deploy"]["replicas"].as_u64().unwrap_or(1);
     ensure!(replicas >= 3, "gateway: deploy.replicas is {replicas}");
-    let env = environment(gateway)?;
-    ensure!(env.get("GATEWAY_LISTEN").map(String::as_str) == Some("0.0.0.0:8080"));
-    ensure!(env.get("GATEWAY_ADMIN_LISTEN").map(String::as_str) == Some("0.0.0.0:9091"));
-    ensure!(env.get("GATEWAY_REDIS_URL").map(String::as_str) == Some("redis://redis:6379/"));
+    let (env, _, _) = gateway_env(&doc)?;
+    for (key, value) in [
+        ("GATEWAY_LISTEN", "0.0.0.0:8080"),
+        ("GATEWAY_ADMIN_LISTEN", "0.0.0.0:9091"),
+        ("GATEWAY_REDIS_URL", "redis://redis:6379/"),
+    ] {
+        let got = env.get(key).map(String::as_str);
+        ensure!(
+            got == Some(value),
+            "gateway: {key} is {got:?}, expected {value}"
+        );
+    }
     ensure!(
         !env.contains_key("GATEWAY_NODE_ID"),
         "gateway: a fixed GATEWAY_NODE_ID would give every replica the same node id"
     );
-    let public_port = port_of(&env["GATEWAY_LISTEN"])?;
-    let admin_port = port_of(&env["GATEWAY_ADMIN_LISTEN"])?;
+    ensure!(
+        gateway["depends_on"]["redis"]["condition"] == "service_healthy",
+        "gateway: does not wait for redis to be healthy"
+    );
+    Ok(())
+}
+
+#[test]
+fn compose_gateway_is_ready_on_the_admin_port_and_publishes_nothing() -> Result<()> {
+    let doc = compose()?;
+    let gateway = service(&doc, "gateway")?;
+    let (_, _, admin_port) = gateway_env(&doc)?;
     let check = healthcheck_test(gateway).unwrap_or_default();
     ensure!(
         check.contains(&format!(":{admin_port}/readyz")),
@@ -495,9 +580,13 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
         gateway["ports"].is_null(),
         "gateway: publishes ports; only nginx may (and never the admin port)"
     );
-    ensure!(gateway["depends_on"]["redis"]["condition"] == "service_healthy");
+    Ok(())
+}
 
-    // nginx: publishes 8080, renders our template over nginx.conf, proxies the public port only.
+#[test]
+fn compose_publishes_8080_through_nginx_and_never_the_admin_port() -> Result<()> {
+    let doc = compose()?;
+    let (_, _, admin_port) = gateway_env(&doc)?;
     let nginx = service(&doc, "nginx")?;
     let ports: Vec<String> = nginx["ports"]
         .as_array()
@@ -522,10 +611,26 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+#[test]
+fn compose_nginx_renders_the_repo_template_over_nginx_conf() -> Result<()> {
+    let doc = compose()?;
+    let nginx = service(&doc, "nginx")?;
     let template_target = "/etc/nginx/templates/nginx.conf.template";
-    ensure!(mount_source(nginx, template_target)? == ngx::TEMPLATE);
+    let source = mount_source(nginx, template_target)?;
+    ensure!(
+        source == ngx::TEMPLATE,
+        "nginx: {template_target} is mounted from {source}, not {}",
+        ngx::TEMPLATE
+    );
     let env = environment(nginx)?;
-    ensure!(env.get("NGINX_ENVSUBST_OUTPUT_DIR").map(String::as_str) == Some("/etc/nginx"));
+    let output_dir = env.get("NGINX_ENVSUBST_OUTPUT_DIR").map(String::as_str);
+    ensure!(
+        output_dir == Some("/etc/nginx"),
+        "nginx: NGINX_ENVSUBST_OUTPUT_DIR is {output_dir:?}, so the template does not replace nginx.conf"
+    );
     let filter = env
         .get("NGINX_ENVSUBST_FILTER")
         .ok_or_else(|| anyhow!("nginx: no NGINX_ENVSUBST_FILTER: nginx's own $vars at risk"))?;
@@ -536,7 +641,25 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
             "nginx: filter {filter} skips {var}"
         );
     }
-    let upstreams = &env["NGINX_UPSTREAM_SERVERS"];
+    ensure!(
+        nginx["command"] == json!(["nginx"]),
+        "nginx: the template sets `daemon off`, so the command must be plain nginx"
+    );
+    ensure!(
+        nginx["depends_on"]["gateway"]["condition"] == "service_healthy",
+        "nginx: does not wait for the gateway to be healthy"
+    );
+    Ok(())
+}
+
+#[test]
+fn compose_nginx_proxies_the_gateway_public_port_only() -> Result<()> {
+    let doc = compose()?;
+    let (_, public_port, admin_port) = gateway_env(&doc)?;
+    let env = environment(service(&doc, "nginx")?)?;
+    let upstreams = env
+        .get("NGINX_UPSTREAM_SERVERS")
+        .ok_or_else(|| anyhow!("nginx: no NGINX_UPSTREAM_SERVERS"))?;
     ensure!(
         upstreams.contains(&format!("server gateway:{public_port}")),
         "nginx: upstream {upstreams:?} is not the gateway's public port"
@@ -545,28 +668,44 @@ fn compose_services_are_complete_and_consistent() -> Result<()> {
         !upstreams.contains(&admin_port.to_string()),
         "nginx: the admin port is proxied ({upstreams:?})"
     );
-    ensure!(
-        nginx["command"] == json!(["nginx"]),
-        "nginx: the template sets `daemon off`, so the command must be plain nginx"
-    );
-    ensure!(nginx["depends_on"]["gateway"]["condition"] == "service_healthy");
+    Ok(())
+}
 
-    // prometheus and grafana read the repo's files.
+#[test]
+fn compose_prometheus_and_grafana_read_the_repo_files() -> Result<()> {
+    let doc = compose()?;
     let prometheus = service(&doc, "prometheus")?;
+    let config = mount_source(prometheus, "/etc/prometheus/prometheus.yml")?;
     ensure!(
-        mount_source(prometheus, "/etc/prometheus/prometheus.yml")?
-            == "deploy/prometheus/prometheus.yml"
+        config == "deploy/prometheus/prometheus.yml",
+        "prometheus: its config is mounted from {config}"
     );
     let grafana = service(&doc, "grafana")?;
-    ensure!(mount_source(grafana, "/etc/grafana/provisioning")? == "grafana/provisioning");
+    let provisioning = mount_source(grafana, "/etc/grafana/provisioning")?;
+    ensure!(
+        provisioning == "grafana/provisioning",
+        "grafana: provisioning is mounted from {provisioning}"
+    );
     let provider = yaml("grafana/provisioning/dashboards/chat-gateway.yml")?;
     let provider_path = provider["providers"][0]["options"]["path"]
         .as_str()
         .ok_or_else(|| anyhow!("dashboard provider without a path"))?;
-    ensure!(mount_source(grafana, provider_path)? == "grafana/dashboards");
+    let dashboards = mount_source(grafana, provider_path)?;
+    ensure!(
+        dashboards == "grafana/dashboards",
+        "grafana: the provider's {provider_path} is mounted from {dashboards}"
+    );
     let genv = environment(grafana)?;
-    ensure!(genv.get("GF_AUTH_ANONYMOUS_ENABLED").map(String::as_str) == Some("true"));
-    ensure!(genv.get("GF_AUTH_ANONYMOUS_ORG_ROLE").map(String::as_str) == Some("Viewer"));
+    for (key, value) in [
+        ("GF_AUTH_ANONYMOUS_ENABLED", "true"),
+        ("GF_AUTH_ANONYMOUS_ORG_ROLE", "Viewer"),
+    ] {
+        let got = genv.get(key).map(String::as_str);
+        ensure!(
+            got == Some(value),
+            "grafana: {key} is {got:?}, expected {value}"
+        );
+    }
     Ok(())
 }
 

@@ -169,31 +169,62 @@ fn manifests_validate_against_the_kubernetes_schemas() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn manifests_are_complete_and_consistent() -> Result<()> {
-    let all = resources()?;
-    let help = gateway_help()?;
-    let deployment = get(&all, "Deployment/chat-gateway")?;
-    let spec = &deployment["spec"];
-    let pod_labels = &spec["template"]["metadata"]["labels"];
-    let replicas = spec["replicas"].as_u64().unwrap_or(1);
-    ensure!(replicas >= 3, "Deployment replicas {replicas}");
-    let selects_pods = |selector: &Value| -> bool {
-        selector
-            .as_object()
-            .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| &pod_labels[k] == v))
-    };
-    ensure!(selects_pods(&spec["selector"]["matchLabels"]));
+/// Whether `selector` (labels) is non-empty and matches the Deployment's pod labels.
+fn selects_pods(all: &BTreeMap<String, Value>, selector: &Value) -> Result<bool> {
+    let deployment = get(all, "Deployment/chat-gateway")?;
+    let pod_labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    Ok(selector
+        .as_object()
+        .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| &pod_labels[k] == v)))
+}
 
-    let gw = container(&all)?;
-    let env = plain_env(gw);
-    let secret = get(&all, "Secret/chat-gateway")?;
-    let secret_keys: Vec<&String> = secret["stringData"]
+/// The Deployment's replicas.
+fn replicas(all: &BTreeMap<String, Value>) -> Result<u64> {
+    Ok(get(all, "Deployment/chat-gateway")?["spec"]["replicas"]
+        .as_u64()
+        .unwrap_or(1))
+}
+
+/// The keys of the gateway's Secret.
+fn secret_keys(all: &BTreeMap<String, Value>) -> Result<Vec<String>> {
+    let secret = get(all, "Secret/chat-gateway")?;
+    Ok(secret["stringData"]
         .as_object()
         .or_else(|| secret["data"].as_object())
-        .map(|m| m.keys().collect())
-        .unwrap_or_default();
-    // Every GATEWAY_* name in the Deployment is a gateway setting; secret references resolve.
+        .map(|m| m.keys().cloned().collect())
+        .unwrap_or_default())
+}
+
+/// A millisecond setting of the gateway container, or its default.
+fn env_ms(env: &BTreeMap<String, String>, name: &str, default: u64) -> Result<u64> {
+    let ms = env
+        .get(name)
+        .map(|v| v.parse())
+        .transpose()
+        .with_context(|| format!("{name} is not a number of milliseconds"))?;
+    Ok(ms.unwrap_or(default))
+}
+
+#[test]
+fn deployment_runs_three_replicas_of_the_pods_it_selects() -> Result<()> {
+    let all = resources()?;
+    let replicas = replicas(&all)?;
+    ensure!(replicas >= 3, "Deployment replicas {replicas}");
+    let spec = &get(&all, "Deployment/chat-gateway")?["spec"];
+    ensure!(
+        selects_pods(&all, &spec["selector"]["matchLabels"])?,
+        "the Deployment's selector {} does not match its pod labels",
+        spec["selector"]["matchLabels"]
+    );
+    Ok(())
+}
+
+#[test]
+fn deployment_env_names_gateway_settings_and_resolvable_secret_keys() -> Result<()> {
+    let all = resources()?;
+    let help = gateway_help()?;
+    let gw = container(&all)?;
+    let secret_keys = secret_keys(&all)?;
     for item in gw["env"].as_array().into_iter().flatten() {
         let name = item["name"].as_str().unwrap_or_default();
         if name.starts_with("GATEWAY_") {
@@ -203,19 +234,38 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
             ensure!(reference["name"] == "chat-gateway", "{name}: other secret");
             let key = reference["key"].as_str().unwrap_or_default();
             ensure!(
-                secret_keys.iter().any(|k| *k == key),
+                secret_keys.iter().any(|k| k == key),
                 "{name}: the Secret has no key {key}"
             );
         }
     }
+    Ok(())
+}
+
+#[test]
+fn secret_holds_gateway_settings_with_the_api_key_and_jwt_secret() -> Result<()> {
+    let all = resources()?;
+    let help = gateway_help()?;
+    let secret_keys = secret_keys(&all)?;
     for key in &secret_keys {
         ensure!(
             help.contains(key.as_str()),
             "Secret key {key} is not a gateway setting"
         );
     }
-    ensure!(secret_keys.iter().any(|k| *k == "GATEWAY_API_KEY"));
-    ensure!(secret_keys.iter().any(|k| *k == "GATEWAY_JWT_SECRET"));
+    for needed in ["GATEWAY_API_KEY", "GATEWAY_JWT_SECRET"] {
+        ensure!(
+            secret_keys.iter().any(|k| k == needed),
+            "the Secret has no {needed} (keys: {secret_keys:?})"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn deployment_fixes_no_node_id_and_takes_the_api_key_from_the_secret() -> Result<()> {
+    let all = resources()?;
+    let env = plain_env(container(&all)?);
     ensure!(
         !env.contains_key("GATEWAY_NODE_ID"),
         "a fixed GATEWAY_NODE_ID would give every replica one node id"
@@ -224,14 +274,32 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
         !env.contains_key("GATEWAY_API_KEY"),
         "the API key must come from the Secret"
     );
+    Ok(())
+}
 
-    // Listeners on the named ports; probes on the admin port.
+#[test]
+fn listeners_are_on_the_named_ports_and_probes_on_the_admin_port() -> Result<()> {
+    let all = resources()?;
+    let gw = container(&all)?;
+    let env = plain_env(gw);
     let http_port = container_port(gw, "http")?;
     let admin_port = container_port(gw, "admin")?;
-    ensure!(port_of(&env["GATEWAY_LISTEN"])? == http_port);
-    ensure!(port_of(&env["GATEWAY_ADMIN_LISTEN"])? == admin_port);
-    ensure!(env["GATEWAY_LISTEN"].starts_with("0.0.0.0:"));
-    ensure!(env["GATEWAY_ADMIN_LISTEN"].starts_with("0.0.0.0:"));
+    for (name, port) in [
+        ("GATEWAY_LISTEN", http_port),
+        ("GATEWAY_ADMIN_LISTEN", admin_port),
+    ] {
+        let listen = env
+            .get(name)
+            .ok_or_else(|| anyhow!("the container sets no {name}"))?;
+        ensure!(
+            port_of(listen)? == port,
+            "{name} {listen} is not on the container port {port}"
+        );
+        ensure!(
+            listen.starts_with("0.0.0.0:"),
+            "{name} {listen} does not listen on every address"
+        );
+    }
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         let get = &gw[probe]["httpGet"];
         ensure!(get["path"] == path, "{probe} path {}", get["path"]);
@@ -240,16 +308,19 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
             "{probe} is not on the admin port"
         );
     }
+    Ok(())
+}
 
-    // Termination: preStop sleep + the gateway's shutdown grace end before SIGKILL.
+#[test]
+fn termination_grace_covers_pre_stop_and_the_shutdown_grace() -> Result<()> {
+    let all = resources()?;
+    let gw = container(&all)?;
+    let env = plain_env(gw);
+    let spec = &get(&all, "Deployment/chat-gateway")?["spec"];
     let grace_s = spec["template"]["spec"]["terminationGracePeriodSeconds"]
         .as_u64()
         .unwrap_or(30);
-    let shutdown_ms: u64 = env
-        .get("GATEWAY_SHUTDOWN_GRACE_MS")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(5_000);
+    let shutdown_ms = env_ms(&env, "GATEWAY_SHUTDOWN_GRACE_MS", 5_000)?;
     let pre_stop_s = gw["lifecycle"]["preStop"]["sleep"]["seconds"]
         .as_u64()
         .unwrap_or(0);
@@ -259,10 +330,18 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
          GATEWAY_SHUTDOWN_GRACE_MS {shutdown_ms} ms: clients would be SIGKILLed instead of \
          getting 1012"
     );
+    Ok(())
+}
 
-    // Services: the public one targets the http port, the admin one the admin port.
+#[test]
+fn services_target_the_http_port_publicly_and_the_admin_port_inside() -> Result<()> {
+    let all = resources()?;
+    let http_port = container_port(container(&all)?, "http")?;
     let public = get(&all, "Service/chat-gateway")?;
-    ensure!(selects_pods(&public["spec"]["selector"]));
+    ensure!(
+        selects_pods(&all, &public["spec"]["selector"])?,
+        "the public Service does not select the Deployment's pods"
+    );
     let targets: Vec<&Value> = public["spec"]["ports"]
         .as_array()
         .into_iter()
@@ -276,16 +355,24 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
         "the public Service exposes {targets:?}"
     );
     let admin = get(&all, "Service/chat-gateway-admin")?;
-    ensure!(selects_pods(&admin["spec"]["selector"]));
-    ensure!(admin["spec"]["type"] == "ClusterIP" || admin["spec"]["type"].is_null());
+    ensure!(
+        selects_pods(&all, &admin["spec"]["selector"])?,
+        "the admin Service does not select the Deployment's pods"
+    );
+    ensure!(
+        admin["spec"]["type"] == "ClusterIP" || admin["spec"]["type"].is_null(),
+        "the admin Service is of type {}, not ClusterIP",
+        admin["spec"]["type"]
+    );
+    Ok(())
+}
 
-    // Ingress: WebSocket timeouts above the heartbeat; only the public Service is routed.
+#[test]
+fn ingress_outlasts_the_heartbeat_and_routes_only_the_public_service() -> Result<()> {
+    let all = resources()?;
+    let env = plain_env(container(&all)?);
     let ingress = get(&all, "Ingress/chat-gateway")?;
-    let heartbeat_ms: u64 = env
-        .get("GATEWAY_HEARTBEAT_TIMEOUT_MS")
-        .map(|v| v.parse())
-        .transpose()?
-        .unwrap_or(60_000);
+    let heartbeat_ms = env_ms(&env, "GATEWAY_HEARTBEAT_TIMEOUT_MS", 60_000)?;
     for annotation in ["proxy-read-timeout", "proxy-send-timeout"] {
         let key = format!("nginx.ingress.kubernetes.io/{annotation}");
         let seconds: u64 = ingress["metadata"]["annotations"][&key]
@@ -317,10 +404,18 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
 
-    // Disruption budget and autoscaler.
+#[test]
+fn disruption_budget_allows_one_eviction_and_keeps_the_rest() -> Result<()> {
+    let all = resources()?;
+    let replicas = replicas(&all)?;
     let pdb = get(&all, "PodDisruptionBudget/chat-gateway")?;
-    ensure!(selects_pods(&pdb["spec"]["selector"]["matchLabels"]));
+    ensure!(
+        selects_pods(&all, &pdb["spec"]["selector"]["matchLabels"])?,
+        "the PodDisruptionBudget does not select the Deployment's pods"
+    );
     let allows_eviction = match (
         pdb["spec"]["maxUnavailable"].as_u64(),
         pdb["spec"]["minAvailable"].as_u64(),
@@ -333,9 +428,20 @@ fn manifests_are_complete_and_consistent() -> Result<()> {
         allows_eviction,
         "the PodDisruptionBudget must allow one eviction and keep the rest"
     );
+    Ok(())
+}
+
+#[test]
+fn autoscaler_scales_the_deployment_from_three_replicas() -> Result<()> {
+    let all = resources()?;
     let hpa = get(&all, "HorizontalPodAutoscaler/chat-gateway")?;
-    ensure!(hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment");
-    ensure!(hpa["spec"]["scaleTargetRef"]["name"] == "chat-gateway");
+    let target = &hpa["spec"]["scaleTargetRef"];
+    ensure!(
+        target["kind"] == "Deployment" && target["name"] == "chat-gateway",
+        "the HPA scales {}/{}, not Deployment/chat-gateway",
+        target["kind"],
+        target["name"]
+    );
     let min = hpa["spec"]["minReplicas"].as_u64().unwrap_or(1);
     let max = hpa["spec"]["maxReplicas"].as_u64().unwrap_or(0);
     ensure!(min >= 3 && max > min, "HPA {min}..{max}");

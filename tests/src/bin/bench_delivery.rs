@@ -297,10 +297,72 @@ async fn member(
     mut phase: watch::Receiver<u8>,
     shared: Arc<Shared>,
 ) -> MemberOut {
-    let (mut sink, mut stream) = ws.split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Message>();
-    // Writes go through their own task, so reading never waits on a write.
-    let writer = tokio::spawn(async move {
+    let (sink, mut stream) = ws.split();
+    let (tx, rx) = mpsc::unbounded_channel::<Message>();
+    let writer = spawn_writer(sink, rx);
+    let mut m = Member::new(cfg, shared, tx);
+    // While messages are held back, look again every millisecond.
+    let mut retry = tokio::time::interval(Duration::from_millis(1));
+    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = tokio::time::interval(Duration::from_millis(m.cfg.ack_every_ms.max(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = phase.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let current = *phase.borrow_and_update();
+                if m.on_phase(current) {
+                    break;
+                }
+            }
+            _ = retry.tick(), if m.window.owed > 0 && m.sending => {
+                m.window.top_up(&m.cfg, &m.shared, &m.tx);
+            }
+            _ = tick.tick() => {
+                if m.since_ack > 0 {
+                    m.send_ack();
+                    m.since_ack = 0;
+                }
+            }
+            next = stream.next() => match next {
+                Some(Ok(Message::Text(text))) => m.on_text(&text),
+                Some(Ok(Message::Close(frame))) => {
+                    m.end(format!("closed by the server: {frame:?}"));
+                    break;
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    m.end(format!("websocket error: {e}"));
+                    break;
+                }
+                None => {
+                    m.end("connection ended".into());
+                    break;
+                }
+            }
+        }
+    }
+    let Member {
+        mut out,
+        window,
+        tx,
+        ..
+    } = m;
+    out.unconfirmed = window.inflight.len();
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+    out
+}
+
+/// Writes go through their own task, so reading never waits on a write: sends what `rx`
+/// queues (flushing once per batch), closes the socket when `rx` ends.
+fn spawn_writer(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         while let Some(m) = rx.recv().await {
             if sink.feed(m).await.is_err() {
                 return;
@@ -315,141 +377,154 @@ async fn member(
             }
         }
         let _ = sink.close().await;
-    });
-    let mut out = MemberOut {
-        user: cfg.user.clone(),
-        ..Default::default()
-    };
-    let mut window = Window {
-        prefix: format!("s{}-", cfg.index),
-        next_seq: 0,
-        inflight: HashMap::new(),
-        owed: 0,
-        held_since: None,
-    };
-    // While messages are held back, look again every millisecond.
-    let mut retry = tokio::time::interval(Duration::from_millis(1));
-    retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut since_ack: u64 = 0;
-    let mut started = false;
-    let mut sending = false;
-    let mut current = IDLE;
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.ack_every_ms.max(1)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    })
+}
 
-    let send_ack = |last: (u64, u64), tx: &mpsc::UnboundedSender<Message>| {
+/// One member's state between frames.
+struct Member {
+    cfg: MemberCfg,
+    shared: Arc<Shared>,
+    /// Frames for the writer task.
+    tx: mpsc::UnboundedSender<Message>,
+    out: MemberOut,
+    window: Window,
+    /// New messages not acked yet.
+    since_ack: u64,
+    started: bool,
+    sending: bool,
+    current: u8,
+}
+
+impl Member {
+    fn new(cfg: MemberCfg, shared: Arc<Shared>, tx: mpsc::UnboundedSender<Message>) -> Member {
+        Member {
+            out: MemberOut {
+                user: cfg.user.clone(),
+                ..Default::default()
+            },
+            window: Window {
+                prefix: format!("s{}-", cfg.index),
+                next_seq: 0,
+                inflight: HashMap::new(),
+                owed: 0,
+                held_since: None,
+            },
+            cfg,
+            shared,
+            tx,
+            since_ack: 0,
+            started: false,
+            sending: false,
+            current: IDLE,
+        }
+    }
+
+    /// Acks the last id received (cumulative).
+    fn send_ack(&self) {
+        let last = self.out.last_id;
         let frame = format!(
             r#"{{"event":"ack","roomId":{},"id":"{}-{}"}}"#,
-            cfg.room_json, last.0, last.1
+            self.cfg.room_json, last.0, last.1
         );
-        shared.acks_sent.fetch_add(1, Ordering::Relaxed);
-        let _ = tx.send(Message::text(frame));
-    };
+        self.shared.acks_sent.fetch_add(1, Ordering::Relaxed);
+        let _ = self.tx.send(Message::text(frame));
+    }
 
-    loop {
-        tokio::select! {
-            changed = phase.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                current = *phase.borrow_and_update();
-                sending = current == WARMUP || current == MEASURE;
-                if sending && cfg.sender && !started {
-                    started = true;
-                    window.owed = cfg.window;
-                    window.top_up(&cfg, &shared, &tx);
-                }
-                if !sending {
-                    window.stop(&shared);
-                }
-                if current == FINISH {
-                    if since_ack > 0 {
-                        send_ack(out.last_id, &tx);
-                    }
-                    break;
-                }
+    /// A new benchmark phase: a sender fills its window when sending starts and stops when it
+    /// ends; at FINISH the last ack goes out. Returns whether the member is done.
+    fn on_phase(&mut self, current: u8) -> bool {
+        self.current = current;
+        self.sending = current == WARMUP || current == MEASURE;
+        if self.sending && self.cfg.sender && !self.started {
+            self.started = true;
+            self.window.owed = self.cfg.window;
+            self.window.top_up(&self.cfg, &self.shared, &self.tx);
+        }
+        if !self.sending {
+            self.window.stop(&self.shared);
+        }
+        if current == FINISH {
+            if self.since_ack > 0 {
+                self.send_ack();
             }
-            _ = retry.tick(), if window.owed > 0 && sending => {
-                window.top_up(&cfg, &shared, &tx);
-            }
-            _ = tick.tick() => {
-                if since_ack > 0 {
-                    send_ack(out.last_id, &tx);
-                    since_ack = 0;
-                }
-            }
-            next = stream.next() => match next {
-                Some(Ok(Message::Text(text))) => {
-                    if let Some(rest) = text.strip_prefix(MESSAGE_HEAD) {
-                        shared.deliveries.fetch_add(1, Ordering::Relaxed);
-                        let id = rest.find('"').and_then(|end| parse_id(&rest[..end]));
-                        let Some(id) = id else {
-                            out.first_error.get_or_insert_with(|| format!("bad id in {text}"));
-                            continue;
-                        };
-                        if id > out.last_id {
-                            out.last_id = id;
-                            out.received += 1;
-                            since_ack += 1;
-                            shared.new_deliveries.fetch_add(1, Ordering::Relaxed);
-                            shared.received[cfg.index].fetch_add(1, Ordering::Relaxed);
-                        } else {
-                            shared.duplicates.fetch_add(1, Ordering::Relaxed);
-                        }
-                        if since_ack >= cfg.ack_every {
-                            send_ack(out.last_id, &tx);
-                            since_ack = 0;
-                        }
-                        if !cfg.sender {
-                            continue;
-                        }
-                        let seq = text.rfind(CLIENT_MSG_ID).and_then(|pos| {
-                            let cmid = &text[pos + CLIENT_MSG_ID.len()..];
-                            let cmid = &cmid[..cmid.find('"')?];
-                            cmid.strip_prefix(&window.prefix)?.parse::<u64>().ok()
-                        });
-                        if let Some(sent_at) = seq.and_then(|s| window.inflight.remove(&s)) {
-                            if current == MEASURE {
-                                out.latencies.push(sent_at.elapsed());
-                            }
-                            shared.confirmed.fetch_add(1, Ordering::Relaxed);
-                            shared.inflight.fetch_sub(1, Ordering::Relaxed);
-                            if sending {
-                                window.owed += 1;
-                                window.top_up(&cfg, &shared, &tx);
-                                if window.owed > 0 {
-                                    shared.held_back.fetch_add(1, Ordering::Relaxed);
-                                }
-                            }
-                        }
-                    } else if text.starts_with(r#"{"event":"error""#) {
-                        shared.errors.fetch_add(1, Ordering::Relaxed);
-                        out.first_error.get_or_insert_with(|| text.to_string());
-                    }
-                }
-                Some(Ok(Message::Close(frame))) => {
-                    out.ended = Some(format!("closed by the server: {frame:?}"));
-                    shared.ended.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    out.ended = Some(format!("websocket error: {e}"));
-                    shared.ended.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
-                None => {
-                    out.ended = Some("connection ended".into());
-                    shared.ended.fetch_add(1, Ordering::Relaxed);
-                    break;
-                }
+            return true;
+        }
+        false
+    }
+
+    /// A text frame: a message (counted, acked, and for a sender perhaps its own copy) or an
+    /// error frame.
+    fn on_text(&mut self, text: &str) {
+        if let Some(rest) = text.strip_prefix(MESSAGE_HEAD) {
+            self.on_message(text, rest);
+        } else if text.starts_with(r#"{"event":"error""#) {
+            self.shared.errors.fetch_add(1, Ordering::Relaxed);
+            self.out.first_error.get_or_insert_with(|| text.to_string());
+        }
+    }
+
+    /// A message frame (`rest` follows its id's opening quote): new or repeated by id, an ack
+    /// when enough are new, and for a sender, its own copy confirms one of its window.
+    fn on_message(&mut self, text: &str, rest: &str) {
+        let shared = &self.shared;
+        shared.deliveries.fetch_add(1, Ordering::Relaxed);
+        let id = rest.find('"').and_then(|end| parse_id(&rest[..end]));
+        let Some(id) = id else {
+            self.out
+                .first_error
+                .get_or_insert_with(|| format!("bad id in {text}"));
+            return;
+        };
+        if id > self.out.last_id {
+            self.out.last_id = id;
+            self.out.received += 1;
+            self.since_ack += 1;
+            shared.new_deliveries.fetch_add(1, Ordering::Relaxed);
+            shared.received[self.cfg.index].fetch_add(1, Ordering::Relaxed);
+        } else {
+            shared.duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.since_ack >= self.cfg.ack_every {
+            self.send_ack();
+            self.since_ack = 0;
+        }
+        if self.cfg.sender {
+            self.on_own_copy(text);
+        }
+    }
+
+    /// A sender's own message came back: it is confirmed (its latency counted while
+    /// measuring) and the window sends another.
+    fn on_own_copy(&mut self, text: &str) {
+        let window = &mut self.window;
+        let seq = text.rfind(CLIENT_MSG_ID).and_then(|pos| {
+            let cmid = &text[pos + CLIENT_MSG_ID.len()..];
+            let cmid = &cmid[..cmid.find('"')?];
+            cmid.strip_prefix(&window.prefix)?.parse::<u64>().ok()
+        });
+        let Some(sent_at) = seq.and_then(|s| window.inflight.remove(&s)) else {
+            return;
+        };
+        let shared = &self.shared;
+        if self.current == MEASURE {
+            self.out.latencies.push(sent_at.elapsed());
+        }
+        shared.confirmed.fetch_add(1, Ordering::Relaxed);
+        shared.inflight.fetch_sub(1, Ordering::Relaxed);
+        if self.sending {
+            window.owed += 1;
+            window.top_up(&self.cfg, shared, &self.tx);
+            if window.owed > 0 {
+                shared.held_back.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
-    out.unconfirmed = window.inflight.len();
-    drop(tx);
-    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
-    out
+
+    /// The connection ended by itself: why, counted.
+    fn end(&mut self, why: String) {
+        self.out.ended = Some(why);
+        self.shared.ended.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Gateway counters from /metrics, summed over label sets; Redis round trips by operation
@@ -551,17 +626,18 @@ async fn wait_until(what: &str, timeout: Duration, check: impl Fn() -> bool) -> 
     Ok(started.elapsed())
 }
 
-async fn run(args: &Args, ticks: f64) -> Result<Section> {
-    let mut section = Section {
-        title: format!(
-            "{} members (ack: true) over {} nodes, {} senders × window {}, {} B content",
-            args.members, args.nodes, args.senders, args.window, args.size
-        ),
-        ..Default::default()
-    };
-    eprintln!("--- {}", section.title);
+/// Redis and the gateway nodes of the run.
+struct Cluster {
+    redis_server: RedisServer,
+    con: redis::aio::MultiplexedConnection,
+    gateways: Vec<Gateway>,
+    pids: Vec<u32>,
+}
+
+/// Starts a fresh Redis and `--nodes` gateway nodes and waits until every node is ready.
+async fn start_cluster(args: &Args) -> Result<Cluster> {
     let redis_server = RedisServer::start().await?;
-    let mut con = redis_server.connection().await?;
+    let con = redis_server.connection().await?;
     let mut gateways = Vec::new();
     for i in 0..args.nodes {
         let opts = GatewayOpts::redis(&redis_server.url())
@@ -573,20 +649,29 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
         gw.wait_ready(200).await?;
     }
     let pids: Vec<u32> = gateways.iter().filter_map(|g| g.proc.pid()).collect();
+    Ok(Cluster {
+        redis_server,
+        con,
+        gateways,
+        pids,
+    })
+}
 
-    let shared = Arc::new(Shared {
-        received: (0..args.members).map(|_| AtomicU64::new(0)).collect(),
-        max_lag: args.max_lag,
-        ..Default::default()
-    });
-    let (phase_tx, phase_rx) = watch::channel(IDLE);
+/// Connects and logs in every member (round-robin over the nodes, the first `--senders` ones
+/// sending) and spawns its task; then lets the login broadcasts settle.
+async fn start_members(
+    args: &Args,
+    cluster: &Cluster,
+    shared: &Arc<Shared>,
+    phase_rx: watch::Receiver<u8>,
+) -> Result<Vec<tokio::task::JoinHandle<MemberOut>>> {
     let room_json = serde_json::to_string(&args.room)?;
     let content = "x".repeat(args.size);
     let mut tasks = Vec::new();
     for i in 0..args.members {
         let node = i % args.nodes;
         let user = format!("m{i:04}");
-        let ws = connect_and_login(&gateways[node].ws_url(), &user, &args.room)
+        let ws = connect_and_login(&cluster.gateways[node].ws_url(), &user, &args.room)
             .await
             .with_context(|| format!("member {user} on node {node}"))?;
         let cfg = MemberCfg {
@@ -609,18 +694,68 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     drop(phase_rx);
     // Let the login broadcasts settle.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(tasks)
+}
 
+/// Warm-up, then the measured window between two snapshots; sending stops (DRAIN) after it.
+async fn measure(
+    args: &Args,
+    cluster: &mut Cluster,
+    shared: &Shared,
+    phase_tx: &watch::Sender<u8>,
+    ticks: f64,
+) -> Result<(Snap, Snap)> {
     eprintln!("warm-up {} s ...", args.warmup_secs);
     phase_tx.send(WARMUP)?;
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
-    let a = snapshot(&mut con, &gateways, &pids, &shared, ticks).await?;
+    let a = snapshot(
+        &mut cluster.con,
+        &cluster.gateways,
+        &cluster.pids,
+        shared,
+        ticks,
+    )
+    .await?;
     phase_tx.send(MEASURE)?;
     eprintln!("measuring {} s ...", args.secs);
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
     phase_tx.send(DRAIN)?;
-    let b = snapshot(&mut con, &gateways, &pids, &shared, ticks).await?;
+    let b = snapshot(
+        &mut cluster.con,
+        &cluster.gateways,
+        &cluster.pids,
+        shared,
+        ticks,
+    )
+    .await?;
+    Ok((a, b))
+}
 
-    // Drain: every message confirmed, every member has every message.
+/// What the drain and the end of the run found.
+struct Drained {
+    /// Time until every message was confirmed / every member had every message.
+    drained: Result<Duration>,
+    all_delivered: Result<Duration>,
+    /// Messages confirmed in the whole run.
+    published: u64,
+    outs: Vec<MemberOut>,
+    end_metrics: BTreeMap<String, f64>,
+    /// `XLEN` of the room's stream.
+    xlen: u64,
+    /// Members whose stored ack position is their last id received, and the others.
+    stored_ok: usize,
+    stored_behind: Vec<String>,
+}
+
+/// Waits until every message is confirmed and delivered to every member, ends the members
+/// (FINISH), then reads the gateways' counters, the stream's length and the stored acks.
+async fn drain(
+    args: &Args,
+    cluster: &mut Cluster,
+    shared: &Shared,
+    phase_tx: &watch::Sender<u8>,
+    tasks: Vec<tokio::task::JoinHandle<MemberOut>>,
+) -> Result<Drained> {
     let drained = wait_until("all messages confirmed", Duration::from_secs(30), || {
         shared.inflight.load(Ordering::Relaxed) <= 0
     })
@@ -640,26 +775,43 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     }
     // The ack writer flushes every 100 ms.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let end_metrics = {
-        let mut m = BTreeMap::new();
-        for gw in &gateways {
-            for (k, v) in gateway_metrics(gw).await {
-                *m.entry(k).or_default() += v;
-            }
+    let mut end_metrics = BTreeMap::new();
+    for gw in &cluster.gateways {
+        for (k, v) in gateway_metrics(gw).await {
+            *end_metrics.entry(k).or_default() += v;
         }
-        m
-    };
+    }
     let xlen: u64 = redis::cmd("XLEN")
         .arg(format!("gw:{{r:{}}}:s", args.room))
-        .query_async(&mut con)
+        .query_async(&mut cluster.con)
         .await?;
+    let (stored_ok, stored_behind) = stored_acks(args, &mut cluster.con, &outs).await?;
+    Ok(Drained {
+        drained,
+        all_delivered,
+        published,
+        outs,
+        end_metrics,
+        xlen,
+        stored_ok,
+        stored_behind,
+    })
+}
+
+/// Compares each member's stored ack position with the last id it received: how many match,
+/// and the ones that differ.
+async fn stored_acks(
+    args: &Args,
+    con: &mut redis::aio::MultiplexedConnection,
+    outs: &[MemberOut],
+) -> Result<(usize, Vec<String>)> {
     let mut stored_ok = 0;
     let mut stored_behind = Vec::new();
-    for out in &outs {
+    for out in outs {
         let stored: Option<String> = redis::cmd("HGET")
             .arg(format!("gw:{{u:{}}}:acks", out.user))
             .arg(format!("r:{}", args.room))
-            .query_async(&mut con)
+            .query_async(&mut *con)
             .await?;
         if stored.as_deref().and_then(parse_id) == Some(out.last_id) {
             stored_ok += 1;
@@ -667,19 +819,49 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
             stored_behind.push(format!("{}: {:?}", out.user, stored));
         }
     }
+    Ok((stored_ok, stored_behind))
+}
 
-    // --- figures over the measured window
-    let secs = (b.at - a.at).as_secs_f64();
-    let d = InfoDelta {
-        a: &a.info,
-        b: &b.info,
-    };
-    let xadd = d.calls("xadd");
-    let per_msg = |v: f64| v / xadd.max(1) as f64;
-    let confirmed = b.confirmed - a.confirmed;
-    let deliveries = b.deliveries - a.deliveries;
-    let latencies: Vec<Duration> = outs.iter().flat_map(|o| o.latencies.clone()).collect();
+/// The two snapshots around the measured window, and what they are compared by.
+struct Measured<'a> {
+    a: &'a Snap,
+    b: &'a Snap,
+    secs: f64,
+    d: InfoDelta<'a>,
+    /// Messages appended (XADD calls) in the window.
+    xadd: u64,
+}
 
+impl<'a> Measured<'a> {
+    fn new(a: &'a Snap, b: &'a Snap) -> Measured<'a> {
+        let d = InfoDelta {
+            a: &a.info,
+            b: &b.info,
+        };
+        Measured {
+            a,
+            b,
+            secs: (b.at - a.at).as_secs_f64(),
+            xadd: d.calls("xadd"),
+            d,
+        }
+    }
+
+    /// `v` per appended message.
+    fn per_msg(&self, v: f64) -> f64 {
+        v / self.xadd.max(1) as f64
+    }
+
+    fn deliveries(&self) -> u64 {
+        self.b.deliveries - self.a.deliveries
+    }
+}
+
+/// Messages confirmed and appended, deliveries and acks over the window.
+fn throughput_table(args: &Args, w: &Measured) -> Table {
+    let secs = w.secs;
+    let confirmed = w.b.confirmed - w.a.confirmed;
+    let deliveries = w.deliveries();
     let mut t = Table::new(
         &format!("Throughput over the measured {secs:.1} s"),
         &["what", "total", "per second"],
@@ -691,8 +873,8 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     ]);
     t.row(vec![
         "messages appended (XADD inside append.lua)".into(),
-        xadd.to_string(),
-        format!("{:.0}", xadd as f64 / secs),
+        w.xadd.to_string(),
+        format!("{:.0}", w.xadd as f64 / secs),
     ]);
     t.row(vec![
         format!(
@@ -704,11 +886,15 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     ]);
     t.row(vec![
         "acks sent by clients".into(),
-        (b.acks_sent - a.acks_sent).to_string(),
-        format!("{:.0}", (b.acks_sent - a.acks_sent) as f64 / secs),
+        (w.b.acks_sent - w.a.acks_sent).to_string(),
+        format!("{:.0}", (w.b.acks_sent - w.a.acks_sent) as f64 / secs),
     ]);
-    section.tables.push(t);
+    t
+}
 
+/// Sent → own copy read, over every sender's measured messages.
+fn confirm_latency_table(args: &Args, outs: &[MemberOut]) -> Table {
+    let latencies: Vec<Duration> = outs.iter().flat_map(|o| o.latencies.clone()).collect();
     let mut t = Table::new(
         "Confirm latency (ms): message sent → sender reads its own copy",
         &["", "count", "p50", "p90", "p99", "max"],
@@ -716,11 +902,15 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     let mut cells = vec![format!("window {} per sender", args.window)];
     cells.extend(latency_cells(&latencies));
     t.row(cells);
-    section.tables.push(t);
+    t
+}
 
+/// Redis round trips by operation as the gateways count them, per message they published.
+fn round_trips_table(w: &Measured) -> Table {
+    let (a, b, secs) = (w.a, w.b, w.secs);
     // Per message published as the same scrapes count it (gateway_messages_published_total),
     // so the ratio does not depend on when Redis INFO was sampled.
-    let published_gw = metric_delta(&a, &b, "gateway_messages_published_total");
+    let published_gw = metric_delta(a, b, "gateway_messages_published_total");
     let mut t = Table::new(
         &format!(
             "Redis round trips by operation, counted by the gateways (all nodes; {published_gw:.0} \
@@ -735,7 +925,7 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
         .cloned()
         .collect();
     for op in ops {
-        let n = metric_delta(&a, &b, &op);
+        let n = metric_delta(a, b, &op);
         if n <= 0.0 {
             continue;
         }
@@ -746,8 +936,13 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
             format!("{:.4}", n / published_gw.max(1.0)),
         ]);
     }
-    section.tables.push(t);
+    t
+}
 
+/// Every Redis command over the window (where it is issued from), and the line of commands
+/// per appended message.
+fn report_commandstats(w: &Measured, section: &mut Section) {
+    let d = &w.d;
     let mut t = Table::new(
         "Redis INFO commandstats over the window",
         &[
@@ -774,8 +969,8 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
             cmd.clone(),
             st.calls.to_string(),
             st.failed.to_string(),
-            format!("{:.1}", st.calls as f64 / secs),
-            format!("{:.4}", per_msg(st.calls as f64)),
+            format!("{:.1}", st.calls as f64 / w.secs),
+            format!("{:.4}", w.per_msg(st.calls as f64)),
             format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
             issued.into(),
         ]);
@@ -792,16 +987,20 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
         "EVALSHA per appended message: {:.4} (of {evalsha} EVALSHA, {} are prune calls and the rest \
          append plus the odd presence refresh); commands sent over the network per message \
          (EVALSHA + ack HSETs + other): {:.4}; all commands incl. inner script calls per message: {:.2}",
-        per_msg(evalsha as f64),
+        w.per_msg(evalsha as f64),
         d.calls("zrangebyscore"),
-        per_msg(network as f64),
-        per_msg(d.total_commands() as f64),
+        w.per_msg(network as f64),
+        w.per_msg(d.total_commands() as f64),
     ));
+}
 
-    let hset = d.calls("hset");
-    let pipelines = metric_delta(&a, &b, "rt:save_acks");
+/// Acks sent, processed, written to Redis and their pipelines, against the coalescing bound.
+fn acks_table(args: &Args, w: &Measured) -> Table {
+    let (a, b, secs) = (w.a, w.b, w.secs);
+    let hset = w.d.calls("hset");
+    let pipelines = metric_delta(a, b, "rt:save_acks");
     let acks_sent = b.acks_sent - a.acks_sent;
-    let acks_gw = metric_delta(&a, &b, "gateway_acks_total");
+    let acks_gw = metric_delta(a, b, "gateway_acks_total");
     let mut t = Table::new(
         "Ack writes (coalesced per node: at most one HSET per user and room per 100 ms)",
         &["what", "total", "per second"],
@@ -840,9 +1039,15 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
         format!("{:.4}", pipelines / acks_sent.max(1) as f64),
         String::new(),
     ]);
-    section.tables.push(t);
+    t
+}
 
-    let redis_cpu = d.cpu();
+/// CPU of Redis, each gateway, the benchmark and the machine over the window, per message and
+/// per delivery; and the line of Redis's cost per message.
+fn report_cpu(args: &Args, w: &Measured, section: &mut Section) {
+    let (a, b, secs, xadd) = (w.a, w.b, w.secs, w.xadd);
+    let deliveries = w.deliveries();
+    let redis_cpu = w.d.cpu();
     let gw_cpu: Vec<f64> = b.gw_cpu.iter().zip(&a.gw_cpu).map(|(b, a)| b - a).collect();
     let gw_total: f64 = gw_cpu.iter().sum();
     let bench_cpu = b.bench_cpu - a.bench_cpu;
@@ -893,18 +1098,27 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
          {:.0} B in and {:.0} B out per message (out: replies plus one PUBLISH copy to each \
          subscribed node)",
         redis_cpu * 1e6 / xadd.max(1) as f64,
-        d.usec("evalsha") as f64 / d.calls("evalsha").max(1) as f64,
-        per_msg(b.info.num("total_net_input_bytes") - a.info.num("total_net_input_bytes")),
-        per_msg(b.info.num("total_net_output_bytes") - a.info.num("total_net_output_bytes")),
+        w.d.usec("evalsha") as f64 / w.d.calls("evalsha").max(1) as f64,
+        w.per_msg(b.info.num("total_net_input_bytes") - a.info.num("total_net_input_bytes")),
+        w.per_msg(b.info.num("total_net_output_bytes") - a.info.num("total_net_output_bytes")),
     ));
+}
 
-    // --- correctness after the drain
+/// Correctness after the drain: everything published was delivered once to everyone, acks
+/// stored, nothing dropped or ended; and the first few errors, ends and stored-ack differences.
+fn report_checks(args: &Args, shared: &Shared, dr: &Drained, section: &mut Section) {
+    let outs = &dr.outs;
+    let published = dr.published;
     let min_received = outs.iter().map(|o| o.received).min().unwrap_or(0);
     let max_received = outs.iter().map(|o| o.received).max().unwrap_or(0);
     let unconfirmed: usize = outs.iter().map(|o| o.unconfirmed).sum();
     let ended: Vec<&String> = outs.iter().filter_map(|o| o.ended.as_ref()).collect();
     let errors: Vec<&String> = outs.iter().filter_map(|o| o.first_error.as_ref()).collect();
-    let end = |k: &str| end_metrics.get(k).copied().unwrap_or(0.0);
+    let end = |k: &str| dr.end_metrics.get(k).copied().unwrap_or(0.0);
+    let waited = |r: &Result<Duration>| match r {
+        Ok(d) => format!("yes after {:.2} s", d.as_secs_f64()),
+        Err(e) => format!("NO: {e}"),
+    };
     let mut t = Table::new("Checks after sending stopped", &["check", "value"]);
     t.row(vec![
         "messages published in the whole run (confirmed)".into(),
@@ -912,21 +1126,11 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     ]);
     t.row(vec![
         "stream length (XLEN, history cap 10000)".into(),
-        xlen.to_string(),
+        dr.xlen.to_string(),
     ]);
     t.row(vec![
         "drain: all confirmed / all delivered".into(),
-        format!(
-            "{} / {}",
-            match &drained {
-                Ok(d) => format!("yes after {:.2} s", d.as_secs_f64()),
-                Err(e) => format!("NO: {e}"),
-            },
-            match &all_delivered {
-                Ok(d) => format!("yes after {:.2} s", d.as_secs_f64()),
-                Err(e) => format!("NO: {e}"),
-            }
-        ),
+        format!("{} / {}", waited(&dr.drained), waited(&dr.all_delivered)),
     ]);
     t.row(vec![
         "distinct messages per member (min / max)".into(),
@@ -942,7 +1146,7 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     ]);
     t.row(vec![
         "stored ack position = last id received".into(),
-        format!("{stored_ok} of {} members", outs.len()),
+        format!("{} of {} members", dr.stored_ok, outs.len()),
     ]);
     t.row(vec![
         "slow-consumer disconnects / outbound drops".into(),
@@ -987,12 +1191,52 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     for e in ended.iter().take(3) {
         section.lines.push(format!("connection ended: {e}"));
     }
-    for s in stored_behind.iter().take(3) {
+    for s in dr.stored_behind.iter().take(3) {
         section
             .lines
             .push(format!("stored ack position differs: {s}"));
     }
+}
 
+/// The whole run: start, members, warm-up and measured window, drain, then the report.
+async fn run(args: &Args, ticks: f64) -> Result<Section> {
+    let mut section = Section {
+        title: format!(
+            "{} members (ack: true) over {} nodes, {} senders × window {}, {} B content",
+            args.members, args.nodes, args.senders, args.window, args.size
+        ),
+        ..Default::default()
+    };
+    eprintln!("--- {}", section.title);
+    let mut cluster = start_cluster(args).await?;
+    let shared = Arc::new(Shared {
+        received: (0..args.members).map(|_| AtomicU64::new(0)).collect(),
+        max_lag: args.max_lag,
+        ..Default::default()
+    });
+    let (phase_tx, phase_rx) = watch::channel(IDLE);
+    let tasks = start_members(args, &cluster, &shared, phase_rx).await?;
+    let (a, b) = measure(args, &mut cluster, &shared, &phase_tx, ticks).await?;
+    let drained = drain(args, &mut cluster, &shared, &phase_tx, tasks).await?;
+
+    // --- figures over the measured window
+    let w = Measured::new(&a, &b);
+    section.tables.push(throughput_table(args, &w));
+    section
+        .tables
+        .push(confirm_latency_table(args, &drained.outs));
+    section.tables.push(round_trips_table(&w));
+    report_commandstats(&w, &mut section);
+    section.tables.push(acks_table(args, &w));
+    report_cpu(args, &w, &mut section);
+    // --- correctness after the drain
+    report_checks(args, &shared, &drained, &mut section);
+
+    let Cluster {
+        redis_server,
+        gateways,
+        ..
+    } = cluster;
     drop(gateways);
     drop(redis_server);
     Ok(section)

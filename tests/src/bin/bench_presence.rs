@@ -248,18 +248,20 @@ fn prune_interval(ttl: Duration) -> Duration {
     (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
-async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
-    let ttl = Duration::from_millis(ttl_ms);
-    let announce_max = args.announce_max.unwrap_or(DEFAULT_ANNOUNCE_MAX);
-    let mut section = Section {
-        title: format!(
-            "{} users, {} nodes, one room, GATEWAY_PRESENCE_TTL_MS={ttl_ms}",
-            args.users, args.nodes
-        ),
-        ..Default::default()
-    };
-    eprintln!("--- {}", section.title);
+/// Redis and the gateway nodes of one run, with what the phases need to sample them.
+struct Cluster {
+    redis_server: RedisServer,
+    con: redis::aio::MultiplexedConnection,
+    redis_pid: u32,
+    gateways: Vec<Gateway>,
+    pids: Vec<u32>,
+    /// The room's presence hash, `gw:{r:<room>}:pu`.
+    users_key: String,
+}
 
+/// Starts a fresh Redis and `--nodes` gateway nodes with the run's presence TTL and waits until
+/// every node is ready.
+async fn start_cluster(args: &Args, ttl_ms: u64) -> Result<Cluster> {
     let redis_server = RedisServer::start().await?;
     let mut con = redis_server.connection().await?;
     let redis_pid: u32 = Info::take(&mut con).await?.num("process_id") as u32;
@@ -279,23 +281,74 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         gw.wait_ready(200).await?;
     }
     let pids: Vec<u32> = gateways.iter().filter_map(|g| g.proc.pid()).collect();
-    let users_key = format!("gw:{{r:{}}}:pu", args.room);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_before: Vec<f64> = pids.iter().map(|p| proc_rss_mib(*p)).collect();
-    let redis_mem_before = Info::take(&mut con).await?.num("used_memory") / 1048576.0;
+    Ok(Cluster {
+        redis_server,
+        con,
+        redis_pid,
+        gateways,
+        pids,
+        users_key: format!("gw:{{r:{}}}:pu", args.room),
+    })
+}
 
-    // --- joins
-    eprintln!("joining {} users ...", args.users);
-    let counters = Arc::new(Counters::default());
+/// The gateways' RSS and Redis's `used_memory`, both in MiB.
+struct Memory {
+    rss: Vec<f64>,
+    redis: f64,
+}
+
+/// Samples the memory of the gateways and of Redis.
+async fn sample_memory(cluster: &mut Cluster) -> Result<Memory> {
+    let rss = cluster.pids.iter().map(|p| proc_rss_mib(*p)).collect();
+    let redis = Info::take(&mut cluster.con).await?.num("used_memory") / 1048576.0;
+    Ok(Memory { rss, redis })
+}
+
+/// What the join phase left: the connections, what each join measured, and the samples taken
+/// around the phase.
+struct Joins {
+    counters: Arc<Counters>,
+    conns: Vec<Conn>,
+    joined: Vec<Joined>,
+    failures: BTreeMap<String, usize>,
+    wall: Duration,
+    /// `HLEN` of the presence hash once it equals the joins (or why it did not).
+    count: Result<u64>,
+    info_a: Info,
+    info_b: Info,
+    cpu_a: Vec<f64>,
+    cpu_b: Vec<f64>,
+    memory_after: Memory,
+    bench_rss: f64,
+}
+
+impl Joins {
+    /// Users that joined.
+    fn ok(&self) -> u64 {
+        self.joined.len() as u64
+    }
+
+    /// Users that joined, per node.
+    fn per_node(&self, nodes: usize) -> Vec<u64> {
+        (0..nodes)
+            .map(|n| self.joined.iter().filter(|j| j.node == n).count() as u64)
+            .collect()
+    }
+}
+
+/// Spawns one task per user (round-robin over the nodes) that joins with at most
+/// `--concurrency` logins in flight, then reads its socket until told to close.
+fn spawn_joins(
+    args: &Args,
+    cluster: &Cluster,
+    counters: &Arc<Counters>,
+) -> (Vec<Conn>, Vec<oneshot::Receiver<Result<Joined>>>) {
     let sem = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let info_a = Info::take(&mut con).await?;
-    let cpu_a: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
-    let started = Instant::now();
     let mut conns = Vec::with_capacity(args.users);
     let mut readies = Vec::with_capacity(args.users);
     for i in 0..args.users {
         let node = i % args.nodes;
-        let url = gateways[node].ws_url();
+        let url = cluster.gateways[node].ws_url();
         let user = format!("u{i:06}");
         let room = args.room.clone();
         let (ready_tx, ready_rx) = oneshot::channel();
@@ -329,7 +382,17 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         });
         readies.push(ready_rx);
     }
-    let mut joined = Vec::with_capacity(args.users);
+    (conns, readies)
+}
+
+/// Waits for every join's outcome (marking the connections that joined), with progress every
+/// 2000 users; returns the joins and the failures counted by message.
+async fn collect_joins(
+    conns: &mut [Conn],
+    readies: Vec<oneshot::Receiver<Result<Joined>>>,
+    started: Instant,
+) -> (Vec<Joined>, BTreeMap<String, usize>) {
+    let mut joined = Vec::with_capacity(conns.len());
     let mut failures: BTreeMap<String, usize> = BTreeMap::new();
     for (i, ready) in readies.into_iter().enumerate() {
         match ready.await {
@@ -348,32 +411,114 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
             );
         }
     }
-    let join_wall = started.elapsed();
-    let info_b = Info::take(&mut con).await?;
-    let cpu_b: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
-    let ok = joined.len() as u64;
-    let count = wait_count(&mut con, &users_key, ok, Duration::from_secs(10)).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_after: Vec<f64> = pids.iter().map(|p| proc_rss_mib(*p)).collect();
-    let redis_mem_after = Info::take(&mut con).await?.num("used_memory") / 1048576.0;
-    let bench_rss = proc_rss_mib(std::process::id());
+    (joined, failures)
+}
 
+/// Phase 1: every user joins; Redis INFO and the gateways' CPU are sampled around the joins,
+/// memory once the presence hash holds every joined user.
+async fn join_phase(args: &Args, cluster: &mut Cluster, ticks: f64) -> Result<Joins> {
+    eprintln!("joining {} users ...", args.users);
+    let counters = Arc::new(Counters::default());
+    let info_a = Info::take(&mut cluster.con).await?;
+    let cpu_a: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let started = Instant::now();
+    let (mut conns, readies) = spawn_joins(args, cluster, &counters);
+    let (joined, failures) = collect_joins(&mut conns, readies, started).await;
+    let wall = started.elapsed();
+    let info_b = Info::take(&mut cluster.con).await?;
+    let cpu_b: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let ok = joined.len() as u64;
+    let count = wait_count(
+        &mut cluster.con,
+        &cluster.users_key,
+        ok,
+        Duration::from_secs(10),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let memory_after = sample_memory(cluster).await?;
+    let bench_rss = proc_rss_mib(std::process::id());
+    Ok(Joins {
+        counters,
+        conns,
+        joined,
+        failures,
+        wall,
+        count,
+        info_a,
+        info_b,
+        cpu_a,
+        cpu_b,
+        memory_after,
+        bench_rss,
+    })
+}
+
+/// The join phase's lines and tables: latency (all, by announcement, by room size), Redis
+/// commands and CPU per join.
+fn report_joins(args: &Args, cluster: &Cluster, joins: &Joins, section: &mut Section) {
+    let ok = joins.ok();
     section.lines.push(format!(
         "joins: {ok} of {} in {:.1} s ({:.0} joins/s) with at most {} logins in flight; \
-         HLEN {users_key} = {}",
+         HLEN {} = {}",
         args.users,
-        join_wall.as_secs_f64(),
-        ok as f64 / join_wall.as_secs_f64(),
+        joins.wall.as_secs_f64(),
+        ok as f64 / joins.wall.as_secs_f64(),
         args.concurrency,
-        match count {
+        cluster.users_key,
+        match joins.count {
             Ok(n) => n.to_string(),
             Err(ref e) => format!("MISMATCH ({e:#})"),
         }
     ));
-    for (e, n) in &failures {
+    for (e, n) in &joins.failures {
         section.lines.push(format!("join failures: {n} × {e}"));
     }
+    let announce_max = args.announce_max.unwrap_or(DEFAULT_ANNOUNCE_MAX);
+    section
+        .tables
+        .push(join_latency_table(&joins.joined, announce_max));
+    section
+        .tables
+        .push(join_latency_by_size_table(args, &joins.joined));
 
+    let d = InfoDelta {
+        a: &joins.info_a,
+        b: &joins.info_b,
+    };
+    let gw_cpu: f64 = joins
+        .cpu_b
+        .iter()
+        .zip(&joins.cpu_a)
+        .map(|(b, a)| b - a)
+        .sum();
+    let mut t = Table::new(
+        "Redis commands during the join phase (inner script calls included by Redis)",
+        &["command", "calls", "failed", "per join", "µs/call"],
+    );
+    for (cmd, st) in d.changed() {
+        t.row(vec![
+            cmd,
+            st.calls.to_string(),
+            st.failed.to_string(),
+            format!("{:.2}", st.calls as f64 / ok.max(1) as f64),
+            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
+        ]);
+    }
+    section.tables.push(t);
+    section.lines.push(format!(
+        "join phase CPU: Redis {:.0} µs per join, gateways {:.0} µs per join (all nodes), \
+         frames received by clients while joining: {} (login broadcasts {})",
+        d.cpu() * 1e6 / ok.max(1) as f64,
+        gw_cpu * 1e6 / ok.max(1) as f64,
+        joins.counters.frames.load(Ordering::Relaxed),
+        joins.counters.logins.load(Ordering::Relaxed),
+    ));
+}
+
+/// Join latency of all joins, of those announced to the room and of the silent ones, and the
+/// WebSocket connect time.
+fn join_latency_table(joined: &[Joined], announce_max: u64) -> Table {
     let mut t = Table::new(
         "Join latency (ms): login sent → own login frame",
         &["joins", "count", "p50", "p90", "p99", "max"],
@@ -405,15 +550,18 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         &silent,
     );
     push("WebSocket connect (TCP + upgrade)".into(), &connects);
-    section.tables.push(t);
+    t
+}
 
+/// Join latency by the room's size at the join, in tenths of `--users`.
+fn join_latency_by_size_table(args: &Args, joined: &[Joined]) -> Table {
     let mut t = Table::new(
         "Join latency (ms) by room size at the join",
         &["num at join", "count", "p50", "p90", "p99", "max"],
     );
     let bucket = (args.users / 10).max(1) as u64;
     let mut by_bucket: BTreeMap<u64, Vec<Duration>> = BTreeMap::new();
-    for j in &joined {
+    for j in joined {
         by_bucket
             .entry(j.num.saturating_sub(1) / bucket)
             .or_default()
@@ -424,40 +572,34 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         cells.extend(latency_cells(sample));
         t.row(cells);
     }
-    section.tables.push(t);
+    t
+}
 
-    let d = InfoDelta {
-        a: &info_a,
-        b: &info_b,
-    };
-    let gw_cpu: f64 = cpu_b.iter().zip(&cpu_a).map(|(b, a)| b - a).sum();
-    let mut t = Table::new(
-        "Redis commands during the join phase (inner script calls included by Redis)",
-        &["command", "calls", "failed", "per join", "µs/call"],
-    );
-    for (cmd, st) in d.changed() {
-        t.row(vec![
-            cmd,
-            st.calls.to_string(),
-            st.failed.to_string(),
-            format!("{:.2}", st.calls as f64 / ok.max(1) as f64),
-            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
-        ]);
-    }
-    section.tables.push(t);
-    section.lines.push(format!(
-        "join phase CPU: Redis {:.0} µs per join, gateways {:.0} µs per join (all nodes), \
-         frames received by clients while joining: {} (login broadcasts {})",
-        d.cpu() * 1e6 / ok.max(1) as f64,
-        gw_cpu * 1e6 / ok.max(1) as f64,
-        counters.frames.load(Ordering::Relaxed),
-        counters.logins.load(Ordering::Relaxed),
-    ));
+/// What the steady-state sample measured.
+struct Steady {
+    /// Length of one refresh period (TTL/3) and the number of periods sampled.
+    period: Duration,
+    periods: f64,
+    secs: f64,
+    info_a: Info,
+    info_b: Info,
+    cpu_a: Vec<f64>,
+    cpu_b: Vec<f64>,
+    bench_cpu: f64,
+    frames: u64,
+    /// Redis PING round trips on a connection of its own during the sample.
+    pings: Vec<Duration>,
+}
 
-    // --- steady state
-    let per_node: Vec<u64> = (0..args.nodes)
-        .map(|n| joined.iter().filter(|j| j.node == n).count() as u64)
-        .collect();
+/// Phase 2: everyone idle for whole refresh periods (after one to settle); samples Redis INFO,
+/// CPU and frames around the window while a probe PINGs Redis every 10 ms.
+async fn sample_steady(
+    args: &Args,
+    ttl: Duration,
+    cluster: &mut Cluster,
+    counters: &Counters,
+    ticks: f64,
+) -> Result<Steady> {
     let period = ttl / 3;
     let periods = (Duration::from_secs(args.steady_secs).as_secs_f64() / period.as_secs_f64())
         .ceil()
@@ -473,14 +615,39 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     );
     tokio::time::sleep(settle).await;
     let frames_a = counters.frames.load(Ordering::Relaxed);
-    let info_a = Info::take(&mut con).await?;
-    let cpu_a: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let info_a = Info::take(&mut cluster.con).await?;
+    let cpu_a: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
     let bench_cpu_a = proc_cpu(std::process::id(), ticks);
     let t0 = Instant::now();
-    // A PING every 10 ms on a connection of its own: how long other clients wait for Redis
-    // while a refresh batch runs.
-    let mut probe_con = redis_server.connection().await?;
-    let probe = tokio::spawn(async move {
+    let probe = spawn_ping_probe(cluster.redis_server.connection().await?, window);
+    tokio::time::sleep(window).await;
+    let pings = probe.await.unwrap_or_default();
+    let info_b = Info::take(&mut cluster.con).await?;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu_b: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let bench_cpu_b = proc_cpu(std::process::id(), ticks);
+    let frames_b = counters.frames.load(Ordering::Relaxed);
+    Ok(Steady {
+        period,
+        periods,
+        secs,
+        info_a,
+        info_b,
+        cpu_a,
+        cpu_b,
+        bench_cpu: bench_cpu_b - bench_cpu_a,
+        frames: frames_b - frames_a,
+        pings,
+    })
+}
+
+/// A PING every 10 ms on a connection of its own for `window`: how long other clients wait for
+/// Redis while a refresh batch runs.
+fn spawn_ping_probe(
+    mut probe_con: redis::aio::MultiplexedConnection,
+    window: Duration,
+) -> JoinHandle<Vec<Duration>> {
+    tokio::spawn(async move {
         let mut rtts = Vec::new();
         let end = Instant::now() + window;
         while Instant::now() < end {
@@ -496,17 +663,50 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         rtts
-    });
-    tokio::time::sleep(window).await;
-    let pings = probe.await.unwrap_or_default();
-    let info_b = Info::take(&mut con).await?;
-    let secs = t0.elapsed().as_secs_f64();
-    let cpu_b: Vec<f64> = pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
-    let bench_cpu_b = proc_cpu(std::process::id(), ticks);
-    let frames_b = counters.frames.load(Ordering::Relaxed);
+    })
+}
+
+/// The steady state's tables: presence work against what is expected, the PING probe, and
+/// every Redis command.
+fn report_steady(args: &Args, ttl: Duration, joins: &Joins, s: &Steady, section: &mut Section) {
+    section.tables.push(steady_state_table(args, ttl, joins, s));
+    let mut t = Table::new(
+        "Redis PING round trip during the steady-state sample (ms), one every 10 ms",
+        &["probe", "count", "p50", "p90", "p99", "max"],
+    );
+    let mut cells = vec!["PING".to_string()];
+    cells.extend(latency_cells(&s.pings));
+    t.row(cells);
+    section.tables.push(t);
     let d = InfoDelta {
-        a: &info_a,
-        b: &info_b,
+        a: &s.info_a,
+        b: &s.info_b,
+    };
+    let mut t = Table::new(
+        "Redis commands at steady state (inner script calls included)",
+        &["command", "calls", "failed", "per second", "µs/call"],
+    );
+    for (cmd, st) in d.changed() {
+        t.row(vec![
+            cmd,
+            st.calls.to_string(),
+            st.failed.to_string(),
+            format!("{:.2}", st.calls as f64 / s.secs),
+            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
+        ]);
+    }
+    section.tables.push(t);
+}
+
+/// Refresh and prune calls, entries refreshed, Redis and process CPU and frames received over
+/// the steady-state window, against what the refresh period and prune interval predict.
+fn steady_state_table(args: &Args, ttl: Duration, joins: &Joins, s: &Steady) -> Table {
+    let ok = joins.ok();
+    let per_node = joins.per_node(args.nodes);
+    let secs = s.secs;
+    let d = InfoDelta {
+        a: &s.info_a,
+        b: &s.info_b,
     };
     let evalsha = d.calls("evalsha") + d.calls("eval");
     let failed = d.failed("evalsha") + d.failed("eval");
@@ -519,8 +719,8 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         &format!(
             "Steady state, everyone idle, {:.1} s ({} refresh periods of {:.2} s)",
             secs,
-            periods,
-            period.as_secs_f64()
+            s.periods,
+            s.period.as_secs_f64()
         ),
         &["what", "measured", "per second", "expected per second"],
     );
@@ -534,7 +734,7 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         "entries refreshed (ZADD inside the script)".into(),
         refreshed.to_string(),
         format!("{:.0}", refreshed as f64 / secs),
-        format!("{:.0}", ok as f64 / period.as_secs_f64()),
+        format!("{:.0}", ok as f64 / s.period.as_secs_f64()),
     ]);
     t.row(vec![
         "prune script calls (EVALSHA)".into(),
@@ -580,7 +780,7 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         ),
         String::new(),
     ]);
-    for (i, (b, a)) in cpu_b.iter().zip(&cpu_a).enumerate() {
+    for (i, (b, a)) in s.cpu_b.iter().zip(&s.cpu_a).enumerate() {
         t.row(vec![
             format!("gateway bench-{i} CPU ({} users)", per_node[i]),
             format!("{:.3} s", b - a),
@@ -594,41 +794,24 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     }
     t.row(vec![
         format!("benchmark client CPU ({ok} idle sockets)"),
-        format!("{:.3} s", bench_cpu_b - bench_cpu_a),
-        format!("{:.1} ms", (bench_cpu_b - bench_cpu_a) / secs * 1e3),
+        format!("{:.3} s", s.bench_cpu),
+        format!("{:.1} ms", s.bench_cpu / secs * 1e3),
         String::new(),
     ]);
     t.row(vec![
         "frames received by clients".into(),
-        (frames_b - frames_a).to_string(),
+        s.frames.to_string(),
         String::new(),
         "0".into(),
     ]);
-    section.tables.push(t);
-    let mut t = Table::new(
-        "Redis PING round trip during the steady-state sample (ms), one every 10 ms",
-        &["probe", "count", "p50", "p90", "p99", "max"],
-    );
-    let mut cells = vec!["PING".to_string()];
-    cells.extend(latency_cells(&pings));
-    t.row(cells);
-    section.tables.push(t);
-    let mut t = Table::new(
-        "Redis commands at steady state (inner script calls included)",
-        &["command", "calls", "failed", "per second", "µs/call"],
-    );
-    for (cmd, st) in d.changed() {
-        t.row(vec![
-            cmd,
-            st.calls.to_string(),
-            st.failed.to_string(),
-            format!("{:.2}", st.calls as f64 / secs),
-            format!("{:.1}", st.usec as f64 / st.calls.max(1) as f64),
-        ]);
-    }
-    section.tables.push(t);
+    t
+}
 
-    // --- memory
+/// Phase 5: the gateways' and Redis's memory before and after the joins, per user.
+fn memory_table(args: &Args, cluster: &Cluster, before: &Memory, joins: &Joins) -> Table {
+    let ok = joins.ok();
+    let per_node = joins.per_node(args.nodes);
+    let after = &joins.memory_after;
     let mut t = Table::new(
         "Memory",
         &[
@@ -638,7 +821,7 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
             "per user (KiB)",
         ],
     );
-    for (i, (b, a)) in rss_before.iter().zip(&rss_after).enumerate() {
+    for (i, (b, a)) in before.rss.iter().zip(&after.rss).enumerate() {
         t.row(vec![
             format!("gateway bench-{i} RSS ({} users)", per_node[i]),
             format!("{b:.1}"),
@@ -648,28 +831,50 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     }
     t.row(vec![
         "Redis used_memory".into(),
-        format!("{redis_mem_before:.1}"),
-        format!("{redis_mem_after:.1}"),
+        format!("{:.1}", before.redis),
+        format!("{:.1}", after.redis),
         format!(
             "{:.2}",
-            (redis_mem_after - redis_mem_before) * 1024.0 / ok.max(1) as f64
+            (after.redis - before.redis) * 1024.0 / ok.max(1) as f64
         ),
     ]);
     t.row(vec![
-        format!("redis-server RSS (pid {redis_pid})"),
+        format!("redis-server RSS (pid {})", cluster.redis_pid),
         String::new(),
-        format!("{:.1}", proc_rss_mib(redis_pid)),
+        format!("{:.1}", proc_rss_mib(cluster.redis_pid)),
         String::new(),
     ]);
     t.row(vec![
         format!("benchmark client RSS ({ok} sockets)"),
         String::new(),
-        format!("{bench_rss:.1}"),
+        format!("{:.1}", joins.bench_rss),
         String::new(),
     ]);
-    section.tables.push(t);
+    t
+}
 
-    // --- leaves
+/// `num` of the room from each of `gateways` (or the error it answered).
+async fn api_nums(gateways: &[Gateway], room: &str) -> Vec<String> {
+    let mut api = Vec::new();
+    for gw in gateways {
+        api.push(match api_num(gw, room).await {
+            Ok(n) => n.to_string(),
+            Err(e) => format!("error: {e:#}"),
+        });
+    }
+    api
+}
+
+/// Phase 3: `--leave-sample` users spread over the joined ones close their sockets one at a
+/// time; each leave is timed until `HLEN` drops. Returns which connections left.
+async fn leave_phase(
+    args: &Args,
+    cluster: &mut Cluster,
+    joins: &mut Joins,
+    section: &mut Section,
+) -> Result<Vec<bool>> {
+    let conns = &mut joins.conns;
+    let counters = &joins.counters;
     let candidates: Vec<usize> = (0..conns.len()).filter(|i| conns[*i].joined).collect();
     let sample = args.leave_sample.min(candidates.len());
     let mut leave_latencies = Vec::with_capacity(sample);
@@ -681,7 +886,7 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     }
     for k in 0..sample {
         let index = candidates[k * candidates.len() / sample];
-        let before = hlen(&mut con, &users_key).await?;
+        let before = hlen(&mut cluster.con, &cluster.users_key).await?;
         let Some(close) = conns[index].close.take() else {
             continue;
         };
@@ -690,7 +895,7 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         left[index] = true;
         let deadline = started + Duration::from_secs(10);
         loop {
-            if hlen(&mut con, &users_key).await? < before {
+            if hlen(&mut cluster.con, &cluster.users_key).await? < before {
                 leave_latencies.push(started.elapsed());
                 break;
             }
@@ -702,14 +907,8 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let after_leaves = hlen(&mut con, &users_key).await?;
-    let mut api = Vec::new();
-    for gw in &gateways {
-        api.push(match api_num(gw, &args.room).await {
-            Ok(n) => n.to_string(),
-            Err(e) => format!("error: {e:#}"),
-        });
-    }
+    let after_leaves = hlen(&mut cluster.con, &cluster.users_key).await?;
+    let api = api_nums(&cluster.gateways, &args.room).await;
     let mut t = Table::new(
         "Leave latency (ms): client closes its socket → HLEN drops (polled every ~0.2 ms)",
         &["leaves", "count", "p50", "p90", "p99", "max"],
@@ -722,125 +921,196 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
         "after {} leaves: HLEN = {after_leaves} (expected {}), /api/rooms/{}/members num per node: \
          [{}], leaves not seen within 10 s: {leave_errors}, other connections ended: {}",
         leave_latencies.len(),
-        ok - sample as u64,
+        joins.ok() - sample as u64,
         args.room,
         api.join(", "),
         counters.ended.load(Ordering::Relaxed) - ended_before_leaves,
     ));
+    Ok(left)
+}
 
-    // --- SIGKILL convergence
+/// How `HLEN` moved after the kill.
+struct Convergence {
+    first_drop: Option<Duration>,
+    converged: Option<Duration>,
+    last: u64,
+}
+
+/// Polls `HLEN` every 10 ms until it is at most `expected` or the deadline passes.
+async fn watch_convergence(
+    cluster: &mut Cluster,
+    killed_at: Instant,
+    before: u64,
+    expected: u64,
+    deadline: Instant,
+) -> Result<Convergence> {
+    let mut c = Convergence {
+        first_drop: None,
+        converged: None,
+        last: before,
+    };
+    while Instant::now() < deadline {
+        let n = hlen(&mut cluster.con, &cluster.users_key).await?;
+        if n < before && c.first_drop.is_none() {
+            c.first_drop = Some(killed_at.elapsed());
+        }
+        c.last = n;
+        if n <= expected {
+            c.converged = Some(killed_at.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(c)
+}
+
+/// Phase 4: SIGKILL of the last node; times until the survivors' prune loops remove its users
+/// from the presence hash, and checks what the survivors and clients saw.
+async fn kill_phase(
+    args: &Args,
+    ttl: Duration,
+    cluster: &mut Cluster,
+    joins: &Joins,
+    left: &[bool],
+    section: &mut Section,
+) -> Result<()> {
+    let conns = &joins.conns;
+    let counters = &joins.counters;
+    let announce_max = args.announce_max.unwrap_or(DEFAULT_ANNOUNCE_MAX);
+    let victim = args.nodes - 1;
+    let victim_alive = (0..conns.len())
+        .filter(|i| conns[*i].joined && !left[*i] && conns[*i].node == victim)
+        .count() as u64;
+    let before = hlen(&mut cluster.con, &cluster.users_key).await?;
+    let expected = before - victim_alive;
+    let ended_before = counters.ended.load(Ordering::Relaxed);
+    let logouts_before = counters.logouts.load(Ordering::Relaxed);
+    eprintln!(
+        "SIGKILL bench-{victim} ({victim_alive} users); waiting for HLEN {before} → {expected} ..."
+    );
+    let killed_at = Instant::now();
+    cluster.gateways[victim].proc.kill();
+    let deadline = killed_at + ttl + Duration::from_secs(30);
+    let c = watch_convergence(cluster, killed_at, before, expected, deadline).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let settled = hlen(&mut cluster.con, &cluster.users_key).await?;
+    let api = api_nums(&cluster.gateways[..victim], &args.room).await;
+    let ended = counters.ended.load(Ordering::Relaxed) - ended_before;
+    let prune = prune_interval(ttl);
+    let survivors = (args.nodes - 1) as u64;
+    let batches_secs =
+        (victim_alive.div_ceil(PRUNE_BATCH * survivors)) as f64 * prune.as_secs_f64();
+    let mut t = Table::new(
+        &format!("Convergence after SIGKILL of bench-{victim} ({victim_alive} users)"),
+        &["what", "value"],
+    );
+    t.row(vec![
+        "first presence entries pruned after".into(),
+        c.first_drop
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| "never".into()),
+    ]);
+    t.row(vec![
+        format!("HLEN reached the survivors' {expected} users after"),
+        c.converged
+            .map(|d| format!("{:.2} s", d.as_secs_f64()))
+            .unwrap_or_else(|| format!("not within the deadline (last HLEN {})", c.last)),
+    ]);
+    t.row(vec![
+        "expected window".into(),
+        format!(
+            "{:.2}–{:.2} s",
+            (ttl - ttl / 3).as_secs_f64(),
+            ttl.as_secs_f64() + batches_secs
+        ),
+    ]);
+    section.lines.push(format!(
+        "expected convergence: the victim's entries expire TTL after its last refresh \
+         (which was 0..TTL/3 before the kill), then the survivors' prune loops (every \
+         {:.2} s, at most {PRUNE_BATCH} entries per call and node) remove them: \
+         {} prune round(s) for {victim_alive} entries over {survivors} survivor(s)",
+        prune.as_secs_f64(),
+        victim_alive.div_ceil(PRUNE_BATCH * survivors),
+    ));
+    t.row(vec!["HLEN 2 s later".into(), settled.to_string()]);
+    t.row(vec![
+        "/api/rooms/{room}/members num on the survivors".into(),
+        api.join(", "),
+    ]);
+    t.row(vec![
+        "client connections ended (the victim's)".into(),
+        format!("{ended} (expected {victim_alive})"),
+    ]);
+    t.row(vec![
+        "logout frames received by survivors".into(),
+        format!(
+            "{} (room above {announce_max}: none announced)",
+            counters.logouts.load(Ordering::Relaxed) - logouts_before
+        ),
+    ]);
+    section.tables.push(t);
+    Ok(())
+}
+
+/// One run with one presence TTL: start, joins, steady state, memory, leaves, SIGKILL
+/// convergence, teardown; returns the run's report section.
+async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
+    let ttl = Duration::from_millis(ttl_ms);
+    let mut section = Section {
+        title: format!(
+            "{} users, {} nodes, one room, GATEWAY_PRESENCE_TTL_MS={ttl_ms}",
+            args.users, args.nodes
+        ),
+        ..Default::default()
+    };
+    eprintln!("--- {}", section.title);
+
+    let mut cluster = start_cluster(args, ttl_ms).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let memory_before = sample_memory(&mut cluster).await?;
+
+    let mut joins = join_phase(args, &mut cluster, ticks).await?;
+    report_joins(args, &cluster, &joins, &mut section);
+
+    let steady = sample_steady(args, ttl, &mut cluster, &joins.counters, ticks).await?;
+    report_steady(args, ttl, &joins, &steady, &mut section);
+
+    section
+        .tables
+        .push(memory_table(args, &cluster, &memory_before, &joins));
+
+    let left = leave_phase(args, &mut cluster, &mut joins, &mut section).await?;
+
     if !args.no_kill && args.nodes > 1 {
-        let victim = args.nodes - 1;
-        let victim_alive = (0..conns.len())
-            .filter(|i| conns[*i].joined && !left[*i] && conns[*i].node == victim)
-            .count() as u64;
-        let before = hlen(&mut con, &users_key).await?;
-        let expected = before - victim_alive;
-        let ended_before = counters.ended.load(Ordering::Relaxed);
-        let logouts_before = counters.logouts.load(Ordering::Relaxed);
-        eprintln!(
-            "SIGKILL bench-{victim} ({victim_alive} users); waiting for HLEN {before} → {expected} ..."
-        );
-        let killed_at = Instant::now();
-        gateways[victim].proc.kill();
-        let mut first_drop = None;
-        let mut converged = None;
-        let deadline = killed_at + ttl + Duration::from_secs(30);
-        let mut last = before;
-        while Instant::now() < deadline {
-            let n = hlen(&mut con, &users_key).await?;
-            if n < before && first_drop.is_none() {
-                first_drop = Some(killed_at.elapsed());
-            }
-            last = n;
-            if n <= expected {
-                converged = Some(killed_at.elapsed());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let settled = hlen(&mut con, &users_key).await?;
-        let mut api = Vec::new();
-        for gw in gateways.iter().take(victim) {
-            api.push(match api_num(gw, &args.room).await {
-                Ok(n) => n.to_string(),
-                Err(e) => format!("error: {e:#}"),
-            });
-        }
-        let ended = counters.ended.load(Ordering::Relaxed) - ended_before;
-        let prune = prune_interval(ttl);
-        let survivors = (args.nodes - 1) as u64;
-        let batches_secs =
-            (victim_alive.div_ceil(PRUNE_BATCH * survivors)) as f64 * prune.as_secs_f64();
-        let mut t = Table::new(
-            &format!("Convergence after SIGKILL of bench-{victim} ({victim_alive} users)"),
-            &["what", "value"],
-        );
-        t.row(vec![
-            "first presence entries pruned after".into(),
-            first_drop
-                .map(|d| format!("{:.2} s", d.as_secs_f64()))
-                .unwrap_or_else(|| "never".into()),
-        ]);
-        t.row(vec![
-            format!("HLEN reached the survivors' {expected} users after"),
-            converged
-                .map(|d| format!("{:.2} s", d.as_secs_f64()))
-                .unwrap_or_else(|| format!("not within the deadline (last HLEN {last})")),
-        ]);
-        t.row(vec![
-            "expected window".into(),
-            format!(
-                "{:.2}–{:.2} s",
-                (ttl - ttl / 3).as_secs_f64(),
-                ttl.as_secs_f64() + batches_secs
-            ),
-        ]);
-        section.lines.push(format!(
-            "expected convergence: the victim's entries expire TTL after its last refresh \
-             (which was 0..TTL/3 before the kill), then the survivors' prune loops (every \
-             {:.2} s, at most {PRUNE_BATCH} entries per call and node) remove them: \
-             {} prune round(s) for {victim_alive} entries over {survivors} survivor(s)",
-            prune.as_secs_f64(),
-            victim_alive.div_ceil(PRUNE_BATCH * survivors),
-        ));
-        t.row(vec!["HLEN 2 s later".into(), settled.to_string()]);
-        t.row(vec![
-            "/api/rooms/{room}/members num on the survivors".into(),
-            api.join(", "),
-        ]);
-        t.row(vec![
-            "client connections ended (the victim's)".into(),
-            format!("{ended} (expected {victim_alive})"),
-        ]);
-        t.row(vec![
-            "logout frames received by survivors".into(),
-            format!(
-                "{} (room above {announce_max}: none announced)",
-                counters.logouts.load(Ordering::Relaxed) - logouts_before
-            ),
-        ]);
-        section.tables.push(t);
+        kill_phase(args, ttl, &mut cluster, &joins, &left, &mut section).await?;
     }
 
-    let errors = counters.errors.load(Ordering::Relaxed);
+    let errors = joins.counters.errors.load(Ordering::Relaxed);
     if errors > 0 {
         section
             .lines
             .push(format!("error frames received by clients: {errors}"));
     }
 
-    // --- teardown: close every client, then the processes (dropped: SIGKILL by pid)
+    teardown(cluster, joins.conns).await;
+    Ok(section)
+}
+
+/// Closes every client, then the processes (dropped: SIGKILL by pid).
+async fn teardown(cluster: Cluster, conns: Vec<Conn>) {
     for conn in &conns {
         conn.task.abort();
     }
     for conn in conns {
         let _ = conn.task.await;
     }
+    let Cluster {
+        redis_server,
+        gateways,
+        ..
+    } = cluster;
     drop(gateways);
     drop(redis_server);
-    Ok(section)
 }
 
 async fn wait_count(
