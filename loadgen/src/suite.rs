@@ -295,7 +295,9 @@ impl Stack {
             .iter()
             .map(|p| format!("server 127.0.0.1:{p};\n        "))
             .collect();
-        let vars = [
+        // The template's one renderer (the e2e harness's), so a new placeholder reaches
+        // every stack that renders it.
+        let vars: Vec<(String, String)> = [
             ("NGINX_LISTEN", format!("127.0.0.1:{port}")),
             ("NGINX_UPSTREAM_SERVERS", servers),
             ("NGINX_WORKER_PROCESSES", workers.to_string()),
@@ -303,17 +305,12 @@ impl Stack {
             ("NGINX_WORKER_RLIMIT_NOFILE", "20000".to_string()),
             ("NGINX_PREFIX", prefix.display().to_string()),
             ("NGINX_ACCESS_LOG", "off".to_string()),
-        ];
-        let mut conf = template;
-        for (k, v) in &vars {
-            conf = conf.replace(&format!("${{{k}}}"), v);
-        }
-        if let Some(i) = conf.find("${NGINX_") {
-            bail!(
-                "unknown placeholder left in the nginx template: {}",
-                &conf[i..i + 30]
-            );
-        }
+            ("NGINX_RESOLVER", e2e::nginx::LOCAL_RESOLVER.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let conf = e2e::nginx::render(&template, &vars)?;
         let path = prefix.join("nginx.conf");
         std::fs::write(&path, conf)?;
         let log = std::fs::File::create(self.work.join(format!("nginx-{name}.log")))?;

@@ -299,6 +299,23 @@ impl GatewayOpts {
 /// The HS256 secret of gateways started `with_jwt`.
 pub const TEST_JWT_SECRET: &str = "e2e-harness-secret-e2e-harness-secret";
 
+/// A token for `sub` valid for a day, signed with the harness's secret (`with_jwt`
+/// gateways), minted in this process: for benchmarks that log in thousands of users.
+pub fn harness_token(sub: &str) -> Result<String> {
+    gateway::auth::TokenCommand {
+        sub: sub.to_string(),
+        name: None,
+        ttl: 24 * 3600,
+        rooms: None,
+        issuer: None,
+        audience: None,
+        secret: Some(TEST_JWT_SECRET.to_string()),
+        private_key_file: None,
+    }
+    .mint()
+    .map_err(|e| anyhow!(e))
+}
+
 /// Mints a token for `sub` with `gateway token` (extra flags: `--ttl`, `--rooms`, `--name`,
 /// `--secret`, `--private-key-file`, ...), signed with `TEST_JWT_SECRET` unless told otherwise.
 pub fn mint_token(sub: &str, extra: &[&str]) -> Result<String> {

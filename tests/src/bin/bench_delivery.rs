@@ -252,9 +252,11 @@ async fn connect_and_login(url: &str, user: &str, room: &str) -> Result<Ws> {
     )
     .await
     .context("websocket connect timeout")??;
+    // A proven user (a token): stored ack positions belong to proven users only.
     let login = serde_json::json!({
         "event": "login", "userId": user, "userName": format!("name {user}"),
         "roomId": room, "roomName": format!("room {room}"), "ack": true,
+        "token": e2e::harness_token(user)?,
     });
     ws.send(Message::text(login.to_string())).await?;
     let own = format!(r#""userId":"{user}""#);
@@ -641,6 +643,7 @@ async fn start_cluster(args: &Args) -> Result<Cluster> {
     let mut gateways = Vec::new();
     for i in 0..args.nodes {
         let opts = GatewayOpts::redis(&redis_server.url())
+            .with_jwt()
             .node(&format!("bench-{i}"))
             .env("GATEWAY_HEARTBEAT_TIMEOUT_MS", 3_600_000);
         gateways.push(Gateway::start(opts).await?);
