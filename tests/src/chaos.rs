@@ -72,6 +72,12 @@ pub struct LabConfig {
     pub seed: u64,
     /// A name for the logs directory and the users (keeps concurrent runs apart).
     pub name: String,
+    /// Negative control: clients that never resume (every login without `ack` and `lastId`,
+    /// like the tutorial's page) yet are checked as ack-mode clients — the checker must then
+    /// report what they missed.
+    pub careless: bool,
+    /// How long the end of a run waits for every owed delivery and confirmation.
+    pub drain: Duration,
 }
 
 impl LabConfig {
@@ -88,6 +94,8 @@ impl LabConfig {
             ack_timeout: Duration::from_secs(2),
             seed: 1,
             name: name.to_string(),
+            careless: false,
+            drain: Duration::from_secs(60),
         }
     }
 
@@ -523,6 +531,7 @@ struct ClientCtl {
     send_every: Duration,
     events: Arc<Mutex<BTreeMap<String, u64>>>,
     seed: u64,
+    careless: bool,
 }
 
 /// A running client task.
@@ -552,7 +561,8 @@ async fn run_client(ctl: ClientCtl, mut stop: watch::Receiver<bool>) {
     let mut pending: BTreeMap<String, Pending> = BTreeMap::new();
     let mut rng = Rng::new(ctl.seed);
     let mut sent_count = 0u64;
-    let mut url_index = ctl.index;
+    // Clients alternate between nginx and the proxies: spread each half over the nodes.
+    let mut url_index = ctl.index / 2;
     let mut first = true;
     while !*stop.borrow() {
         let url = &ctl.urls[url_index % ctl.urls.len()];
@@ -619,7 +629,9 @@ async fn session(
             "event": "login", "userId": ctl.user, "userName": format!("name-{}", ctl.user),
             "roomId": room, "roomName": format!("room {room}"), "token": ctl.token, "ack": true,
         });
-        if let Some(id) = last_id {
+        if ctl.careless {
+            frame["ack"] = json!(false);
+        } else if let Some(id) = last_id {
             frame["lastId"] = json!(id);
         }
         Message::text(frame.to_string())
@@ -660,6 +672,10 @@ async fn session(
                 match event {
                     "login" if in_room && frame["userId"] == ctl.user.as_str() && !logged_in => {
                         logged_in = true;
+                        if ctl.careless {
+                            // Without acks no `synced` comes: logged in is as started as it gets.
+                            ctl.history.joined(ctl.index);
+                        }
                         // Everything unconfirmed goes again, same clientMsgId.
                         let now = tokio::time::Instant::now();
                         for p in pending.values_mut() {
@@ -684,6 +700,15 @@ async fn session(
                         let id_text = frame["id"].as_str().unwrap_or_default();
                         let cmid = frame["clientMsgId"].as_str().unwrap_or_default().to_string();
                         if let Some(id) = MsgId::parse(id_text) {
+                            if ctl.careless && !ctl.history.has_start(ctl.index) {
+                                // No `synced` without ack: owed is what follows the first
+                                // message received.
+                                let before = match id {
+                                    MsgId(ms, 0) => MsgId(ms.saturating_sub(1), u64::MAX),
+                                    MsgId(ms, seq) => MsgId(ms, seq - 1),
+                                };
+                                ctl.history.started(ctl.index, before);
+                            }
                             ctl.history.deliver(ctl.index, Received {
                                 id,
                                 client_msg_id: cmid.clone(),
@@ -733,7 +758,7 @@ async fn session(
                 out.push(Message::text(r#"{"event":"heartBeat","content":"ping"}"#));
             }
             _ = ack_tick.tick() => {
-                if logged_in && *last_id != acked {
+                if logged_in && !ctl.careless && *last_id != acked {
                     if let Some(id) = last_id.clone() {
                         out.push(Message::text(json!({"event":"ack","roomId":room,"id":id}).to_string()));
                         acked = Some(id);
@@ -916,6 +941,7 @@ impl ChaosLab {
             send_every: self.config.send_every,
             events: self.events.clone(),
             seed: self.rng.next_u64(),
+            careless: self.config.careless,
         };
         let task = tokio::spawn(run_client(ctl, stop_rx));
         self.clients.push(ClientHandle {
@@ -1327,7 +1353,7 @@ impl ChaosLab {
         let history = self.history.clone();
         let drained = wait_for(
             "every confirmation and owed delivery",
-            Duration::from_secs(60),
+            self.config.drain,
             || {
                 let left = history.outstanding();
                 async move { (left == 0).then_some(()) }
@@ -1376,7 +1402,8 @@ impl ChaosLab {
             violations,
             client_events: self.events.lock().expect("events").clone(),
         };
-        if !report.violations.is_empty() {
+        // (The negative control expects violations: no logs to keep.)
+        if !report.violations.is_empty() && !self.config.careless {
             let kept = self.keep_logs();
             eprintln!("violations found: logs kept in {}", kept.display());
         }

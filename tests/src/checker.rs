@@ -165,6 +165,8 @@ struct ClientLog {
     resyncs: usize,
     /// Left for good (closed its connection): owed nothing from then on.
     departed: bool,
+    /// Logged in (a client without acks gets no `synced` to start from).
+    joined: bool,
 }
 
 #[derive(Debug, Default)]
@@ -201,6 +203,7 @@ impl History {
             received: Vec::new(),
             resyncs: 0,
             departed: false,
+            joined: false,
         });
         log.clients.len() - 1
     }
@@ -211,8 +214,19 @@ impl History {
         log.clients[client].start.get_or_insert(last_id);
     }
 
-    pub fn is_started(&self, client: usize) -> bool {
+    /// Whether the client has a starting point (from which everything is owed to it).
+    pub fn has_start(&self, client: usize) -> bool {
         self.log().clients[client].start.is_some()
+    }
+
+    /// The client logged in (whether or not it has a starting point yet).
+    pub fn joined(&self, client: usize) {
+        self.log().clients[client].joined = true;
+    }
+
+    pub fn is_started(&self, client: usize) -> bool {
+        let log = self.log();
+        log.clients[client].start.is_some() || log.clients[client].joined
     }
 
     pub fn send(&self, client: usize, client_msg_id: &str, content: &str) {

@@ -109,3 +109,23 @@ async fn an_nginx_reload_under_traffic_loses_nothing() -> anyhow::Result<()> {
     run("ngx", &[Fault::NginxReload]).await?;
     Ok(())
 }
+
+/// Negative control: the same run with clients that do not resume (they log in again without
+/// `ack` or `lastId` after a reconnect, as the tutorial's page does) must be reported as losing
+/// messages — the checker is not blind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_reports_what_careless_clients_missed() -> anyhow::Result<()> {
+    let config = LabConfig {
+        careless: true,
+        drain: std::time::Duration::from_secs(5),
+        ..LabConfig::small("careless")
+    };
+    let report = run_schedule(config, &[Fault::ClientLinkStall { node: 1, secs: 4.0 }]).await?;
+    let lost = report
+        .violations
+        .iter()
+        .filter(|v| matches!(v, e2e::checker::Violation::Lost { .. }))
+        .count();
+    assert!(lost > 0, "no loss reported:\n{report}");
+    Ok(())
+}
