@@ -355,7 +355,7 @@ impl History {
     /// lost, were the run to end now, plus sends not confirmed yet.
     pub fn outstanding(&self) -> usize {
         let log = self.log();
-        let (lost, _) = missing(&log);
+        let (lost, _, _) = missing(&log);
         lost.len()
             + log
                 .sends
@@ -373,7 +373,7 @@ impl History {
     pub fn check(&self) -> Vec<Violation> {
         let log = self.log();
         let mut violations = Vec::new();
-        let (lost, _) = missing(&log);
+        let (lost, _, _) = missing(&log);
         violations.extend(lost);
 
         // Order of first deliveries, and every delivery matching a send.
@@ -457,24 +457,51 @@ impl History {
     }
 }
 
-/// The (message, member) deliveries missing from the history: violations, and how many are
-/// exempt because Redis lost the data before they were delivered.
-fn missing(log: &Log) -> (Vec<Violation>, usize) {
+/// What a client is owed: every confirmed message of its room after its start — up to the
+/// newest id it had received when it left, for a client that left (no gaps: ids come in order,
+/// so having id N means having every earlier one).
+struct Owed<'a> {
+    client: &'a ClientLog,
+    received: HashSet<MsgId>,
+    upto: Option<MsgId>,
+}
+
+fn owed_to(log: &Log) -> Vec<Owed<'_>> {
+    log.clients
+        .iter()
+        .filter(|c| c.ack && c.start.is_some())
+        .map(|c| Owed {
+            client: c,
+            received: c.received.iter().map(|r| r.id).collect(),
+            upto: if c.departed {
+                Some(c.received.iter().map(|r| r.id).max().unwrap_or(MsgId(0, 0)))
+            } else {
+                None
+            },
+        })
+        .collect()
+}
+
+/// The (message, member) deliveries missing from the history: violations, how many are
+/// exempt because Redis lost the data before they were delivered, and how many were owed.
+fn missing(log: &Log) -> (Vec<Violation>, usize, usize) {
     let mut lost = Vec::new();
     let mut exempt = 0;
+    let mut owed_pairs = 0;
+    let owed = owed_to(log);
     for (cmid, send) in &log.sends {
+        // Only the newest copy is owed; older ones (stored before Redis lost them) are covered
+        // by the duplicate rule.
         let Some(&(id, confirmed_at)) = send.confirmations.last() else {
             continue;
         };
-        // Only the newest copy is owed; older ones (stored before Redis lost them) are covered
-        // by the duplicate rule.
-        for c in log
-            .clients
-            .iter()
-            .filter(|c| c.ack && !c.departed && c.room == send.room)
-        {
-            let Some(start) = c.start else { continue };
-            if id <= start || c.received.iter().any(|r| r.id == id) {
+        for o in owed.iter().filter(|o| o.client.room == send.room) {
+            let start = o.client.start.expect("filtered on start");
+            if id <= start || o.upto.is_some_and(|upto| id > upto) {
+                continue;
+            }
+            owed_pairs += 1;
+            if o.received.contains(&id) {
                 continue;
             }
             if log.data_lost.iter().any(|t| *t >= confirmed_at) {
@@ -482,30 +509,22 @@ fn missing(log: &Log) -> (Vec<Violation>, usize) {
                 continue;
             }
             lost.push(Violation::Lost {
-                client: c.name.clone(),
-                room: c.room.clone(),
+                client: o.client.name.clone(),
+                room: o.client.room.clone(),
                 id,
                 client_msg_id: cmid.clone(),
             });
         }
     }
-    (lost, exempt)
+    (lost, exempt, owed_pairs)
 }
 
 fn stats(log: &Log) -> Stats {
-    let (_, exempt) = missing(log);
+    let (_, exempt, expected) = missing(log);
     let mut ids = HashSet::new();
-    let mut expected = 0;
     for send in log.sends.values() {
         if let Some(&(id, _)) = send.confirmations.last() {
             ids.insert((send.room.as_str(), id));
-            expected += log
-                .clients
-                .iter()
-                .filter(|c| {
-                    c.ack && !c.departed && c.room == send.room && c.start.is_some_and(|s| id > s)
-                })
-                .count();
         }
     }
     let deliveries: usize = log.clients.iter().map(|c| c.received.len()).sum();
@@ -598,6 +617,27 @@ mod tests {
         assert!(has(&|v| matches!(v, Violation::Duplicated { .. })));
         assert!(has(&|v| matches!(v, Violation::Phantom { .. })));
         assert!(has(&|v| matches!(v, Violation::NeverConfirmed { .. })));
+    }
+
+    #[test]
+    fn a_client_that_left_is_owed_no_more_than_its_newest_id_but_no_gap_before_it() {
+        let h = two_members();
+        for (cmid, id) in [("c1", 1), ("c2", 2), ("c3", 3)] {
+            h.send(0, cmid, "x");
+            h.confirm(cmid, MsgId(id, 0));
+            got(&h, 0, MsgId(id, 0), cmid, "x");
+        }
+        got(&h, 1, MsgId(1, 0), "c1", "x");
+        got(&h, 1, MsgId(3, 0), "c3", "x"); // 2 skipped: a gap
+        h.depart(1);
+        h.send(0, "c4", "x");
+        h.confirm("c4", MsgId(4, 0)); // after b left: not owed to b
+        got(&h, 0, MsgId(4, 0), "c4", "x");
+        let v = h.check();
+        assert_eq!(v.len(), 1, "{v:?}");
+        assert!(
+            matches!(&v[0], Violation::Lost { client, id, .. } if client == "b" && *id == MsgId(2, 0))
+        );
     }
 
     #[test]
