@@ -259,6 +259,9 @@ pub struct Recovery {
     /// The longest time a client (one present throughout) had no send confirmed, from the
     /// fault's start until every client recovered: how long "my messages hang" lasted.
     pub worst_send_gap: Duration,
+    /// What clients saw from the fault's start until they all recovered (reconnects, error
+    /// codes, close codes, connections declared dead).
+    pub client_events: BTreeMap<String, u64>,
 }
 
 fn secs(d: Option<Duration>) -> String {
@@ -271,7 +274,8 @@ impl fmt::Display for Recovery {
         write!(
             f,
             "{}: after heal, send confirmed {} s (all clients {} s), delivered {} s (all \
-             clients {} s), presence right {} s; longest wait for a confirmation {:.2} s",
+             clients {} s), presence right {} s; longest wait for a confirmation {:.2} s; \
+             clients saw {:?}",
             self.fault,
             secs(self.first_confirm),
             secs(self.all_confirm),
@@ -279,6 +283,7 @@ impl fmt::Display for Recovery {
             secs(self.all_delivery),
             secs(self.presence),
             self.worst_send_gap.as_secs_f64(),
+            self.client_events,
         )
     }
 }
@@ -1093,6 +1098,7 @@ impl ChaosLab {
     /// checked for phantom users too.
     pub async fn inject(&mut self, fault: &Fault) -> Result<Recovery> {
         let pick = self.rng.below(1 << 16) as usize;
+        let events_before = self.events.lock().expect("events").clone();
         let injected = Instant::now();
         let wait = |secs: f64| tokio::time::sleep(Duration::from_secs_f64(secs));
         match fault.clone() {
@@ -1208,6 +1214,13 @@ impl ChaosLab {
         recovery.worst_send_gap =
             self.history
                 .longest_confirm_gap(&present_throughout, injected, Instant::now());
+        for (event, n) in self.events.lock().expect("events").iter() {
+            let delta = n - events_before.get(event).copied().unwrap_or(0);
+            // "stopped" is the departing client closing, not something the fault did.
+            if delta > 0 && event != "stopped" {
+                recovery.client_events.insert(event.clone(), delta);
+            }
+        }
         if let Fault::NodeKill { node } = fault {
             // Back to full strength for what follows, under the same node id.
             self.nodes[*node].start().await?;
@@ -1228,6 +1241,7 @@ impl ChaosLab {
             all_delivery: None,
             presence: None,
             worst_send_gap: Duration::ZERO,
+            client_events: BTreeMap::new(),
         };
         let presence_deadline = healed + self.config.presence_deadline();
         let traffic_deadline = healed + Duration::from_secs(60);
