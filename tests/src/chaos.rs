@@ -256,6 +256,8 @@ pub struct Recovery {
     pub first_delivery: Option<Duration>,
     pub all_delivery: Option<Duration>,
     pub presence: Option<Duration>,
+    /// How often presence was right after the heal and then wrong again.
+    pub presence_flaps: u32,
     /// The longest time a client (one present throughout) had no send confirmed, from the
     /// fault's start until every client recovered: how long "my messages hang" lasted.
     pub worst_send_gap: Duration,
@@ -274,7 +276,7 @@ impl fmt::Display for Recovery {
         write!(
             f,
             "{}: after heal, send confirmed {} s (all clients {} s), delivered {} s (all \
-             clients {} s), presence right {} s; longest wait for a confirmation {:.2} s; \
+             clients {} s), presence right {} s (wrong again {} times); longest wait for a confirmation {:.2} s; \
              clients saw {:?}",
             self.fault,
             secs(self.first_confirm),
@@ -282,6 +284,7 @@ impl fmt::Display for Recovery {
             secs(self.first_delivery),
             secs(self.all_delivery),
             secs(self.presence),
+            self.presence_flaps,
             self.worst_send_gap.as_secs_f64(),
             self.client_events,
         )
@@ -1240,13 +1243,16 @@ impl ChaosLab {
             first_delivery: None,
             all_delivery: None,
             presence: None,
+            presence_flaps: 0,
             worst_send_gap: Duration::ZERO,
             client_events: BTreeMap::new(),
         };
         let presence_deadline = healed + self.config.presence_deadline();
         let traffic_deadline = healed + Duration::from_secs(60);
         let mut presence_diff = Vec::new();
-        let mut presence_right_at: Option<Instant> = None;
+        let mut presence_right_since: Option<Instant> = None;
+        let mut presence_done = false;
+        let mut nums_since: Option<Instant> = None;
         let mut nums_checked = false;
         loop {
             let live: Vec<usize> = self
@@ -1284,16 +1290,44 @@ impl ChaosLab {
                         per_client.into_iter().flatten().max().map(|t| t - healed);
                 }
             }
-            if recovery.presence.is_none() && self.clients_started() {
-                presence_diff = self.presence_diff().await;
-                if presence_diff.is_empty() {
-                    recovery.presence = Some(healed.elapsed());
-                    presence_right_at = Some(Instant::now());
+            // Presence is polled up to the deadline even when it is right earlier: it can be
+            // right, then wrong again (a node cut off from Redis longer than the TTL has its
+            // users pruned by the others, and re-creates them once its own refresh gets
+            // through). `presence` is when it last became right; it must be right at the
+            // deadline.
+            if !presence_done && self.clients_started() {
+                let diff = self.presence_diff().await;
+                if diff.is_empty() {
+                    presence_right_since.get_or_insert_with(Instant::now);
+                } else {
+                    if presence_right_since.take().is_some() {
+                        recovery.presence_flaps += 1;
+                    }
+                    presence_diff = diff;
+                }
+                if Instant::now() >= presence_deadline {
+                    presence_done = true;
+                    nums_since = Some(Instant::now());
+                    match presence_right_since {
+                        Some(since) => recovery.presence = Some(since - healed),
+                        None => {
+                            for (room, detail) in presence_diff.drain(..) {
+                                self.history.violation(Violation::Presence {
+                                    room,
+                                    detail: format!(
+                                        "{detail} ({:.1} s after `{}` healed)",
+                                        self.config.presence_deadline().as_secs_f64(),
+                                        recovery.fault
+                                    ),
+                                });
+                            }
+                        }
+                    }
                 }
             }
-            // What clients see: once presence is right, every message issued later carries
-            // the right `num` to every member.
-            if let (Some(since), false) = (presence_right_at, nums_checked) {
+            // What clients see: from the deadline on, every message carries the right `num`
+            // to every member.
+            if let (Some(since), false) = (nums_since, nums_checked) {
                 let truth = self.truth();
                 let latest = self.history.latest_num_since(since);
                 let live_latest: Vec<_> = live.iter().map(|c| latest[*c].clone()).collect();
@@ -1305,7 +1339,7 @@ impl ChaosLab {
                             self.history.violation(Violation::Presence {
                                 room,
                                 detail: format!(
-                                    "{user} saw num {num:?} after presence was right, truth \
+                                    "{user} saw num {num:?} after the presence deadline, truth \
                                      {want:?} (after `{}`)",
                                     recovery.fault
                                 ),
@@ -1315,25 +1349,10 @@ impl ChaosLab {
                 }
             }
             let traffic_done = recovery.all_confirm.is_some() && recovery.all_delivery.is_some();
-            if traffic_done && recovery.presence.is_some() && nums_checked {
+            if traffic_done && presence_done && nums_checked {
                 break;
             }
             let now = Instant::now();
-            if recovery.presence.is_none() && now > presence_deadline {
-                for (room, detail) in presence_diff.drain(..) {
-                    self.history.violation(Violation::Presence {
-                        room,
-                        detail: format!(
-                            "{detail} ({:.1} s after `{}` healed)",
-                            self.config.presence_deadline().as_secs_f64(),
-                            recovery.fault
-                        ),
-                    });
-                }
-                // Reported once; keep measuring traffic.
-                recovery.presence = Some(Duration::MAX);
-                nums_checked = true;
-            }
             if now > traffic_deadline {
                 self.history.violation(Violation::Presence {
                     room: "*".into(),
@@ -1345,9 +1364,6 @@ impl ChaosLab {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if recovery.presence == Some(Duration::MAX) {
-            recovery.presence = None;
         }
         recovery
     }

@@ -12,6 +12,8 @@
 //! checks the history the same way. Needs root (network namespaces).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
@@ -59,7 +61,8 @@ fn summary(recoveries: &[Recovery]) -> String {
     }
     let mut out = String::from(
         "| fault | n | heal → send confirmed (all clients), max s | heal → delivered (all \
-         clients), max s | heal → presence right, max s |\n|---|---|---|---|---|\n",
+         clients), max s | heal → presence right, max s | presence wrong again after right |\n\
+         |---|---|---|---|---|---|\n",
     );
     let max = |rs: &[&Recovery], f: &dyn Fn(&Recovery) -> Option<Duration>| {
         let values: Vec<Option<Duration>> = rs.iter().map(|r| f(r)).collect();
@@ -72,13 +75,14 @@ fn summary(recoveries: &[Recovery]) -> String {
     };
     for (kind, rs) in by_kind {
         out.push_str(&format!(
-            "| {kind} | {} | {} ({}) | {} ({}) | {} |\n",
+            "| {kind} | {} | {} ({}) | {} ({}) | {} | {} |\n",
             rs.len(),
             max(&rs, &|r| r.first_confirm),
             max(&rs, &|r| r.all_confirm),
             max(&rs, &|r| r.first_delivery),
             max(&rs, &|r| r.all_delivery),
             max(&rs, &|r| r.presence),
+            rs.iter().map(|r| r.presence_flaps).sum::<u32>(),
         ));
     }
     out
@@ -88,11 +92,29 @@ fn summary(recoveries: &[Recovery]) -> String {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let started = Instant::now();
+    // Ctrl-C or SIGTERM ends the run early: the lab is still checked and cleaned up.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("interrupted: finishing the run");
+            interrupted.store(true, Ordering::Relaxed);
+        });
+    }
+    let go_on = |t0: Instant| {
+        t0.elapsed() < Duration::from_secs(args.secs) && !interrupted.load(Ordering::Relaxed)
+    };
     let mut lab = ChaosLab::start(config(&args)).await?;
     lab.start_clients().await?;
     lab.traffic(true);
     let mut rng = Rng::new(args.seed ^ 0x5EED);
-    let run_for = Duration::from_secs(args.secs);
     let t0 = Instant::now();
     if args.soak {
         println!(
@@ -102,7 +124,7 @@ async fn main() -> anyhow::Result<()> {
         println!("t_s\tgateway_rss_kib (per node)\tredis_used_memory_bytes\tmessages_confirmed");
         let mut next_sample = t0;
         let mut next_churn = t0 + Duration::from_secs(10);
-        while t0.elapsed() < run_for {
+        while go_on(t0) {
             if Instant::now() >= next_sample {
                 let (rss, used) = lab.memory().await?;
                 println!(
@@ -132,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
             args.seed, args.secs, args.nodes, args.rooms, args.clients_per_room
         );
         let mut n = 0;
-        while t0.elapsed() < run_for {
+        while go_on(t0) {
             let fault = Fault::random(&mut rng, args.nodes);
             n += 1;
             println!("[{:>5.1} s] fault {n}: {fault}", t0.elapsed().as_secs_f64());
