@@ -38,6 +38,10 @@ struct Args {
     rooms: usize,
     #[arg(long, default_value_t = 4)]
     clients_per_room: usize,
+    /// Only faults of this kind (as the summary table names them, e.g. "partition
+    /// node/Redis"): the random schedule skips the others.
+    #[arg(long)]
+    only: Option<String>,
     /// Each client sends a message this often (milliseconds).
     #[arg(long, default_value_t = 200)]
     send_every_ms: u64,
@@ -155,7 +159,12 @@ async fn main() -> anyhow::Result<()> {
         );
         let mut n = 0;
         while go_on(t0) {
-            let fault = Fault::random(&mut rng, args.nodes);
+            let fault = loop {
+                let fault = Fault::random(&mut rng, args.nodes);
+                if args.only.as_deref().is_none_or(|k| k == fault.kind()) {
+                    break fault;
+                }
+            };
             n += 1;
             println!("[{:>5.1} s] fault {n}: {fault}", t0.elapsed().as_secs_f64());
             let recovery = lab.inject(&fault).await?;
