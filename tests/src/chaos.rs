@@ -224,6 +224,21 @@ impl Fault {
         }
     }
 
+    /// Whether the fault may cut one node off from Redis for about the presence TTL, while the
+    /// other nodes work on: the others then cannot tell it from a dead node and prune its users
+    /// (logged out, then in again when it is back), whose connections are still open. After
+    /// every other fault, no member may see a connected user logged out.
+    pub fn may_log_out_connected_users(&self) -> bool {
+        matches!(
+            self,
+            Fault::PartitionNodeFromRedis { .. }
+                | Fault::RedisLinkStall { .. }
+                | Fault::RedisLinkLoss { .. }
+                | Fault::RedisLinkDelay { .. }
+                | Fault::NodeSigstop { .. }
+        )
+    }
+
     /// A short name for tables.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -258,6 +273,10 @@ pub struct Recovery {
     pub presence: Option<Duration>,
     /// How often presence was right after the heal and then wrong again.
     pub presence_flaps: u32,
+    /// `logout` frames members received, from the fault's start until recovery, naming a user
+    /// whose connection was open and logged in at that moment: a member list showing someone
+    /// gone who is there. (A logout while the user is between connections is honest.)
+    pub logouts_of_connected: usize,
     /// The longest time a client (one present throughout) had no send confirmed, from the
     /// fault's start until every client recovered: how long "my messages hang" lasted.
     pub worst_send_gap: Duration,
@@ -276,7 +295,7 @@ impl fmt::Display for Recovery {
         write!(
             f,
             "{}: after heal, send confirmed {} s (all clients {} s), delivered {} s (all \
-             clients {} s), presence right {} s (wrong again {} times); longest wait for a confirmation {:.2} s; \
+             clients {} s), presence right {} s (wrong again {} times, {} logout frames for connected users); longest wait for a confirmation {:.2} s; \
              clients saw {:?}",
             self.fault,
             secs(self.first_confirm),
@@ -285,6 +304,7 @@ impl fmt::Display for Recovery {
             secs(self.all_delivery),
             secs(self.presence),
             self.presence_flaps,
+            self.logouts_of_connected,
             self.worst_send_gap.as_secs_f64(),
             self.client_events,
         )
@@ -618,6 +638,7 @@ async fn run_client(ctl: ClientCtl, mut stop: watch::Receiver<bool>) {
             &mut sent_count,
         )
         .await;
+        ctl.history.offline(ctl.index);
         count(&ctl.events, end);
         // A real client spreads its reconnects: the next address, after a short random pause.
         url_index += 1;
@@ -697,6 +718,7 @@ async fn session(
                 match event {
                     "login" if in_room && frame["userId"] == ctl.user.as_str() && !logged_in => {
                         logged_in = true;
+                        ctl.history.online(ctl.index);
                         if ctl.careless {
                             // Without acks no `synced` comes: logged in is as started as it gets.
                             ctl.history.joined(ctl.index);
@@ -761,6 +783,11 @@ async fn session(
                     // Logouts and logins of others, as a member list would show them.
                     "logout" | "login" if in_room && frame["userId"] != ctl.user.as_str() => {
                         count(&ctl.events, format!("{event} frames"));
+                        if event == "logout" {
+                            if let Some(user) = frame["userId"].as_str() {
+                                ctl.history.saw_logout(user);
+                            }
+                        }
                     }
                     "resync" if in_room => {
                         count(&ctl.events, "resync".into());
@@ -1238,6 +1265,7 @@ impl ChaosLab {
         recovery.worst_send_gap =
             self.history
                 .longest_confirm_gap(&present_throughout, injected, Instant::now());
+        recovery.logouts_of_connected = self.history.logouts_of_online_users_since(injected).len();
         for (event, n) in self.events.lock().expect("events").iter() {
             let delta = n - events_before.get(event).copied().unwrap_or(0);
             // "stopped" is the departing client closing, not something the fault did.
@@ -1265,6 +1293,7 @@ impl ChaosLab {
             all_delivery: None,
             presence: None,
             presence_flaps: 0,
+            logouts_of_connected: 0,
             worst_send_gap: Duration::ZERO,
             client_events: BTreeMap::new(),
         };

@@ -167,6 +167,8 @@ struct ClientLog {
     departed: bool,
     /// Logged in (a client without acks gets no `synced` to start from).
     joined: bool,
+    /// When each of its connections was logged in: (login, end of the connection).
+    online: Vec<(Instant, Option<Instant>)>,
 }
 
 #[derive(Debug, Default)]
@@ -175,6 +177,8 @@ struct Log {
     sends: BTreeMap<String, Send>,
     data_lost: Vec<Instant>,
     external: Vec<Violation>,
+    /// Every `logout` frame a client received: whom it named, and when.
+    logouts: Vec<(String, Instant)>,
 }
 
 /// The recorded history of a run (shared by every client; see the module docs).
@@ -204,6 +208,7 @@ impl History {
             resyncs: 0,
             departed: false,
             joined: false,
+            online: Vec::new(),
         });
         log.clients.len() - 1
     }
@@ -260,6 +265,46 @@ impl History {
     /// The client left for good: a user who closed the app is owed no more deliveries.
     pub fn depart(&self, client: usize) {
         self.log().clients[client].departed = true;
+    }
+
+    /// A client received a `logout` frame naming `user`.
+    pub fn saw_logout(&self, user: &str) {
+        self.log().logouts.push((user.to_string(), Instant::now()));
+    }
+
+    /// The client's connection is logged in from now on.
+    pub fn online(&self, client: usize) {
+        self.log().clients[client]
+            .online
+            .push((Instant::now(), None));
+    }
+
+    /// The client's connection ended (it will reconnect, or it left).
+    pub fn offline(&self, client: usize) {
+        let mut log = self.log();
+        if let Some(last) = log.clients[client].online.last_mut() {
+            last.1.get_or_insert_with(Instant::now);
+        }
+    }
+
+    /// `logout` frames received at or after `since` that named a user whose client was logged
+    /// in on an open connection when the frame arrived (the member list says gone, the user is
+    /// there): one entry per frame. A logout while the user was between connections is honest
+    /// and not counted.
+    pub fn logouts_of_online_users_since(&self, since: Instant) -> Vec<String> {
+        let log = self.log();
+        log.logouts
+            .iter()
+            .filter(|(_, at)| *at >= since)
+            .filter(|(user, at)| {
+                log.clients.iter().filter(|c| c.name == *user).any(|c| {
+                    c.online
+                        .iter()
+                        .any(|(from, to)| from <= at && to.is_none_or(|to| to >= *at))
+                })
+            })
+            .map(|(user, _)| user.clone())
+            .collect()
     }
 
     pub fn resync(&self, client: usize) {

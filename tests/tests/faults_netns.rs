@@ -15,12 +15,17 @@ use e2e::chaos::{assert_clean, run_schedule, Fault, LabConfig};
 async fn run(name: &str, schedule: &[Fault]) -> anyhow::Result<e2e::chaos::RunReport> {
     let report = run_schedule(LabConfig::small(name), schedule).await?;
     assert_clean(&report)?;
-    // Every fault recovered fully (traffic for everyone, presence right).
+    // Every fault recovered fully (traffic for everyone, presence right), and no member saw a
+    // connected user logged out unless a node was cut off from Redis (see
+    // `Fault::may_log_out_connected_users`; docs/reliability.md).
     for r in &report.recoveries {
         assert!(
             r.all_confirm.is_some() && r.all_delivery.is_some() && r.presence.is_some(),
             "{r}"
         );
+        if !r.fault.may_log_out_connected_users() {
+            assert_eq!(r.logouts_of_connected, 0, "{r}");
+        }
     }
     assert!(report.stats.confirmed > 50, "{:?}", report.stats);
     Ok(report)

@@ -65,8 +65,8 @@ fn summary(recoveries: &[Recovery]) -> String {
     }
     let mut out = String::from(
         "| fault | n | heal → send confirmed (all clients), max s | heal → delivered (all \
-         clients), max s | heal → presence right, max s | presence wrong again after right |\n\
-         |---|---|---|---|---|---|\n",
+         clients), max s | heal → presence right, max s | presence wrong again after right | logout frames for connected users |\n\
+         |---|---|---|---|---|---|---|\n",
     );
     let max = |rs: &[&Recovery], f: &dyn Fn(&Recovery) -> Option<Duration>| {
         let values: Vec<Option<Duration>> = rs.iter().map(|r| f(r)).collect();
@@ -79,7 +79,7 @@ fn summary(recoveries: &[Recovery]) -> String {
     };
     for (kind, rs) in by_kind {
         out.push_str(&format!(
-            "| {kind} | {} | {} ({}) | {} ({}) | {} | {} |\n",
+            "| {kind} | {} | {} ({}) | {} ({}) | {} | {} | {} |\n",
             rs.len(),
             max(&rs, &|r| r.first_confirm),
             max(&rs, &|r| r.all_confirm),
@@ -87,6 +87,7 @@ fn summary(recoveries: &[Recovery]) -> String {
             max(&rs, &|r| r.all_delivery),
             max(&rs, &|r| r.presence),
             rs.iter().map(|r| r.presence_flaps).sum::<u32>(),
+            rs.iter().map(|r| r.logouts_of_connected).sum::<usize>(),
         ));
     }
     out
