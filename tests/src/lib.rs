@@ -3,6 +3,10 @@
 //!
 //! Every process is started by the harness and killed by its own pid when its handle drops.
 
+pub mod chaos;
+pub mod checker;
+pub mod faultproxy;
+pub mod netns;
 pub mod nginx;
 pub mod report;
 
