@@ -567,3 +567,58 @@ async fn pipelined_messages_keep_their_order_when_redis_lost_its_scripts() -> an
     assert!(refused_in_all > 0, "no message met a flushed script cache");
     Ok(())
 }
+
+/// A connection's reading and writing do not wait on each other: while Redis answers its own
+/// message slowly, what others say in its room reaches it at once. Node A reaches Redis through
+/// a proxy that delays every byte by 500 ms (each way); its member M re-sends a message Redis
+/// already holds, which is answered with `sent` only when Redis has answered (≥ 1 s). Meanwhile
+/// P on node B (no delay) speaks: its message reaches A's pub/sub after 500 ms, and M must get
+/// it before its own `sent`.
+#[tokio::test]
+async fn deliveries_reach_a_member_while_redis_is_slow_with_its_own_message() -> anyhow::Result<()>
+{
+    let redis = RedisServer::start().await?;
+    let redis_addr: std::net::SocketAddr = format!("127.0.0.1:{}", redis.port).parse()?;
+    let proxy = e2e::faultproxy::FaultProxy::start("127.0.0.1".parse()?, redis_addr, 1).await?;
+    let slow_node = e2e::InProcessGateway::start(e2e::GatewayOpts::redis(&format!(
+        "redis://{}/",
+        proxy.listen
+    )))
+    .await?;
+    let fast_node = e2e::InProcessGateway::start(e2e::GatewayOpts::redis(&redis.url())).await?;
+    let mut m = Client::connect(&slow_node.ws_url()).await?;
+    m.login("m", json!("busy")).await?;
+    let mut p = Client::connect(&fast_node.ws_url()).await?;
+    p.login("p", json!("busy")).await?;
+    m.send(json!({"roomId":"busy","content":"first","clientMsgId":"m-1"}))
+        .await?;
+    m.recv_until(|f| f["event"] == "message" && f["clientMsgId"] == "m-1")
+        .await?;
+    p.recv_until(|f| f["event"] == "message" && f["clientMsgId"] == "m-1")
+        .await?;
+
+    proxy.set_delay(Duration::from_millis(500));
+    // The same clientMsgId again: Redis answers "already stored", and M gets `sent`.
+    m.send(json!({"roomId":"busy","content":"first","clientMsgId":"m-1"}))
+        .await?;
+    p.send(json!({"roomId":"busy","content":"meanwhile","clientMsgId":"p-1"}))
+        .await?;
+    let mut got_meanwhile = false;
+    loop {
+        let frame = m.recv().await?;
+        if frame["event"] == "message" && frame["clientMsgId"] == "p-1" {
+            got_meanwhile = true;
+        }
+        if frame["event"] == "sent" {
+            assert_eq!(frame["clientMsgId"], "m-1", "{frame}");
+            break;
+        }
+        assert_ne!(frame["event"], "error", "{frame}");
+    }
+    assert!(
+        got_meanwhile,
+        "P's message reached M only after Redis answered M's own message"
+    );
+    proxy.heal();
+    Ok(())
+}
