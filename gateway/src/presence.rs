@@ -207,3 +207,110 @@ impl Presence {
             .is_none_or(|t| t.elapsed() >= self.ttl)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::{Inbound, Limits};
+    use tokio::sync::mpsc;
+
+    fn presence(ttl: Duration) -> (Presence, mpsc::UnboundedReceiver<Inbound>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let limits = Limits {
+            history_max_len: 100,
+            dedup_ttl_ms: 60_000,
+            announce_max: 1000,
+            history_ttl_ms: 60_000,
+            announces_per_sec: 50,
+        };
+        let broker = Broker::Memory(Arc::new(MemoryBroker::new(limits, tx)));
+        let metrics = Arc::new(Metrics::new("n1"));
+        (Presence::new(broker, "n1".into(), ttl, metrics), rx)
+    }
+
+    fn entry(conn: u64, user: &str, room_name: &str) -> PresenceEntry {
+        PresenceEntry {
+            room_key: "r".into(),
+            conn_key: format!("n1:0:{conn}"),
+            user_id: user.into(),
+            user_fragment: format!(r#""userId":"{user}","userName":"{user}""#),
+            room_json: r#""r""#.into(),
+            room_name: room_name.into(),
+        }
+    }
+
+    /// The announcements published on the room's channel so far, as text.
+    fn announcements(rx: &mut mpsc::UnboundedReceiver<Inbound>) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Ok(Inbound::Message { payload, .. }) = rx.try_recv() {
+            out.push(String::from_utf8_lossy(&payload).into_owned());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_user_with_two_connections_is_counted_and_announced_once() {
+        let (presence, mut rx) = presence(Duration::from_secs(30));
+        presence.broker.subscribe("ch").await.expect("subscribe");
+        let first = presence.join(1, entry(1, "u", "R"), "ch").await.unwrap();
+        assert!(first.first && first.announced, "{first:?}");
+        assert_eq!(first.num, 1);
+        let second = presence.join(2, entry(2, "u", "R"), "ch").await.unwrap();
+        assert!(!second.first && !second.announced, "{second:?}");
+        assert_eq!(second.num, 1);
+        let logins = announcements(&mut rx);
+        assert_eq!(logins.len(), 1, "{logins:?}");
+        assert!(logins[0].contains(r#""event":"login""#), "{}", logins[0]);
+
+        let one_left = presence.leave(1, "r", "ch").await.unwrap();
+        assert!(!one_left.last);
+        assert_eq!(one_left.num, 1);
+        assert!(
+            announcements(&mut rx).is_empty(),
+            "a tab closing is no logout"
+        );
+        let gone = presence.leave(2, "r", "ch").await.unwrap();
+        assert!(gone.last);
+        assert_eq!(gone.num, 0);
+        let logouts = announcements(&mut rx);
+        assert_eq!(logouts.len(), 1, "{logouts:?}");
+        assert!(logouts[0].contains(r#""event":"logout""#), "{}", logouts[0]);
+    }
+
+    #[tokio::test]
+    async fn the_first_joiner_names_the_room_and_a_later_one_cannot_rename_it() {
+        let (presence, _rx) = presence(Duration::from_secs(30));
+        let first = presence
+            .join(1, entry(1, "a", "Lobby"), "ch")
+            .await
+            .unwrap();
+        assert_eq!(first.room_name, "Lobby");
+        let second = presence
+            .join(2, entry(2, "b", "Hijacked"), "ch")
+            .await
+            .unwrap();
+        assert_eq!(second.room_name, "Lobby");
+        assert_eq!(second.num, 2);
+    }
+
+    #[tokio::test]
+    async fn leaving_a_room_never_joined_changes_nothing() {
+        let (presence, mut rx) = presence(Duration::from_secs(30));
+        presence.broker.subscribe("ch").await.expect("subscribe");
+        let outcome = presence.leave(7, "r", "ch").await.unwrap();
+        assert!(!outcome.last);
+        assert!(announcements(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn a_disturbance_pauses_pruning_for_one_ttl() {
+        let (presence, _rx) = presence(Duration::from_millis(300));
+        assert!(presence.may_prune());
+        presence.disturbed("test");
+        assert!(!presence.may_prune());
+        // The pause is one TTL measured on the clock: waiting past it is the condition itself.
+        std::thread::sleep(Duration::from_millis(350));
+        assert!(presence.may_prune());
+    }
+}
