@@ -3,13 +3,14 @@
 //! writes a Markdown report plus JSON.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use e2e::report::Table;
+use e2e::{free_port, Proc};
 use serde::Serialize;
 
 use crate::stats::{proc_cpu_s, proc_status_kib, Report};
@@ -71,55 +72,10 @@ pub struct SuiteArgs {
     pub workdir: Option<PathBuf>,
 }
 
-/// A child process, killed by its own pid when dropped.
-struct Proc {
-    name: String,
-    child: Child,
-}
-
-impl Proc {
-    fn spawn(name: &str, cmd: &mut Command) -> Result<Proc> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Proc {
-            name: name.to_string(),
-            child,
-        })
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proc {
-    /// SIGTERM first, so that an nginx master takes its workers down with it (SIGKILL would
-    /// leave them running, orphaned); SIGKILL if it is still there after a second.
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .stderr(Stdio::null())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(1);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A child process of the suite: SIGTERM when dropped, then SIGKILL (an nginx master takes
+/// its workers down on SIGTERM; SIGKILL would leave them running).
+fn spawn_graceful(name: &str, cmd: &mut Command) -> Result<Proc> {
+    Ok(Proc::spawn(name, cmd)?.graceful())
 }
 
 fn wait_for(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
@@ -219,9 +175,9 @@ struct Stack {
 
 impl Stack {
     fn start_redis(&mut self, redis_bin: &Path) -> Result<()> {
-        let port = free_port()?;
+        let port = free_port();
         let log = std::fs::File::create(self.work.join("redis.log"))?;
-        let p = Proc::spawn(
+        let p = spawn_graceful(
             "redis-server",
             Command::new(redis_bin)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -237,10 +193,10 @@ impl Stack {
 
     fn start_nodes(&mut self, n: usize) -> Result<()> {
         for k in self.nodes.len()..n {
-            let port = free_port()?;
-            let admin = free_port()?;
+            let port = free_port();
+            let admin = free_port();
             let log = std::fs::File::create(self.work.join(format!("gateway-{k}.log")))?;
-            let p = Proc::spawn(
+            let p = spawn_graceful(
                 &format!("gateway node-{k}"),
                 Command::new(&self.gateway_bin)
                     .env("GATEWAY_LISTEN", format!("127.0.0.1:{port}"))
@@ -281,14 +237,14 @@ impl Stack {
     }
 
     fn node_pids(&self) -> Vec<u32> {
-        self.nodes.iter().map(|(p, _, _)| p.pid()).collect()
+        self.nodes.iter().map(|(p, _, _)| p.spawned_pid()).collect()
     }
 
     /// nginx from deploy/nginx/nginx.conf.template in front of `upstreams`.
     fn start_nginx(&self, name: &str, upstreams: &[u16], workers: usize) -> Result<(Proc, u16)> {
         let template = std::fs::read_to_string(self.root.join("deploy/nginx/nginx.conf.template"))
             .context("reading deploy/nginx/nginx.conf.template")?;
-        let port = free_port()?;
+        let port = free_port();
         let prefix = self.work.join(format!("nginx-{name}"));
         std::fs::create_dir_all(&prefix)?;
         let servers: String = upstreams
@@ -314,7 +270,7 @@ impl Stack {
         let path = prefix.join("nginx.conf");
         std::fs::write(&path, conf)?;
         let log = std::fs::File::create(self.work.join(format!("nginx-{name}.log")))?;
-        let p = Proc::spawn(
+        let p = spawn_graceful(
             &format!("nginx {name}"),
             Command::new(&self.nginx_bin)
                 .arg("-p")
@@ -425,7 +381,7 @@ impl Runner {
         ]);
         let command = format!("loadgen {}", args.join(" "));
         eprintln!("suite: {name}: {command}");
-        let mut p = Proc::spawn(
+        let mut p = spawn_graceful(
             name,
             Command::new(&self.exe)
                 .args(&full)
@@ -437,15 +393,14 @@ impl Runner {
         wait_for(
             &format!("{name} connections"),
             Duration::from_secs(300),
-            || ready.exists() || !p.alive(),
+            || ready.exists() || !p.is_running(),
         )?;
         let before = groups.sample();
         let jiffies = machine_jiffies();
         let t = Instant::now();
         during(&ready, &mut p)?;
         let status = p
-            .child
-            .wait()
+            .wait_blocking()
             .with_context(|| format!("waiting for {}", p.name))?;
         let wall_s = t.elapsed().as_secs_f64();
         let after = groups.sample();
@@ -701,8 +656,8 @@ impl<'a> Suite<'a> {
     ) -> Result<Suite<'a>> {
         let groups = Groups {
             gateways: stack.node_pids(),
-            nginx: Some(nginx.pid()),
-            redis: stack.redis.as_ref().map(|r| r.pid()),
+            nginx: Some(nginx.spawned_pid()),
+            redis: stack.redis.as_ref().map(|r| r.spawned_pid()),
             ceiling: None,
         };
         Ok(Suite {
@@ -1097,7 +1052,7 @@ fn perf_record(
     perf_out: &Path,
 ) -> Result<()> {
     wait_for("bigroom ready", Duration::from_secs(60), || {
-        ready.exists() || !p.alive()
+        ready.exists() || !p.is_running()
     })?;
     std::thread::sleep(Duration::from_secs(1));
     let pid_list = pids
@@ -1254,7 +1209,7 @@ fn idle_run(
     ];
     let groups = Groups {
         gateways: pids.clone(),
-        nginx: nginx.map(|(p, _, _)| p.pid()),
+        nginx: nginx.map(|(p, _, _)| p.spawned_pid()),
         redis: None,
         ceiling: None,
     };
@@ -1268,12 +1223,12 @@ fn idle_run(
         &groups,
         |ready, p| {
             wait_for("idle connections", Duration::from_secs(180), || {
-                ready.exists() || !p.alive()
+                ready.exists() || !p.is_running()
             })?;
             std::thread::sleep(Duration::from_secs_f64((hold / 2.0).min(3.0)));
             after = pids.iter().map(|p| rss_of(&[*p])).collect();
             nginx_rss = nginx
-                .map(|(p, _, _)| rss_of(&with_children(p.pid())))
+                .map(|(p, _, _)| rss_of(&with_children(p.spawned_pid())))
                 .unwrap_or(0);
             open = admins
                 .iter()
@@ -1704,9 +1659,9 @@ fn ceiling_run(
     batch: usize,
     duration: f64,
 ) -> Result<Run> {
-    let port = free_port()?;
+    let port = free_port();
     let log = std::fs::File::create(runner.work.join(format!("{name}-server.log")))?;
-    let mut server = Proc::spawn(
+    let mut server = spawn_graceful(
         "ceiling-server",
         Command::new(&runner.exe)
             .args(["ceiling-server", "--listen", &format!("127.0.0.1:{port}")])
@@ -1716,7 +1671,7 @@ fn ceiling_run(
             .stdout(Stdio::piped())
             .stderr(log),
     )?;
-    let stdout = server.child.stdout.take().context("ceiling stdout")?;
+    let stdout = server.take_stdout().context("ceiling stdout")?;
     let mut lines = BufReader::new(stdout).lines();
     let first = lines.next().transpose()?.unwrap_or_default();
     if !first.starts_with("listening") {
@@ -1730,9 +1685,9 @@ fn ceiling_run(
     };
     let g = Groups {
         gateways: vec![],
-        nginx: ng.as_ref().map(|n| n.pid()),
+        nginx: ng.as_ref().map(|n| n.spawned_pid()),
         redis: None,
-        ceiling: Some(server.pid()),
+        ceiling: Some(server.spawned_pid()),
     };
     let args = vec![
         s("ceiling"),

@@ -111,10 +111,13 @@ fn kill_pid(pid: u32, signal: i32) {
         .status();
 }
 
-/// A child process killed (SIGKILL, by pid) when dropped.
+/// A child process killed (SIGKILL, by pid) when dropped — or, made `graceful`, sent SIGTERM
+/// first (an nginx master stops its workers on SIGTERM; SIGKILL would leave them orphaned).
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
+    spawned_pid: u32,
+    graceful: bool,
 }
 
 impl Proc {
@@ -125,12 +128,56 @@ impl Proc {
             .with_context(|| format!("starting {name}"))?;
         Ok(Proc {
             name: name.to_string(),
+            spawned_pid: child.id(),
             child: Some(child),
+            graceful: false,
         })
+    }
+
+    /// When dropped: SIGTERM, up to 1 s to exit, then SIGKILL.
+    pub fn graceful(mut self) -> Proc {
+        self.graceful = true;
+        self
     }
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Blocks until the process exits by itself (for synchronous callers: the suite).
+    pub fn wait_blocking(&mut self) -> Result<std::process::ExitStatus> {
+        let name = self.name.clone();
+        let child = self
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("{name} not running"))?;
+        let status = child.wait()?;
+        self.child = None;
+        Ok(status)
+    }
+
+    /// The child's stdout, if it was piped (once).
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
+    /// The pid it was started with (also after it exited).
+    pub fn spawned_pid(&self) -> u32 {
+        self.spawned_pid
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `within`.
+    pub fn terminate(&mut self, within: Duration) {
+        if !self.is_running() {
+            self.kill();
+            return;
+        }
+        self.signal(15);
+        let deadline = Instant::now() + within;
+        while self.is_running() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.kill();
     }
 
     pub fn signal(&self, signal: i32) {
@@ -177,7 +224,11 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        self.kill();
+        if self.graceful {
+            self.terminate(Duration::from_secs(1));
+        } else {
+            self.kill();
+        }
     }
 }
 

@@ -379,14 +379,7 @@ impl Nginx {
     /// leave the workers running and listening.) Sends SIGTERM, a fast shutdown in which the
     /// master stops its workers and then exits, waits up to 3 s, then kills what is left.
     pub fn stop(&mut self) {
-        if self.proc.is_running() {
-            self.proc.signal(15);
-            let deadline = Instant::now() + Duration::from_secs(3);
-            while self.proc.is_running() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        self.proc.kill();
+        self.proc.terminate(Duration::from_secs(3));
     }
 
     /// What nginx wrote to its error log so far (empty when stderr is inherited).
