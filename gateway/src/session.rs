@@ -237,6 +237,11 @@ type Handled = Result<(), Stop>;
 /// many in flight the session stops reading the socket until one is answered.
 const APPENDS_IN_FLIGHT: usize = 32;
 
+/// Bytes of chat messages one connection may have on their way into the broker (the socket is
+/// read again once fewer are): with a frozen broker, every connection's in-flight messages are
+/// held in memory, so they are bounded in bytes as well as in number.
+const APPEND_BYTES_IN_FLIGHT: usize = 128 * 1024;
+
 /// How long a closing connection waits for its chat messages in flight to be stored.
 const DRAIN_APPENDS: Duration = Duration::from_secs(5);
 
@@ -245,6 +250,8 @@ type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDo
 
 /// The broker's answer to a chat message, with what the client's reply needs.
 struct AppendDone {
+    /// The message's size, counted in `Session::append_bytes` while it was in flight.
+    bytes: usize,
     room: RoomId,
     client_msg_id: Option<String>,
     result: Result<crate::broker::Appended, BrokerError>,
@@ -273,6 +280,8 @@ struct Session {
     user_slot: Option<CountGuard<String>>,
     /// Its place among its address's connections not logged in yet (released at login).
     pending_login: Option<CountGuard<std::net::IpAddr>>,
+    /// Bytes of its chat messages on their way into the broker.
+    append_bytes: usize,
 }
 
 /// Serves one upgraded connection until it ends; `claims` come from a token on the upgrade
@@ -324,7 +333,8 @@ async fn serve(
     let mut appends: FuturesOrdered<PendingAppend> = FuturesOrdered::new();
     let close = loop {
         let check_acks = session.ack_mode && session.has_unacked();
-        let reading = appends.len() < APPENDS_IN_FLIGHT;
+        let reading =
+            appends.len() < APPENDS_IN_FLIGHT && session.append_bytes < APPEND_BYTES_IN_FLIGHT;
         let step = tokio::select! {
             biased;
             _ = node.shutdown.cancelled() => Err(Close::SHUTDOWN),
@@ -436,6 +446,7 @@ impl Session {
             echo_user_id: None,
             user_slot: None,
             pending_login,
+            append_bytes: 0,
         };
         (session, queue, slow)
     }
@@ -483,6 +494,7 @@ impl Session {
         // them even if their sender is gone (it cannot be answered any more).
         let drained = tokio::time::timeout(DRAIN_APPENDS, async {
             while let Some(done) = appends.next().await {
+                self.append_bytes -= done.bytes;
                 self.count_append(&done.result);
             }
         });
@@ -1133,9 +1145,12 @@ impl Session {
             )
         };
         let node = self.node.clone();
+        let bytes = request.body.len();
+        self.append_bytes += bytes;
         Ok(async move {
             let result = node.broker.append(&request).await;
             AppendDone {
+                bytes,
                 room,
                 client_msg_id,
                 result,
@@ -1159,10 +1174,12 @@ impl Session {
         done: AppendDone,
     ) -> Result<(), Close> {
         let AppendDone {
+            bytes,
             room,
             client_msg_id,
             result,
         } = done;
+        self.append_bytes -= bytes;
         let cmid = client_msg_id.as_deref();
         self.count_append(&result);
         let err = match result {

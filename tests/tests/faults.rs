@@ -419,3 +419,41 @@ fn scopeguard_thaw(redis: &RedisServer) -> impl Drop + '_ {
     }
     Thaw(redis)
 }
+
+/// What a connection may have on its way into a frozen Redis is bounded in bytes: after
+/// 128 KiB of messages the gateway stops reading its socket (so its ping waits too), and reads
+/// on once Redis answers; every message is then stored.
+#[tokio::test]
+async fn a_connection_holds_only_so_many_bytes_of_messages_for_a_frozen_redis() -> anyhow::Result<()>
+{
+    let redis = RedisServer::start().await?;
+    let gw = e2e::InProcessGateway::start(GatewayOpts::redis(&redis.url())).await?;
+    let mut c = Client::connect(&gw.ws_url()).await?;
+    c.login("big", json!("frozen")).await?;
+    redis.signal(19);
+    let thaw = scopeguard_thaw(&redis);
+    let content = "x".repeat(60 * 1024);
+    for i in 0..4 {
+        c.send(json!({"roomId":"frozen","content":content,"clientMsgId":format!("b{i}")}))
+            .await?;
+    }
+    c.send(json!({"event":"heartBeat","content":"ping"}))
+        .await?;
+    // 180 KiB are in flight after three: the fourth message and the ping are not read.
+    let early = c.recv_timeout(Duration::from_secs(1)).await;
+    assert!(early.is_err(), "answered while over the bound: {early:?}");
+    drop(thaw);
+    let pong = c.recv_until(|f| f["event"] == "heartBeat").await?;
+    assert_eq!(pong["content"], "pong");
+    let mut stored = std::collections::BTreeSet::new();
+    while stored.len() < 4 {
+        let frame = c.recv_until(is("message")).await?;
+        stored.insert(
+            frame["clientMsgId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    Ok(())
+}
