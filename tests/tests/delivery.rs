@@ -138,7 +138,17 @@ impl Receiver {
 #[tokio::test]
 async fn confirmed_messages_survive_a_node_killed_mid_stream() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
-    let mut gws = start_nodes(&redis, "d", 3, &[("GATEWAY_ACK_TIMEOUT_MS", "1000")]).await?;
+    // The sender sends as fast as its window allows: the frame budget is not what this tests.
+    let mut gws = start_nodes(
+        &redis,
+        "d",
+        3,
+        &[
+            ("GATEWAY_ACK_TIMEOUT_MS", "1000"),
+            ("GATEWAY_MAX_FRAMES_PER_SEC", "100000"),
+        ],
+    )
+    .await?;
     let room = json!("reliable");
     let urls: Vec<String> = gws.iter().map(|g| g.ws_url()).collect();
     let mut receivers = Vec::new();
