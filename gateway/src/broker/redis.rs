@@ -66,6 +66,8 @@ pub struct RedisBroker {
     /// be megabytes, and a multiplexed connection answers in order — a publish must not wait
     /// behind someone's replay.
     reads: ConnectionManager,
+    /// History reads (`range`) in flight at once.
+    reads_in_flight: tokio::sync::Semaphore,
     scripts: Scripts,
     subscriptions: Mutex<Subscriptions>,
     /// True while the pub/sub connection is up (commands reconnect by themselves).
@@ -78,6 +80,9 @@ pub struct RedisBroker {
     limits: Limits,
     metrics: Arc<Metrics>,
 }
+
+/// History reads one node has in flight at once (see `range`).
+const READS_IN_FLIGHT: usize = 2;
 
 fn unavailable(e: RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
@@ -117,6 +122,7 @@ impl RedisBroker {
             client,
             commands,
             reads,
+            reads_in_flight: tokio::sync::Semaphore::new(READS_IN_FLIGHT),
             scripts: Scripts::load(),
             subscriptions: Mutex::new(Subscriptions::default()),
             up: AtomicBool::new(false),
@@ -588,6 +594,14 @@ impl RedisBroker {
             .arg("COUNT")
             .arg(limit);
         let mut con = self.reads.clone();
+        // Few history reads at a time per node: Redis runs a client's pipelined commands in one
+        // go, and twenty replays of 256 KiB each queued at once would hold it (and every
+        // user's message behind it) for milliseconds.
+        let _permit = self
+            .reads_in_flight
+            .acquire()
+            .await
+            .map_err(|_| BrokerError::Unavailable("the broker is shutting down".into()))?;
         let (newest_trimmed, raw): (Option<String>, Vec<StreamEntry>) =
             self.timed("range", pipe.query_async(&mut con)).await?;
         let newest_trimmed = match newest_trimmed {
