@@ -402,7 +402,7 @@ impl Hub {
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::broker::{EnvelopeHeader, Limits};
+    use crate::broker::EnvelopeHeader;
     use std::time::Duration;
 
     fn hub() -> Arc<Hub> {
@@ -412,14 +412,7 @@ mod tests {
     /// A hub on the embedded broker, unsubscribing with `latency` (as over a network).
     fn hub_with(unsubscribe_latency: Option<Duration>) -> Arc<Hub> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let limits = Limits {
-            history_max_len: 100,
-            dedup_ttl_ms: 60_000,
-            announce_max: 1000,
-            history_ttl_ms: 60_000,
-            announces_per_sec: 50,
-        };
-        let mut memory = MemoryBroker::new(limits, tx);
+        let mut memory = MemoryBroker::for_tests(tx);
         memory.unsubscribe_latency = unsubscribe_latency;
         let broker = Broker::Memory(Arc::new(memory));
         let hub = Arc::new(Hub::new(

@@ -212,19 +212,12 @@ impl Presence {
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::broker::{Inbound, Limits};
+    use crate::broker::Inbound;
     use tokio::sync::mpsc;
 
     fn presence(ttl: Duration) -> (Presence, mpsc::UnboundedReceiver<Inbound>) {
         let (tx, rx) = mpsc::unbounded_channel();
-        let limits = Limits {
-            history_max_len: 100,
-            dedup_ttl_ms: 60_000,
-            announce_max: 1000,
-            history_ttl_ms: 60_000,
-            announces_per_sec: 50,
-        };
-        let broker = Broker::Memory(Arc::new(MemoryBroker::new(limits, tx)));
+        let broker = Broker::Memory(Arc::new(MemoryBroker::for_tests(tx)));
         let metrics = Arc::new(Metrics::new("n1"));
         (Presence::new(broker, "n1".into(), ttl, metrics), rx)
     }
@@ -305,12 +298,20 @@ mod tests {
 
     #[test]
     fn a_disturbance_pauses_pruning_for_one_ttl() {
-        let (presence, _rx) = presence(Duration::from_millis(300));
+        let ttl = Duration::from_millis(300);
+        let (presence, _rx) = presence(ttl);
         assert!(presence.may_prune());
         presence.disturbed("test");
-        assert!(!presence.may_prune());
-        // The pause is one TTL measured on the clock: waiting past it is the condition itself.
-        std::thread::sleep(Duration::from_millis(350));
-        assert!(presence.may_prune());
+        let paused_at = std::time::Instant::now();
+        // Pruning comes back once, and only once, a whole TTL has passed.
+        while !presence.may_prune() {
+            assert!(paused_at.elapsed() < 10 * ttl, "pruning never resumed");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            paused_at.elapsed() >= ttl,
+            "resumed after {:?}",
+            paused_at.elapsed()
+        );
     }
 }

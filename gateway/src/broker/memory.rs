@@ -97,6 +97,19 @@ impl MemoryBroker {
         }
     }
 
+    /// An embedded broker with small limits, for unit tests of what runs on top of it.
+    #[cfg(test)]
+    pub fn for_tests(inbound: InboundSender) -> MemoryBroker {
+        let limits = Limits {
+            history_max_len: 100,
+            dedup_ttl_ms: 60_000,
+            announce_max: 1000,
+            history_ttl_ms: 60_000,
+            announces_per_sec: 50,
+        };
+        MemoryBroker::new(limits, inbound)
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("memory broker lock")
     }
