@@ -6,12 +6,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::FuturesOrdered;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+
+mod appends;
+
+use appends::{AppendDone, Appends, Queued, ReplyTo};
 
 use crate::auth::{AuthError, Claims};
 use crate::broker::keys::{ack_field_room, ACK_FIELD_INBOX};
@@ -232,9 +235,9 @@ impl Stop {
 /// What handling one frame came to.
 type Handled = Result<(), Stop>;
 
-/// Chat messages one connection may have on their way into the broker at once. Appends are
-/// pipelined on the broker's connection and answered in the order they were sent; with this
-/// many in flight the session stops reading the socket until one is answered.
+/// Chat messages one connection may have on their way into the broker at once. They go in
+/// batches (see `appends`) and are answered in the order they were sent; with this many
+/// unanswered the session stops reading the socket until a batch is answered.
 const APPENDS_IN_FLIGHT: usize = 32;
 
 /// Bytes of chat messages one connection may have on their way into the broker (the socket is
@@ -244,18 +247,6 @@ const APPEND_BYTES_IN_FLIGHT: usize = 128 * 1024;
 
 /// How long a closing connection waits for its chat messages in flight to be stored.
 const DRAIN_APPENDS: Duration = Duration::from_secs(5);
-
-/// A chat message on its way into the broker.
-type PendingAppend = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> + Send>>;
-
-/// The broker's answer to a chat message, with what the client's reply needs.
-struct AppendDone {
-    /// The message's size, counted in `Session::append_bytes` while it was in flight.
-    bytes: usize,
-    room: RoomId,
-    client_msg_id: Option<String>,
-    result: Result<crate::broker::Appended, BrokerError>,
-}
 
 struct Session {
     node: Arc<Node>,
@@ -330,7 +321,7 @@ async fn serve(
 
     // The connection's chat messages in flight, answered in order; the socket is read on while
     // they wait, and deliveries go out.
-    let mut appends: FuturesOrdered<PendingAppend> = FuturesOrdered::new();
+    let mut appends = Appends::new(node.broker.clone());
     let close = loop {
         let check_acks = session.ack_mode && session.has_unacked();
         let reading =
@@ -343,8 +334,8 @@ async fn serve(
             _ = &mut expiry => Err(Close::TOKEN_EXPIRED),
             _ = &mut login_deadline, if session.identity.is_none() => Err(Close::LOGIN_TIMEOUT),
             // Before reading on: polling the appends is what sends them to the broker.
-            Some(done) = appends.next(), if !appends.is_empty() => {
-                session.answer_append(&mut socket, done).await
+            done = appends.next_batch(), if !appends.is_empty() => {
+                session.answer_appends(&mut socket, done).await
             }
             incoming = socket.recv(), if reading => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
@@ -457,7 +448,7 @@ impl Session {
         &mut self,
         socket: &mut WebSocket,
         incoming: Option<Result<Message, axum::Error>>,
-        appends: &mut FuturesOrdered<PendingAppend>,
+        appends: &mut Appends,
     ) -> Result<(), Close> {
         let admission = match &incoming {
             Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Admission::Accept,
@@ -484,18 +475,15 @@ impl Session {
 
     /// Ends the connection: stores the chat messages still in flight, sends the close frame,
     /// counts the close, then leaves every room (announcing the logouts).
-    async fn finish(
-        mut self,
-        mut socket: WebSocket,
-        close: Close,
-        mut appends: FuturesOrdered<PendingAppend>,
-    ) {
+    async fn finish(mut self, mut socket: WebSocket, close: Close, mut appends: Appends) {
         // Chat messages read before the close still go into the broker: their rooms are owed
         // them even if their sender is gone (it cannot be answered any more).
         let drained = tokio::time::timeout(DRAIN_APPENDS, async {
-            while let Some(done) = appends.next().await {
-                self.append_bytes -= done.bytes;
-                self.count_append(&done.result);
+            while !appends.is_empty() {
+                for done in appends.next_batch().await {
+                    self.append_bytes -= done.reply.bytes;
+                    self.count_append(&done.result);
+                }
             }
         });
         if drained.await.is_err() {
@@ -610,7 +598,7 @@ impl Session {
         &mut self,
         socket: &mut WebSocket,
         text: &str,
-        appends: &mut FuturesOrdered<PendingAppend>,
+        appends: &mut Appends,
     ) -> Result<(), Close> {
         let frame = match parse_client_frame(text) {
             Ok(frame) => frame,
@@ -621,8 +609,9 @@ impl Session {
         // `pong` refers to nothing, and a client must not think the connection dead because
         // the broker is slow with its messages.
         if !matches!(frame, ClientFrame::Chat { .. } | ClientFrame::Ping) {
-            while let Some(done) = appends.next().await {
-                self.answer_append(socket, done).await?;
+            while !appends.is_empty() {
+                let done = appends.next_batch().await;
+                self.answer_appends(socket, done).await?;
             }
         }
         // Requests that cost the broker or other clients more than a frame have budgets of
@@ -661,11 +650,14 @@ impl Session {
                     self.echo_user_id = echo_user_id;
                 }
                 let span = tracing::info_span!("publish", room = %room.key);
-                let pending = {
+                let queued = {
                     let _entered = span.enter();
                     self.start_chat(room, content, client_msg_id)
                 };
-                pending.map(|append| appends.push_back(Box::pin(append.instrument(span))))
+                queued.map(|mut queued| {
+                    queued.reply.span = span;
+                    appends.push(queued)
+                })
             }
             ClientFrame::Ack { target, id } => self.ack(target, id),
             ClientFrame::Sync {
@@ -1113,7 +1105,7 @@ impl Session {
         room: RoomId,
         content: String,
         client_msg_id: Option<String>,
-    ) -> Result<impl std::future::Future<Output = AppendDone> + Send + 'static, Stop> {
+    ) -> Result<Queued, Stop> {
         self.node.metrics.messages_received.inc();
         let cmid = client_msg_id.as_deref();
         let Some(identity) = &self.identity else {
@@ -1132,29 +1124,25 @@ impl Session {
             now_ms(),
             cmid,
         );
-        let request = AppendRequest {
-            pipelined: true,
-            ..AppendRequest::room_message(
-                self.node.broker.keys(),
-                &room.key,
-                &identity.user_id,
-                cmid,
-                &self.header(Kind::Message),
-                template,
-                self.node.config.history_max_len,
-            )
-        };
-        let node = self.node.clone();
+        let request = AppendRequest::room_message(
+            self.node.broker.keys(),
+            &room.key,
+            &identity.user_id,
+            cmid,
+            &self.header(Kind::Message),
+            template,
+            self.node.config.history_max_len,
+        );
         let bytes = request.body.len();
         self.append_bytes += bytes;
-        Ok(async move {
-            let result = node.broker.append(&request).await;
-            AppendDone {
+        Ok(Queued {
+            request,
+            reply: ReplyTo {
                 bytes,
                 room,
                 client_msg_id,
-                result,
-            }
+                span: tracing::Span::none(),
+            },
         })
     }
 
@@ -1166,6 +1154,18 @@ impl Session {
         }
     }
 
+    /// Answers a batch of chat messages, in the order they were sent.
+    async fn answer_appends(
+        &mut self,
+        socket: &mut WebSocket,
+        batch: Vec<AppendDone>,
+    ) -> Result<(), Close> {
+        for done in batch {
+            self.answer_append(socket, done).await?;
+        }
+        Ok(())
+    }
+
     /// Answers a chat message once the broker has: nothing when it was stored (the sender gets
     /// its copy like everyone), `sent` when it was a duplicate, an `error` when it failed.
     async fn answer_append(
@@ -1174,9 +1174,13 @@ impl Session {
         done: AppendDone,
     ) -> Result<(), Close> {
         let AppendDone {
-            bytes,
-            room,
-            client_msg_id,
+            reply:
+                ReplyTo {
+                    bytes,
+                    room,
+                    client_msg_id,
+                    span: _span,
+                },
             result,
         } = done;
         self.append_bytes -= bytes;

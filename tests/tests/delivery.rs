@@ -502,7 +502,9 @@ async fn an_ack_login_without_a_position_gets_its_starting_point() -> anyhow::Re
 /// A connection's chat messages are pipelined into Redis; after Redis lost its script cache
 /// (restarted empty, `SCRIPT FLUSH`) the first ones meet a NOSCRIPT. Each message is then
 /// either stored — and everyone gets the stored ones in the order they were sent — or
-/// answered `unavailable` (not stored); never stored out of order by a retry.
+/// answered `unavailable` (not stored); never stored out of order, neither by a retry nor by
+/// the runtime polling later appends first (it failed so, now and then, while other tests ran
+/// beside it, when each message was its own future).
 #[tokio::test]
 async fn pipelined_messages_keep_their_order_when_redis_lost_its_scripts() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;

@@ -145,6 +145,14 @@ impl MemoryBroker {
         Ok(())
     }
 
+    pub async fn append_all(&self, reqs: &[AppendRequest]) -> Vec<Result<Appended, BrokerError>> {
+        let mut results = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            results.push(self.append(req).await);
+        }
+        results
+    }
+
     pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
         let mut state = self.state();
         let now = Instant::now();

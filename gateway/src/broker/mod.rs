@@ -91,10 +91,6 @@ pub struct AppendRequest {
     pub refuse_when_full: bool,
     /// A key that must exist for the append to happen (`BrokerError::UnknownRecipient`).
     pub require_key: Option<String>,
-    /// Sent while other appends of the same connection are in flight: the broker must never
-    /// store it after one sent later, so it is refused (`Unavailable`, not stored) rather than
-    /// retried when the broker cannot run it at once.
-    pub pipelined: bool,
 }
 
 impl AppendRequest {
@@ -124,7 +120,6 @@ impl AppendRequest {
             max_len,
             refuse_when_full: false,
             require_key: None,
-            pipelined: false,
         }
     }
 
@@ -156,7 +151,6 @@ impl AppendRequest {
             max_len,
             refuse_when_full: true,
             require_key: require_seen.then(|| keys.user_seen(to)),
-            pipelined: false,
         }
     }
 }
@@ -303,6 +297,12 @@ impl Broker {
 
     pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
         dispatch!(self.append(req))
+    }
+
+    /// Appends in one round trip, stored in the order given (a connection's chat messages):
+    /// each is stored or refused on its own, and none is retried behind a later one.
+    pub async fn append_all(&self, reqs: &[AppendRequest]) -> Vec<Result<Appended, BrokerError>> {
+        dispatch!(self.append_all(reqs))
     }
 
     /// Records the entry and, if it is the user's first connection in the room (and the room

@@ -321,11 +321,11 @@ impl RedisBroker {
         })
     }
 
-    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
-        // EVALSHA by hand rather than `invoke_async`, which answers a NOSCRIPT (Redis restarted
-        // empty, or its script cache flushed) by loading the script and calling again: by then
-        // a later append of the same connection, already sent, may have run before this one.
-        // A pipelined append is refused instead (certainly not stored); others are retried.
+    /// The append script's call for `req`: EVALSHA by hand rather than `invoke_async`, which
+    /// answers a NOSCRIPT (Redis restarted empty, or its script cache flushed) by loading the
+    /// script and calling again — by then a later append of the same connection may have run
+    /// before this one.
+    fn append_call(&self, req: &AppendRequest) -> redis::Cmd {
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.scripts.append.get_hash())
             .arg(5)
@@ -353,51 +353,99 @@ impl RedisBroker {
                 "trim"
             })
             .arg(self.limits.history_ttl_ms);
-        let mut con = self.commands.clone();
-        let started = Instant::now();
-        let result: Result<(String, i64), RedisError> = match call.query_async(&mut con).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                let loaded = self
-                    .scripts
-                    .append
-                    .prepare_invoke()
-                    .load_async(&mut con)
-                    .await;
-                if req.pipelined || loaded.is_err() {
-                    Err(e)
-                } else {
-                    call.query_async(&mut con).await
-                }
-            }
-            other => other,
-        };
+        call
+    }
+
+    /// The broker error for a failed append call, counted.
+    fn append_error(&self, e: RedisError) -> BrokerError {
+        self.metrics
+            .redis_errors
+            .with_label_values(&["append"])
+            .inc();
+        // A write that timed out or lost its connection after being sent may have been
+        // stored: say so, so the client retries with the same clientMsgId instead of
+        // believing it was not sent.
+        if e.is_timeout() || e.is_connection_dropped() {
+            BrokerError::OutcomeUnknown(e.to_string())
+        } else {
+            unavailable(e)
+        }
+    }
+
+    fn observe_append(&self, started: Instant) {
         self.metrics
             .redis_command_duration
             .with_label_values(&["append"])
             .observe(started.elapsed().as_secs_f64());
-        let (id, created) = result.map_err(|e| {
-            self.metrics
-                .redis_errors
-                .with_label_values(&["append"])
-                .inc();
-            // A write that timed out or lost its connection after being sent may have been
-            // stored: say so, so the client retries with the same clientMsgId instead of
-            // believing it was not sent.
-            if e.is_timeout() || e.is_connection_dropped() {
-                BrokerError::OutcomeUnknown(e.to_string())
-            } else {
-                unavailable(e)
-            }
-        })?;
-        match created {
-            -1 => return Err(BrokerError::UnknownRecipient),
-            -2 => return Err(BrokerError::Full),
-            _ => {}
+    }
+
+    /// One append; on a NOSCRIPT the script is loaded and the call made again (nothing of
+    /// the caller's is in flight behind it).
+    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
+        let call = self.append_call(req);
+        let mut con = self.commands.clone();
+        let started = Instant::now();
+        let result: Result<(String, i64), RedisError> = match call.query_async(&mut con).await {
+            Err(e) if is_noscript(&e) => match self.load_append_script().await {
+                Ok(()) => call.query_async(&mut con).await,
+                Err(_) => Err(e),
+            },
+            other => other,
+        };
+        self.observe_append(started);
+        appended(result.map_err(|e| self.append_error(e))?)
+    }
+
+    /// A connection's chat messages, in one pipelined round trip, stored in the order given:
+    /// each is stored or refused on its own. One that meets a NOSCRIPT is refused
+    /// (`Unavailable`, certainly not stored) rather than retried behind the later ones; the
+    /// script is loaded again for the next call.
+    pub async fn append_all(&self, reqs: &[AppendRequest]) -> Vec<Result<Appended, BrokerError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for req in reqs {
+            pipe.add_command(self.append_call(req));
         }
-        Ok(Appended {
-            id: parse_id(&id)?,
-            created: created == 1,
-        })
+        let mut con = self.commands.clone();
+        let started = Instant::now();
+        let replies: Result<Vec<Result<AppendReply, RedisError>>, RedisError> =
+            pipe.query_async(&mut con).await;
+        self.observe_append(started);
+        let replies = match replies {
+            Ok(replies) if replies.len() == reqs.len() => replies,
+            Ok(replies) => {
+                let e = BrokerError::Protocol(format!(
+                    "{} replies to {} appends",
+                    replies.len(),
+                    reqs.len()
+                ));
+                return reqs.iter().map(|_| Err(e.clone())).collect();
+            }
+            Err(e) => {
+                let e = self.append_error(e);
+                return reqs.iter().map(|_| Err(e.clone())).collect();
+            }
+        };
+        if replies
+            .iter()
+            .any(|reply| reply.as_ref().is_err_and(is_noscript))
+        {
+            let _ = self.load_append_script().await;
+        }
+        replies
+            .into_iter()
+            .map(|reply| appended(reply.map_err(|e| self.append_error(e))?))
+            .collect()
+    }
+
+    async fn load_append_script(&self) -> Result<(), RedisError> {
+        let mut con = self.commands.clone();
+        self.scripts
+            .append
+            .prepare_invoke()
+            .load_async(&mut con)
+            .await
+            .map(drop)
     }
 
     /// Loads every script into Redis's script cache (errors are left to the calls: each one
@@ -815,6 +863,26 @@ fn trim_marker(stream_key: &str) -> String {
 
 /// A raw stream entry: id and field/value pairs.
 type StreamEntry = (String, Vec<(String, String)>);
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
+}
+
+/// The append script's reply: the new (or original) id and what happened.
+type AppendReply = (String, i64);
+
+/// The append script's reply: the id, and 1 (created), 0 (a duplicate: the original's id),
+/// -1 (the required key is missing) or -2 (the stream is full).
+fn appended((id, created): AppendReply) -> Result<Appended, BrokerError> {
+    match created {
+        -1 => Err(BrokerError::UnknownRecipient),
+        -2 => Err(BrokerError::Full),
+        _ => Ok(Appended {
+            id: parse_id(&id)?,
+            created: created == 1,
+        }),
+    }
+}
 
 fn parse_id(text: &str) -> Result<StreamId, BrokerError> {
     text.parse()
