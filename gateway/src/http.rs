@@ -85,6 +85,9 @@ pub async fn serve_public(
                 }
             },
         };
+        if refuse_at_accept(&node, &tcp, peer.ip()) {
+            continue;
+        }
         let Ok(pending) = node.pending_handshakes.clone().try_acquire_owned() else {
             node.metrics
                 .connections_refused
@@ -121,6 +124,46 @@ pub async fn serve_public(
             drop(pending);
         });
     }
+}
+
+/// The answer to an address that goes on opening connections after its `upgrade_rate` 429s
+/// (written without reading the request: it is the same for every request).
+static UPGRADE_FLOOD_RESPONSE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLock::new(|| {
+    let body = json!({
+        "error": "too_many_connections",
+        "reason": "upgrade_flood",
+        "message": "this address goes on opening connections after being told to wait; \
+                    retry after Retry-After",
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\n\
+         retry-after: 1\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+});
+
+/// An address over its upgrade rate gets up to that rate of answered 429s per second; a
+/// client that goes on connecting regardless (ignoring `Retry-After`) has each further
+/// connection answered with a fixed 429 and closed right at accept, before any HTTP parsing:
+/// an attempt then costs the node an accept, one write and a close instead of an HTTP
+/// exchange. Connections from trusted proxies carry other clients and are never refused here
+/// (the proxy is expected to limit its clients; the nginx template does).
+fn refuse_at_accept(node: &Node, tcp: &tokio::net::TcpStream, peer: IpAddr) -> bool {
+    if node.trusted_proxies.is_proxy(peer)
+        || node.upgrade_rate.has_token(peer)
+        || node.upgrade_refusals.take(peer)
+    {
+        return false;
+    }
+    node.metrics
+        .connections_refused
+        .with_label_values(&["upgrade_flood"])
+        .inc();
+    // Best effort, never waits: a full send buffer just means a bare close.
+    let _ = tcp.try_write(&UPGRADE_FLOOD_RESPONSE);
+    true
 }
 
 pub fn admin_router(node: Arc<Node>) -> Router {

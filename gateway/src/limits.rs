@@ -279,6 +279,11 @@ impl TrustedProxies {
         Ok(TrustedProxies(networks))
     }
 
+    /// Whether `ip` (a TCP peer) is a trusted proxy, whose connections carry other clients.
+    pub fn is_proxy(&self, ip: IpAddr) -> bool {
+        self.trusts(canonical(ip))
+    }
+
     fn trusts(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(ip))
     }

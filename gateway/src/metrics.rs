@@ -27,12 +27,13 @@ pub const CLOSE_REASONS: [&str; 14] = [
 ];
 
 /// Why a connection or login was refused (label of `gateway_connections_refused_total`).
-pub const REFUSAL_REASONS: [&str; 6] = [
+pub const REFUSAL_REASONS: [&str; 7] = [
     "handshakes",
     "per_ip",
     "per_user",
     "cooldown",
     "upgrade_rate",
+    "upgrade_flood",
     "pending_logins",
 ];
 

@@ -38,6 +38,9 @@ pub struct Node {
     pub pending_logins: Arc<ConnectionCounts<IpAddr>>,
     /// WebSocket upgrades per client address and second.
     pub upgrade_rate: AddressBuckets,
+    /// `upgrade_rate` refusals answered with an HTTP 429 per address and second; beyond them
+    /// the address's connections are closed at accept (see `refuse_at_accept`).
+    pub upgrade_refusals: AddressBuckets,
     /// Logged-in connections per user.
     pub per_user: Arc<ConnectionCounts<String>>,
     /// Client addresses whose connections were closed for abuse.
@@ -157,6 +160,10 @@ impl Node {
             upgrade_rate: AddressBuckets::new(
                 config.max_upgrades_per_ip_per_sec as f64,
                 2.0 * config.max_upgrades_per_ip_per_sec as f64,
+            ),
+            upgrade_refusals: AddressBuckets::new(
+                config.max_upgrades_per_ip_per_sec as f64,
+                config.max_upgrades_per_ip_per_sec as f64,
             ),
             strikes: Strikes::new(
                 config.abuse_strikes,

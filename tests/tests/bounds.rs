@@ -763,6 +763,54 @@ async fn one_address_holds_only_so_many_connections_that_never_log_in() -> anyho
     Ok(())
 }
 
+/// A client that ignores its 429s and goes on connecting: after as many answered refusals per
+/// second as the upgrade rate, its connections get a fixed 429 (`upgrade_flood`) written at
+/// accept, before the gateway reads any HTTP; after a pause it may connect again.
+#[tokio::test]
+async fn one_address_ignoring_its_refusals_is_refused_at_accept() -> anyhow::Result<()> {
+    let gw = InProcessGateway::start(
+        GatewayOpts::default().env("GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC", 3),
+    )
+    .await?;
+    let mut bystander = Client::connect(&gw.ws_url()).await?;
+    bystander.login("calm", json!("calm")).await?;
+    let mut reasons = Vec::new();
+    let flood = loop {
+        match e2e::connect_with_headers(&gw.ws_url(), &[]).await {
+            Ok(client) => client.close().await?,
+            Err(e) => {
+                let refused = e.downcast::<e2e::UpgradeRefused>()?;
+                assert_eq!(refused.status, 429, "{refused}");
+                assert_eq!(refused.retry_after.as_deref(), Some("1"), "{refused}");
+                if refused.body.contains("upgrade_flood") {
+                    break refused;
+                }
+                assert!(refused.body.contains("upgrade_rate"), "{refused}");
+                reasons.push("upgrade_rate");
+            }
+        }
+        assert!(reasons.len() <= 20, "no upgrade_flood after {} refusals", reasons.len());
+    };
+    // The answered refusals came first: a burst of one second's rate.
+    assert!(reasons.len() >= 3, "refused at accept after {reasons:?}: {flood}");
+    assert!(
+        gw.metric("gateway_connections_refused_total{reason=\"upgrade_flood\"")
+            .await?
+            >= 1.0
+    );
+    bystander
+        .send(json!({"roomId":"calm","content":"still here"}))
+        .await?;
+    bystander.recv_until(is("message")).await?;
+    let url = gw.ws_url();
+    wait_for("the upgrade budget to refill", WAIT, || {
+        let url = url.clone();
+        async move { Client::connect(&url).await.ok() }
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn one_address_upgrading_too_fast_is_told_when_to_retry() -> anyhow::Result<()> {
     let gw = InProcessGateway::start(
