@@ -53,9 +53,25 @@ pub fn public_router(node: Arc<Node>) -> Router {
         .with_state(node)
 }
 
-/// The client's TCP peer, put into every request's extensions by `serve_public`.
+/// The client's TCP peer and what its address's upgrade rate said at accept, put into every
+/// request's extensions by `serve_public`.
 #[derive(Clone, Copy, Debug)]
-pub struct Peer(pub std::net::SocketAddr);
+pub struct Peer {
+    pub addr: std::net::SocketAddr,
+    pub rate: RateAtAccept,
+}
+
+/// A TCP connection's place in its address's upgrade rate, decided at accept: a direct peer
+/// spends one token of `GATEWAY_MAX_UPGRADES_PER_IP_PER_SEC` per connection (a connection
+/// carries at most one upgrade); a trusted proxy's clients spend theirs per upgrade request,
+/// by their `X-Forwarded-For` address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateAtAccept {
+    Proxy,
+    Within,
+    /// Over the rate, within the answered refusals: an upgrade gets 429 `upgrade_rate`.
+    Over,
+}
 
 /// Serves the public listener until `stop`: each TCP connection must finish its HTTP request
 /// (or WebSocket upgrade) within GATEWAY_HANDSHAKE_TIMEOUT_MS, and holds one of
@@ -85,9 +101,9 @@ pub async fn serve_public(
                 }
             },
         };
-        if refuse_at_accept(&node, &tcp, peer.ip()) {
+        let Some(rate) = rate_at_accept(&node, &tcp, peer.ip()) else {
             continue;
-        }
+        };
         let Ok(pending) = node.pending_handshakes.clone().try_acquire_owned() else {
             node.metrics
                 .connections_refused
@@ -103,7 +119,7 @@ pub async fn serve_public(
         }
         let service = router.clone().map_request(
             move |mut request: axum::extract::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(Peer(peer));
+                request.extensions_mut().insert(Peer { addr: peer, rate });
                 request
             },
         );
@@ -144,18 +160,22 @@ static UPGRADE_FLOOD_RESPONSE: std::sync::LazyLock<Vec<u8>> = std::sync::LazyLoc
     .into_bytes()
 });
 
-/// An address over its upgrade rate gets up to that rate of answered 429s per second; a
-/// client that goes on connecting regardless (ignoring `Retry-After`) has each further
-/// connection answered with a fixed 429 and closed right at accept, before any HTTP parsing:
-/// an attempt then costs the node an accept, one write and a close instead of an HTTP
-/// exchange. Connections from trusted proxies carry other clients and are never refused here
-/// (the proxy is expected to limit its clients; the nginx template does).
-fn refuse_at_accept(node: &Node, tcp: &tokio::net::TcpStream, peer: IpAddr) -> bool {
-    if node.trusted_proxies.is_proxy(peer)
-        || node.upgrade_rate.has_token(peer)
-        || node.upgrade_refusals.take(peer)
-    {
-        return false;
+/// Spends the connection's token of its address's upgrade rate. An address over its rate gets
+/// up to that rate of answered refusals per second (HTTP 429 `upgrade_rate`); a client that
+/// goes on connecting regardless (ignoring `Retry-After`) has each further connection answered
+/// with a fixed 429 and closed right here (`None`), before any HTTP parsing: such an attempt
+/// costs the node an accept, one write and a close instead of an HTTP exchange. Connections
+/// from trusted proxies carry other clients and are never refused here (the proxy is expected
+/// to limit its clients; the nginx template does).
+fn rate_at_accept(node: &Node, tcp: &tokio::net::TcpStream, peer: IpAddr) -> Option<RateAtAccept> {
+    if node.trusted_proxies.is_proxy(peer) {
+        return Some(RateAtAccept::Proxy);
+    }
+    if node.upgrade_rate.take(peer) {
+        return Some(RateAtAccept::Within);
+    }
+    if node.upgrade_refusals.take(peer) {
+        return Some(RateAtAccept::Over);
     }
     node.metrics
         .connections_refused
@@ -163,7 +183,7 @@ fn refuse_at_accept(node: &Node, tcp: &tokio::net::TcpStream, peer: IpAddr) -> b
         .inc();
     // Best effort, never waits: a full send buffer just means a bare close.
     let _ = tcp.try_write(&UPGRADE_FLOOD_RESPONSE);
-    true
+    None
 }
 
 pub fn admin_router(node: Arc<Node>) -> Router {
@@ -306,10 +326,10 @@ fn accept(
     };
     // One client address may open and hold only so many of this node's WebSockets.
     let address = match peer {
-        Some(Extension(Peer(peer))) => {
+        Some(Extension(peer)) => {
             let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-            let client = node.trusted_proxies.client_ip(peer.ip(), forwarded);
-            match admit_address(&node, client) {
+            let client = node.trusted_proxies.client_ip(peer.addr.ip(), forwarded);
+            match admit_address(&node, client, peer.rate) {
                 Ok(slots) => Some(slots),
                 Err(refusal) => return too_many(&node, refusal),
             }
@@ -362,7 +382,11 @@ struct AddressSlots {
 /// Checks a client address's limits before an upgrade: cooldown after abuse, upgrade rate,
 /// connections held, connections not logged in yet. Refusals are HTTP 429 with a JSON body
 /// naming the reason (label `reason` of `gateway_connections_refused_total`).
-fn admit_address(node: &Node, client: IpAddr) -> Result<AddressSlots, AddressRefusal> {
+fn admit_address(
+    node: &Node,
+    client: IpAddr,
+    rate: RateAtAccept,
+) -> Result<AddressSlots, AddressRefusal> {
     let config = &node.config;
     if !node.strikes.allows(client) {
         return Err(AddressRefusal {
@@ -371,7 +395,12 @@ fn admit_address(node: &Node, client: IpAddr) -> Result<AddressSlots, AddressRef
             retry_after_secs: Some(config.abuse_cooldown_ms.div_ceil(1000)),
         });
     }
-    if !node.upgrade_rate.take(client) {
+    let within_rate = match rate {
+        RateAtAccept::Proxy => node.upgrade_rate.take(client),
+        RateAtAccept::Within => true,
+        RateAtAccept::Over => false,
+    };
+    if !within_rate {
         return Err(AddressRefusal {
             reason: "upgrade_rate",
             message: format!(
