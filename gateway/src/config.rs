@@ -232,7 +232,7 @@ pub struct Config {
     /// Bytes of history a replay reads from the broker at a time; the next part is read only
     /// once the client took the previous one (with GATEWAY_MAX_MESSAGE_BYTES, at least one
     /// message).
-    #[arg(long, env = "GATEWAY_REPLAY_BUFFER_BYTES", default_value_t = 256 << 10,
+    #[arg(long, env = "GATEWAY_REPLAY_BUFFER_BYTES", default_value_t = 64 << 10,
           value_parser = clap::value_parser!(u32).range(1024..=1 << 30))]
     pub replay_buffer_bytes: u32,
 

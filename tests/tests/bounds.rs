@@ -789,10 +789,17 @@ async fn one_address_ignoring_its_refusals_is_refused_at_accept() -> anyhow::Res
                 reasons.push("upgrade_rate");
             }
         }
-        assert!(reasons.len() <= 20, "no upgrade_flood after {} refusals", reasons.len());
+        assert!(
+            reasons.len() <= 20,
+            "no upgrade_flood after {} refusals",
+            reasons.len()
+        );
     };
     // The answered refusals came first: a burst of one second's rate.
-    assert!(reasons.len() >= 3, "refused at accept after {reasons:?}: {flood}");
+    assert!(
+        reasons.len() >= 3,
+        "refused at accept after {reasons:?}: {flood}"
+    );
     assert!(
         gw.metric("gateway_connections_refused_total{reason=\"upgrade_flood\"")
             .await?
