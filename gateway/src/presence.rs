@@ -122,26 +122,30 @@ impl Presence {
             return; // one process: nothing can expire
         }
         let refresh_every = self.ttl / 3;
-        let prune_every = (self.ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+        let prune_every = self.retry_every();
         let this = self.clone();
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(refresh_every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last = std::time::Instant::now();
+            // A failed refresh is tried again soon: once the trouble is over, this node's
+            // entries must be fresh again well within the others' pruning pause.
+            let mut wait = refresh_every;
             loop {
+                let asked = std::time::Instant::now();
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                if last.elapsed() > 2 * refresh_every {
+                if asked.elapsed() > wait + refresh_every {
                     this.disturbed("this node was stalled");
                 }
-                last = std::time::Instant::now();
-                if let Err(e) = this.refresh().await {
-                    this.disturbed("a presence refresh failed");
-                    tracing::debug!("presence refresh failed: {e}");
-                }
+                wait = match this.refresh().await {
+                    Ok(_) => refresh_every,
+                    Err(e) => {
+                        this.disturbed("a presence refresh failed");
+                        tracing::debug!("presence refresh failed: {e}");
+                        this.retry_every()
+                    }
+                };
             }
         });
         tokio::spawn(async move {
@@ -188,14 +192,28 @@ impl Presence {
         Ok(total)
     }
 
+    /// How often pruning runs, and how soon a failed refresh is tried again.
+    fn retry_every(&self) -> Duration {
+        (self.ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(1))
+    }
+
+    /// How long pruning waits after a disturbance. Every live node refreshes within this once
+    /// the trouble is over: it re-asserts its entries as soon as its pub/sub connection is back
+    /// (reconnect backoff at most 500 ms) and retries a failed refresh every `retry_every`;
+    /// twice that plus a second of margin, and never less than half the TTL. (A whole TTL, as
+    /// before, left presence wrong for up to 1.7 TTL after a Redis restart.)
+    fn prune_pause(&self) -> Duration {
+        (self.ttl / 2).max(2 * self.retry_every() + Duration::from_secs(1))
+    }
+
     /// Notes that this node could not keep its entries fresh (stalled, or the broker did not
     /// answer): other nodes may have been unable to refresh theirs as well, so this node prunes
-    /// nobody until a whole TTL has passed without trouble — time for every live node to
-    /// refresh. Users of dead nodes are then pruned a TTL later, but nobody alive is.
+    /// nobody until `prune_pause` has passed without trouble — time for every live node to
+    /// refresh. Users of dead nodes are then pruned that much later, but nobody alive is.
     pub fn disturbed(&self, why: &str) {
         let mut since = self.disturbed_at.lock().expect("presence lock");
         if since.is_none_or(|t| t.elapsed() > Duration::from_millis(100)) {
-            tracing::info!("{why}: pruning paused for one presence TTL");
+            tracing::info!(pause = ?self.prune_pause(), "{why}: pruning paused");
         }
         *since = Some(std::time::Instant::now());
     }
@@ -204,7 +222,7 @@ impl Presence {
         self.disturbed_at
             .lock()
             .expect("presence lock")
-            .is_none_or(|t| t.elapsed() >= self.ttl)
+            .is_none_or(|t| t.elapsed() >= self.prune_pause())
     }
 }
 
@@ -297,19 +315,22 @@ mod tests {
     }
 
     #[test]
-    fn a_disturbance_pauses_pruning_for_one_ttl() {
+    fn a_disturbance_pauses_pruning_until_every_live_node_has_refreshed() {
         let ttl = Duration::from_millis(300);
         let (presence, _rx) = presence(ttl);
         assert!(presence.may_prune());
         presence.disturbed("test");
         let paused_at = std::time::Instant::now();
-        // Pruning comes back once, and only once, a whole TTL has passed.
+        // Pruning comes back once, and only once, the pause has passed: at least half a TTL,
+        // and two refresh retries (50 ms each at this TTL) plus a second.
+        let pause = presence.prune_pause();
+        assert_eq!(pause, Duration::from_millis(1100));
         while !presence.may_prune() {
-            assert!(paused_at.elapsed() < 10 * ttl, "pruning never resumed");
+            assert!(paused_at.elapsed() < 3 * pause, "pruning never resumed");
             std::thread::sleep(Duration::from_millis(5));
         }
         assert!(
-            paused_at.elapsed() >= ttl,
+            paused_at.elapsed() >= pause,
             "resumed after {:?}",
             paused_at.elapsed()
         );

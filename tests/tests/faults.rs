@@ -457,3 +457,76 @@ async fn a_connection_holds_only_so_many_bytes_of_messages_for_a_frozen_redis() 
     }
     Ok(())
 }
+
+/// The same for direct messages: a recipient connected to another node gets every DM stored
+/// while that node's pub/sub connection was cut again and again (read back from its inbox),
+/// in order, each once.
+#[tokio::test]
+async fn recipients_get_the_direct_messages_sent_while_pubsub_reconnected() -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let sender_node = Gateway::start(
+        GatewayOpts::redis(&redis.url())
+            .node("dgap-a")
+            .with_jwt()
+            // 120 DMs as fast as they are confirmed: above the default 20/s.
+            .env("GATEWAY_MAX_DMS_PER_SEC", 1000),
+    )
+    .await?;
+    let member_node =
+        Gateway::start(GatewayOpts::redis(&redis.url()).node("dgap-b").with_jwt()).await?;
+    let mut bob = Client::connect(&member_node.ws_url()).await?;
+    bob.login_proven("bob", json!("lobby")).await?;
+    let mut alice = Client::connect(&sender_node.ws_url()).await?;
+    alice.login_proven("alice", json!("lobby")).await?;
+
+    let killer = {
+        let url = redis.url();
+        tokio::spawn(async move {
+            let client = redis::Client::open(url).expect("redis url");
+            let mut con = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect");
+            for _ in 0..6 {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                let _: Result<i64, _> = redis::cmd("CLIENT")
+                    .arg("KILL")
+                    .arg("TYPE")
+                    .arg("pubsub")
+                    .query_async(&mut con)
+                    .await;
+            }
+        })
+    };
+    let mut stored = Vec::new();
+    for i in 0..120 {
+        let cmid = format!("d{i}");
+        alice
+            .send(json!({"event":"dm","toUserId":"bob","content":format!("dm{i}"),"clientMsgId":cmid}))
+            .await?;
+        let confirm = alice
+            .recv_until(|f| f["event"] == "dmSent" && f["clientMsgId"] == cmid.as_str())
+            .await?;
+        stored.push(confirm["id"].as_str().unwrap_or_default().to_string());
+        tokio::time::sleep(Duration::from_millis(8)).await;
+    }
+    killer.await?;
+    assert!(
+        member_node
+            .metric("gateway_pubsub_reconnects_total")
+            .await?
+            >= 1.0
+    );
+    let mut got = Vec::new();
+    while got.len() < stored.len() {
+        let dm = bob
+            .recv_until_timeout(Duration::from_secs(10), is("dm"))
+            .await
+            .map_err(|e| e.context(format!("{} of {} received", got.len(), stored.len())))?;
+        got.push(dm["id"].as_str().unwrap_or_default().to_string());
+    }
+    assert_eq!(got, stored);
+    bob.expect_none(Duration::from_millis(300), is("dm"))
+        .await?;
+    Ok(())
+}
