@@ -499,6 +499,50 @@ async fn an_ack_login_without_a_position_gets_its_starting_point() -> anyhow::Re
     Ok(())
 }
 
+/// A stored position that cannot be read (here: Redis answers the read with an error) fails
+/// the login as `unavailable`; it is never taken for "no position", which would start the
+/// user after messages it has not read.
+#[tokio::test]
+async fn an_unreadable_stored_position_fails_the_login_instead_of_skipping_messages(
+) -> anyhow::Result<()> {
+    let redis = RedisServer::start().await?;
+    let gw = e2e::InProcessGateway::start(e2e::GatewayOpts::redis(&redis.url()).with_jwt()).await?;
+    let mut con = redis.connection().await?;
+    // The user's positions are a hash; a string in its place makes every read of it fail.
+    let _: () = redis::cmd("SET")
+        .arg("gw:{u:carol}:acks")
+        .arg("not a hash")
+        .query_async(&mut con)
+        .await?;
+    let mut carol = Client::connect(&gw.ws_url()).await?;
+    carol
+        .send(
+            json!({"event":"login","userId":"carol","roomId":"pos","ack":true,
+                     "token":e2e::harness_token("carol")?}),
+        )
+        .await?;
+    let refused = carol
+        .recv_until(|f| f["event"] == "error" || f["event"] == "synced")
+        .await?;
+    assert_eq!(refused["event"], "error", "{refused}");
+    assert_eq!(refused["code"], "unavailable", "{refused}");
+    // With the position readable again, the same login resumes.
+    let _: () = redis::cmd("DEL")
+        .arg("gw:{u:carol}:acks")
+        .query_async(&mut con)
+        .await?;
+    carol
+        .send(
+            json!({"event":"login","userId":"carol","roomId":"pos","ack":true,
+                     "token":e2e::harness_token("carol")?}),
+        )
+        .await?;
+    carol
+        .recv_until(|f| f["event"] == "synced" && f["roomId"] == "pos")
+        .await?;
+    Ok(())
+}
+
 /// A connection's chat messages are pipelined into Redis; after Redis lost its script cache
 /// (restarted empty, `SCRIPT FLUSH`) the first ones meet a NOSCRIPT. Each message is then
 /// either stored — and everyone gets the stored ones in the order they were sent — or
