@@ -1,0 +1,42 @@
+//! The test harness's Redis Cluster (issue 15's groundwork): it starts whole, routes keys by
+//! their hash slot as Redis does, and a killed master's replica takes over with the writes it
+//! acknowledged through `WAIT`.
+
+use std::time::Duration;
+
+use e2e::redis_cluster::{command, slot_of, ClusterOpts, RedisCluster};
+
+#[tokio::test]
+async fn a_local_cluster_routes_by_slot_and_survives_a_killed_master() -> anyhow::Result<()> {
+    let mut cluster = RedisCluster::start(ClusterOpts::default()).await?;
+    assert_eq!(cluster.nodes.len(), 6);
+    assert_eq!(cluster.urls().split(',').count(), 6);
+
+    // Slots as the harness computes them are Redis's.
+    let keys = [
+        "foo",
+        "gw:{r:lobby}:s",
+        "gw:{u:bob}:acks",
+        "{r:a}",
+        "x{}y",
+        "é{ü}",
+    ];
+    let any = cluster.nodes[0].port;
+    for key in keys {
+        let slot = command(any, &["CLUSTER", "KEYSLOT", key]).await?;
+        assert_eq!(slot, slot_of(key).to_string(), "{key}");
+    }
+
+    // A write acknowledged by its replica (WAIT 1) survives the master's death.
+    let key = "gw:{r:lobby}:s";
+    let master = cluster.master_of(key).await?;
+    assert_eq!(command(master, &["SET", key, "kept"]).await?, "OK");
+    let acked = command(master, &["WAIT", "1", "2000"]).await?;
+    assert_eq!(acked, "1", "the replica did not acknowledge the write");
+    let took = cluster.kill_master_of(key, Duration::from_secs(30)).await?;
+    let promoted = cluster.master_of(key).await?;
+    assert_ne!(promoted, master);
+    assert_eq!(command(promoted, &["GET", key]).await?, "kept");
+    println!("failover after a master SIGKILL (node timeout 2000 ms): {took:?}");
+    Ok(())
+}
