@@ -98,6 +98,7 @@ pub struct Metrics {
 impl Metrics {
     /// Registers every metric of a node. Long on purpose (over 120 lines): one flat list of
     /// registrations, one per series, is easier to read and to extend than any split of it.
+    #[allow(clippy::too_many_lines)]
     pub fn new(node_id: &str) -> Metrics {
         let registry = Registry::new_custom(
             None,

@@ -713,99 +713,7 @@ async fn session(
                 };
                 last_rx = tokio::time::Instant::now();
                 let Ok(frame) = serde_json::from_str::<Value>(&text) else { continue };
-                let event = frame["event"].as_str().unwrap_or_default();
-                let in_room = frame["roomId"] == room;
-                match event {
-                    "login" if in_room && frame["userId"] == ctl.user.as_str() && !logged_in => {
-                        logged_in = true;
-                        ctl.history.online(ctl.index);
-                        if ctl.careless {
-                            // Without acks no `synced` comes: logged in is as started as it gets.
-                            ctl.history.joined(ctl.index);
-                        }
-                        // Everything unconfirmed goes again, same clientMsgId.
-                        let now = tokio::time::Instant::now();
-                        for p in pending.values_mut() {
-                            p.next_try = now;
-                        }
-                    }
-                    "synced" if in_room => {
-                        let synced_id = frame["lastId"].as_str().unwrap_or("0-0");
-                        if let Some(id) = MsgId::parse(synced_id) {
-                            ctl.history.started(ctl.index, id);
-                        }
-                        if newer(last_id, synced_id) {
-                            *last_id = Some(synced_id.to_string());
-                        }
-                        if frame["more"] == true {
-                            out.push(Message::text(
-                                json!({"event":"sync","roomId":room,"since":synced_id}).to_string(),
-                            ));
-                        }
-                    }
-                    "message" if in_room => {
-                        let id_text = frame["id"].as_str().unwrap_or_default();
-                        let cmid = frame["clientMsgId"].as_str().unwrap_or_default().to_string();
-                        if let Some(id) = MsgId::parse(id_text) {
-                            if ctl.careless && !ctl.history.has_start(ctl.index) {
-                                // No `synced` without ack: owed is what follows the first
-                                // message received.
-                                let before = match id {
-                                    MsgId(ms, 0) => MsgId(ms.saturating_sub(1), u64::MAX),
-                                    MsgId(ms, seq) => MsgId(ms, seq - 1),
-                                };
-                                ctl.history.started(ctl.index, before);
-                            }
-                            ctl.history.deliver(ctl.index, Received {
-                                id,
-                                client_msg_id: cmid.clone(),
-                                content: frame["content"].as_str().unwrap_or_default().into(),
-                                user: frame["userId"].as_str().unwrap_or_default().into(),
-                                num: frame["num"].as_u64(),
-                                at: Instant::now(),
-                            });
-                            if frame["userId"] == ctl.user.as_str() && pending.remove(&cmid).is_some() {
-                                ctl.history.confirm(&cmid, id);
-                            }
-                        }
-                        if newer(last_id, id_text) {
-                            *last_id = Some(id_text.to_string());
-                        }
-                    }
-                    "sent" if in_room => {
-                        let cmid = frame["clientMsgId"].as_str().unwrap_or_default();
-                        if let Some(id) = frame["id"].as_str().and_then(MsgId::parse) {
-                            if pending.remove(cmid).is_some() {
-                                ctl.history.confirm(cmid, id);
-                            }
-                        }
-                    }
-                    // Logouts and logins of others, as a member list would show them.
-                    "logout" | "login" if in_room && frame["userId"] != ctl.user.as_str() => {
-                        count(&ctl.events, format!("{event} frames"));
-                        if event == "logout" {
-                            if let Some(user) = frame["userId"].as_str() {
-                                ctl.history.saw_logout(user);
-                            }
-                        }
-                    }
-                    "resync" if in_room => {
-                        count(&ctl.events, "resync".into());
-                        ctl.history.resync(ctl.index);
-                    }
-                    "error" => {
-                        let code = frame["code"].as_str().unwrap_or("?");
-                        count(&ctl.events, format!("error {code}"));
-                        let retry_at = tokio::time::Instant::now() + Duration::from_millis(300);
-                        match frame["clientMsgId"].as_str().and_then(|c| pending.get_mut(c)) {
-                            Some(p) => p.next_try = retry_at,
-                            // A failed login: try it again shortly.
-                            None if !logged_in => login_sent = retry_at - Duration::from_secs(2),
-                            None => {}
-                        }
-                    }
-                    _ => {}
-                }
+                on_frame(ctl, &frame, &mut logged_in, &mut login_sent, last_id, pending, &mut out);
             }
             _ = ping.tick() => {
                 if last_rx.elapsed() > DEAD_AFTER {
@@ -852,6 +760,122 @@ async fn session(
                 return "connection lost".into();
             }
         }
+    }
+}
+
+/// Handles one frame the server sent a lab client: the checker's history learns what was
+/// delivered and confirmed; answers (a `sync` for more) go into `out`.
+fn on_frame(
+    ctl: &ClientCtl,
+    frame: &Value,
+    logged_in: &mut bool,
+    login_sent: &mut tokio::time::Instant,
+    last_id: &mut Option<String>,
+    pending: &mut BTreeMap<String, Pending>,
+    out: &mut Vec<Message>,
+) {
+    let room = ctl.room.as_str();
+    let event = frame["event"].as_str().unwrap_or_default();
+    let in_room = frame["roomId"] == room;
+    match event {
+        "login" if in_room && frame["userId"] == ctl.user.as_str() && !*logged_in => {
+            *logged_in = true;
+            ctl.history.online(ctl.index);
+            if ctl.careless {
+                // Without acks no `synced` comes: logged in is as started as it gets.
+                ctl.history.joined(ctl.index);
+            }
+            // Everything unconfirmed goes again, same clientMsgId.
+            let now = tokio::time::Instant::now();
+            for p in pending.values_mut() {
+                p.next_try = now;
+            }
+        }
+        "synced" if in_room => {
+            let synced_id = frame["lastId"].as_str().unwrap_or("0-0");
+            if let Some(id) = MsgId::parse(synced_id) {
+                ctl.history.started(ctl.index, id);
+            }
+            if newer(last_id, synced_id) {
+                *last_id = Some(synced_id.to_string());
+            }
+            if frame["more"] == true {
+                out.push(Message::text(
+                    json!({"event":"sync","roomId":room,"since":synced_id}).to_string(),
+                ));
+            }
+        }
+        "message" if in_room => {
+            let id_text = frame["id"].as_str().unwrap_or_default();
+            let cmid = frame["clientMsgId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if let Some(id) = MsgId::parse(id_text) {
+                if ctl.careless && !ctl.history.has_start(ctl.index) {
+                    // No `synced` without ack: owed is what follows the first
+                    // message received.
+                    let before = match id {
+                        MsgId(ms, 0) => MsgId(ms.saturating_sub(1), u64::MAX),
+                        MsgId(ms, seq) => MsgId(ms, seq - 1),
+                    };
+                    ctl.history.started(ctl.index, before);
+                }
+                ctl.history.deliver(
+                    ctl.index,
+                    Received {
+                        id,
+                        client_msg_id: cmid.clone(),
+                        content: frame["content"].as_str().unwrap_or_default().into(),
+                        user: frame["userId"].as_str().unwrap_or_default().into(),
+                        num: frame["num"].as_u64(),
+                        at: Instant::now(),
+                    },
+                );
+                if frame["userId"] == ctl.user.as_str() && pending.remove(&cmid).is_some() {
+                    ctl.history.confirm(&cmid, id);
+                }
+            }
+            if newer(last_id, id_text) {
+                *last_id = Some(id_text.to_string());
+            }
+        }
+        "sent" if in_room => {
+            let cmid = frame["clientMsgId"].as_str().unwrap_or_default();
+            if let Some(id) = frame["id"].as_str().and_then(MsgId::parse) {
+                if pending.remove(cmid).is_some() {
+                    ctl.history.confirm(cmid, id);
+                }
+            }
+        }
+        // Logouts and logins of others, as a member list would show them.
+        "logout" | "login" if in_room && frame["userId"] != ctl.user.as_str() => {
+            count(&ctl.events, format!("{event} frames"));
+            if event == "logout" {
+                if let Some(user) = frame["userId"].as_str() {
+                    ctl.history.saw_logout(user);
+                }
+            }
+        }
+        "resync" if in_room => {
+            count(&ctl.events, "resync".into());
+            ctl.history.resync(ctl.index);
+        }
+        "error" => {
+            let code = frame["code"].as_str().unwrap_or("?");
+            count(&ctl.events, format!("error {code}"));
+            let retry_at = tokio::time::Instant::now() + Duration::from_millis(300);
+            match frame["clientMsgId"]
+                .as_str()
+                .and_then(|c| pending.get_mut(c))
+            {
+                Some(p) => p.next_try = retry_at,
+                // A failed login: try it again shortly.
+                None if !*logged_in => *login_sent = retry_at - Duration::from_secs(2),
+                None => {}
+            }
+        }
+        _ => {}
     }
 }
 
@@ -1151,6 +1175,41 @@ impl ChaosLab {
         let pick = self.rng.below(1 << 16) as usize;
         let events_before = self.events.lock().expect("events").clone();
         let injected = Instant::now();
+        self.apply_and_heal(fault, pick).await?;
+        let healed = Instant::now();
+        let lasted = healed - injected;
+        let present_throughout: Vec<usize> = self
+            .clients
+            .iter()
+            .filter(|c| !c.departed && self.history.is_started(c.index))
+            .map(|c| c.index)
+            .collect();
+        // A new user arrives once the fault is over.
+        let room = format!("room{}", self.rng.below(self.config.rooms as u64));
+        self.add_client(&room).await?;
+        let mut recovery = self.measure(fault.clone(), lasted, healed).await;
+        recovery.worst_send_gap =
+            self.history
+                .longest_confirm_gap(&present_throughout, injected, Instant::now());
+        recovery.logouts_of_connected = self.history.logouts_of_online_users_since(injected).len();
+        for (event, n) in self.events.lock().expect("events").iter() {
+            let delta = n - events_before.get(event).copied().unwrap_or(0);
+            // "stopped" is the departing client closing, not something the fault did.
+            if delta > 0 && event != "stopped" {
+                recovery.client_events.insert(event.clone(), delta);
+            }
+        }
+        if let Fault::NodeKill { node } = fault {
+            // Back to full strength for what follows, under the same node id.
+            self.nodes[*node].start().await?;
+        }
+        self.recoveries.push(recovery.clone());
+        Ok(recovery)
+    }
+
+    /// Applies `fault` and, where it lasts, heals it after its time; the client `pick` leaves
+    /// while it is on.
+    async fn apply_and_heal(&mut self, fault: &Fault, pick: usize) -> Result<()> {
         let wait = |secs: f64| tokio::time::sleep(Duration::from_secs_f64(secs));
         match fault.clone() {
             Fault::PartitionNodeFromRedis { node, secs } => {
@@ -1250,35 +1309,7 @@ impl ChaosLab {
                 .await?;
             }
         }
-        let healed = Instant::now();
-        let lasted = healed - injected;
-        let present_throughout: Vec<usize> = self
-            .clients
-            .iter()
-            .filter(|c| !c.departed && self.history.is_started(c.index))
-            .map(|c| c.index)
-            .collect();
-        // A new user arrives once the fault is over.
-        let room = format!("room{}", self.rng.below(self.config.rooms as u64));
-        self.add_client(&room).await?;
-        let mut recovery = self.measure(fault.clone(), lasted, healed).await;
-        recovery.worst_send_gap =
-            self.history
-                .longest_confirm_gap(&present_throughout, injected, Instant::now());
-        recovery.logouts_of_connected = self.history.logouts_of_online_users_since(injected).len();
-        for (event, n) in self.events.lock().expect("events").iter() {
-            let delta = n - events_before.get(event).copied().unwrap_or(0);
-            // "stopped" is the departing client closing, not something the fault did.
-            if delta > 0 && event != "stopped" {
-                recovery.client_events.insert(event.clone(), delta);
-            }
-        }
-        if let Fault::NodeKill { node } = fault {
-            // Back to full strength for what follows, under the same node id.
-            self.nodes[*node].start().await?;
-        }
-        self.recoveries.push(recovery.clone());
-        Ok(recovery)
+        Ok(())
     }
 
     /// Waits (up to the presence deadline, and up to 60 s for traffic) for recovery after a
@@ -1311,35 +1342,7 @@ impl ChaosLab {
                 .filter(|c| !c.departed)
                 .map(|c| c.index)
                 .collect();
-            if recovery.all_confirm.is_none() {
-                let sends = self.history.sends_since(healed);
-                let confirmed = |client: usize| {
-                    sends
-                        .iter()
-                        .filter(|(c, _)| *c == client)
-                        .filter_map(|(_, t)| *t)
-                        .min()
-                };
-                recovery.first_confirm = sends
-                    .iter()
-                    .filter_map(|(_, t)| *t)
-                    .min()
-                    .map(|t| t - healed);
-                let per_client: Vec<Option<Instant>> = live.iter().map(|c| confirmed(*c)).collect();
-                if per_client.iter().all(Option::is_some) {
-                    recovery.all_confirm =
-                        per_client.into_iter().flatten().max().map(|t| t - healed);
-                }
-            }
-            if recovery.all_delivery.is_none() {
-                let fresh = self.history.first_fresh_delivery(healed);
-                recovery.first_delivery = fresh.iter().flatten().min().map(|t| *t - healed);
-                let per_client: Vec<Option<Instant>> = live.iter().map(|c| fresh[*c]).collect();
-                if per_client.iter().all(Option::is_some) {
-                    recovery.all_delivery =
-                        per_client.into_iter().flatten().max().map(|t| t - healed);
-                }
-            }
+            self.measure_traffic(&mut recovery, &live, healed);
             // Presence is polled up to the deadline even when it is right earlier: it can be
             // right, then wrong again (a node cut off from Redis longer than the TTL has its
             // users pruned by the others, and re-creates them once its own refresh gets
@@ -1416,6 +1419,38 @@ impl ChaosLab {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         recovery
+    }
+
+    /// When the first and the last client got a send confirmed and a fresh message delivered
+    /// after `healed` (each set once every live client has).
+    fn measure_traffic(&self, recovery: &mut Recovery, live: &[usize], healed: Instant) {
+        if recovery.all_confirm.is_none() {
+            let sends = self.history.sends_since(healed);
+            let confirmed = |client: usize| {
+                sends
+                    .iter()
+                    .filter(|(c, _)| *c == client)
+                    .filter_map(|(_, t)| *t)
+                    .min()
+            };
+            recovery.first_confirm = sends
+                .iter()
+                .filter_map(|(_, t)| *t)
+                .min()
+                .map(|t| t - healed);
+            let per_client: Vec<Option<Instant>> = live.iter().map(|c| confirmed(*c)).collect();
+            if per_client.iter().all(Option::is_some) {
+                recovery.all_confirm = per_client.into_iter().flatten().max().map(|t| t - healed);
+            }
+        }
+        if recovery.all_delivery.is_none() {
+            let fresh = self.history.first_fresh_delivery(healed);
+            recovery.first_delivery = fresh.iter().flatten().min().map(|t| *t - healed);
+            let per_client: Vec<Option<Instant>> = live.iter().map(|c| fresh[*c]).collect();
+            if per_client.iter().all(Option::is_some) {
+                recovery.all_delivery = per_client.into_iter().flatten().max().map(|t| t - healed);
+            }
+        }
     }
 
     fn clients_started(&self) -> bool {
