@@ -1,14 +1,12 @@
-//! Targets (with the loopback safety check), connecting with a chosen source address, the
-//! message `content` codec and per-sender sequence tracking.
+//! Targets (with the loopback safety check), connecting with a chosen source address (the
+//! upgrade is `e2e::wire`'s), the message `content` codec and per-sender sequence tracking.
 
-use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
+use e2e::wire;
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::WebSocketStream;
 
 pub type Ws = WebSocketStream<TcpStream>;
@@ -83,15 +81,6 @@ pub fn source_addrs(first: usize, count: usize) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Small buffers: the generator may hold tens of thousands of connections.
-pub fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
-        .max_message_size(Some(1 << 20))
-        .max_frame_size(Some(1 << 20))
-}
-
 /// Opens a TCP connection (from `source` when the target is IPv4 loopback) and does the
 /// WebSocket handshake.
 pub async fn connect(target: &Target, source: Option<IpAddr>, timeout: Duration) -> Result<Ws> {
@@ -117,40 +106,11 @@ pub async fn connect(target: &Target, source: Option<IpAddr>, timeout: Duration)
         }
         let stream = socket.connect(target.addr).await?;
         stream.set_nodelay(true)?;
-        let (ws, _) = tokio_tungstenite::client_async_with_config(
-            target.url.as_str(),
-            stream,
-            Some(ws_config()),
-        )
-        .await?;
-        anyhow::Ok(ws)
+        wire::connect_over(&target.url, stream, &wire::Opts::default().small_buffers()).await
     };
     tokio::time::timeout(timeout, fut)
         .await
         .map_err(|_| anyhow!("connect timeout"))?
-}
-
-/// The fields of a server frame that the generator looks at.
-#[derive(Deserialize, Default)]
-pub struct Frame<'a> {
-    #[serde(borrow)]
-    pub event: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub content: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub id: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    pub code: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "userId")]
-    pub user_id: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "clientMsgId")]
-    pub client_msg_id: Option<Cow<'a, str>>,
-    #[serde(borrow, rename = "lastId")]
-    pub last_id: Option<Cow<'a, str>>,
-    pub more: Option<bool>,
-    pub truncated: Option<bool>,
-    pub dm: Option<bool>,
-    pub duplicate: Option<bool>,
 }
 
 /// A chat `content`: `t=<send µs>;s=<sender>;q=<seq>;` padded with `x` to `size` bytes.

@@ -14,8 +14,9 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::conn::{self, encode_content, parse_content, Frame, SeqKind, SeqTrack, Target, Ws};
+use crate::conn::{self, encode_content, parse_content, SeqKind, SeqTrack, Target, Ws};
 use crate::stats::{now_us, Stats};
+use e2e::wire::{self, Frame};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -593,7 +594,7 @@ enum Step {
 /// Handles one text frame.
 fn on_frame(ctx: &Ctx, spec: &ConnSpec, st: &mut ConnState, text: &str, now: u64) -> FrameInfo {
     let mut info = FrameInfo::default();
-    let frame: Frame = match serde_json::from_str(text) {
+    let frame = match Frame::parse(text) {
         Ok(f) => f,
         Err(_) => {
             ctx.stats.error("unparsable_frame");
@@ -699,7 +700,7 @@ fn on_message(
     match msg {
         Some(Ok(Message::Text(text))) => (Step::Continue, on_frame(ctx, spec, st, &text, now_us())),
         Some(Ok(Message::Close(frame))) => {
-            let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+            let code = wire::close_code(frame.as_ref());
             ctx.stats.close_code(&code.to_string());
             if !stopping {
                 Stats::add(&ctx.stats.unexpected_closes, 1);
@@ -726,28 +727,15 @@ fn on_message(
 }
 
 fn login_frame(ctx: &Ctx, spec: &ConnSpec, room: &str, resume_from: Option<&str>) -> String {
-    let mut v = serde_json::json!({
-        "event": "login",
-        "userId": user_id(&ctx.spec.tag, spec.index),
-        "userName": format!("user {}", spec.index),
-        "roomId": room,
-        "roomName": room,
-    });
-    if ctx.spec.ack {
-        v["ack"] = true.into();
-    }
-    if let Some(id) = resume_from {
-        v["lastId"] = id.into();
-    }
+    let user = user_id(&ctx.spec.tag, spec.index);
+    let mut login = wire::Login::new(&user, room)
+        .name(format!("user {}", spec.index))
+        .ack(ctx.spec.ack)
+        .last_id(resume_from);
     if let Some(secret) = &ctx.spec.jwt_secret {
-        v["token"] = login_token(
-            secret,
-            &user_id(&ctx.spec.tag, spec.index),
-            ctx.spec.duration_s,
-        )
-        .into();
+        login = login.token(login_token(secret, &user, ctx.spec.duration_s));
     }
-    v.to_string()
+    login.text()
 }
 
 /// An HS256 token for `user`, valid for the run plus an hour.
@@ -765,7 +753,7 @@ fn login_token(secret: &str, user: &str, duration_s: f64) -> String {
 fn chat_frame(ctx: &Ctx, room: &str, sender: u64, seq: u64) -> String {
     let content = encode_content(now_us(), sender, seq, ctx.spec.size);
     let tag = &ctx.spec.tag;
-    format!(r#"{{"roomId":"{room}","content":"{content}","clientMsgId":"c-{tag}-{sender}-{seq}"}}"#)
+    wire::message_raw(room, content, Some(format_args!("c-{tag}-{sender}-{seq}")))
 }
 
 async fn send_text(ctx: &Ctx, ws: &mut Ws, text: String) -> bool {
@@ -845,8 +833,7 @@ async fn log_in(
             return Err(failed());
         }
         if let Some(since) = info.sync_more {
-            let f = serde_json::json!({"event":"sync","roomId":room,"since":since});
-            let _ = send_text(ctx, ws, f.to_string()).await;
+            let _ = send_text(ctx, ws, wire::sync(room, &since, None).to_string()).await;
         }
         if info.own_login {
             return Ok(());
@@ -978,7 +965,7 @@ async fn drive(
                 }
             }
             _ = heartbeat_tick => {
-                if !send_text(ctx, &mut ws, r#"{"event":"heartBeat","content":"ping"}"#.into()).await {
+                if !send_text(ctx, &mut ws, wire::HEARTBEAT.into()).await {
                     return Outcome::Failed;
                 }
             }
@@ -1011,8 +998,7 @@ async fn on_read(
         });
     }
     if let Some(since) = info.sync_more {
-        let f = serde_json::json!({"event":"sync","roomId":room,"since":since});
-        if !send_text(ctx, ws, f.to_string()).await {
+        if !send_text(ctx, ws, wire::sync(room, &since, None).to_string()).await {
             return Some(Outcome::Reconnect);
         }
     }
@@ -1101,8 +1087,7 @@ async fn send_ack(ctx: &Ctx, ws: &mut Ws, st: &mut ConnState, room: &str) -> boo
         st.unacked = 0;
         return true;
     }
-    let f = serde_json::json!({"event":"ack","roomId":room,"id":id});
-    if !send_text(ctx, ws, f.to_string()).await {
+    if !send_text(ctx, ws, wire::ack(room, &id).to_string()).await {
         return false;
     }
     Stats::add(&ctx.stats.acks_sent, 1);
@@ -1204,8 +1189,7 @@ async fn churn_cycle(
             }
         }
     }
-    let logout = serde_json::json!({"event":"logout","roomId":room});
-    send_text(ctx, ws, logout.to_string()).await
+    send_text(ctx, ws, wire::logout(room).to_string()).await
 }
 
 /// Reads frames until `until` holds (true), the connection closes (false) or 10 s pass (Err).

@@ -10,6 +10,9 @@ pub mod netns;
 pub mod nginx;
 pub mod redis_cluster;
 pub mod report;
+pub mod wire;
+
+pub use wire::UpgradeRefused;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -23,7 +26,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 /// Default time a test waits for a condition before failing.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -394,61 +396,15 @@ pub fn mint_token(sub: &str, extra: &[&str]) -> Result<String> {
 /// Opens a WebSocket with extra request headers; `Err` carries the HTTP status of a refused
 /// upgrade as `UpgradeRefused`.
 pub async fn connect_with_headers(url: &str, headers: &[(&str, &str)]) -> Result<Client> {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = url.into_client_request()?;
-    for (name, value) in headers {
-        request.headers_mut().insert(
-            tokio_tungstenite::tungstenite::http::HeaderName::from_bytes(name.as_bytes())?,
-            value.parse()?,
-        );
-    }
-    match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-        .await
-        .context("websocket connect timeout")?
-    {
-        Ok((ws, _)) => Ok(Client {
-            ws,
-            pending: Default::default(),
-            closed: None,
-        }),
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            let body = response
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            Err(UpgradeRefused {
-                status: response.status().as_u16(),
-                body,
-                retry_after,
-            }
-            .into())
-        }
-        Err(e) => Err(e.into()),
+    let opts = headers.iter().fold(
+        wire::Opts::default().timeout(WAIT),
+        |opts, (name, value)| opts.header(name, value),
+    );
+    match wire::connect(url, &opts).await {
+        Ok(ws) => Ok(Client::over(ws)),
+        Err(e) => Err(wire::refusal(&e).map_or(e, anyhow::Error::new)),
     }
 }
-
-/// An upgrade answered with an HTTP status instead of a WebSocket.
-#[derive(Debug)]
-pub struct UpgradeRefused {
-    pub status: u16,
-    pub body: String,
-    /// The `Retry-After` header, if the refusal had one.
-    pub retry_after: Option<String>,
-}
-
-impl std::fmt::Display for UpgradeRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "upgrade refused with {}: {}", self.status, self.body)
-    }
-}
-
-impl std::error::Error for UpgradeRefused {}
 
 /// The status and body of a refused upgrade (fails if the upgrade succeeded).
 pub async fn refused_upgrade(url: &str, headers: &[(&str, &str)]) -> Result<UpgradeRefused> {
@@ -775,7 +731,7 @@ pub async fn http_request(
 
 /// A WebSocket client speaking the gateway protocol; remembers every frame it received.
 pub struct Client {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    ws: wire::Ws,
     /// Frames received but not yet taken by a `recv_*` call.
     pending: std::collections::VecDeque<Value>,
     pub closed: Option<u16>,
@@ -783,14 +739,17 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(url: &str) -> Result<Client> {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
-            .await
-            .context("websocket connect timeout")??;
-        Ok(Client {
+        Ok(Client::over(
+            wire::connect(url, &wire::Opts::default().timeout(WAIT)).await?,
+        ))
+    }
+
+    fn over(ws: wire::Ws) -> Client {
+        Client {
             ws,
             pending: Default::default(),
             closed: None,
-        })
+        }
     }
 
     pub async fn send(&mut self, frame: Value) -> Result<()> {
@@ -810,20 +769,22 @@ impl Client {
 
     /// Sends `login` and waits for this connection's own `login` frame; returns it.
     pub async fn login(&mut self, user: &str, room: Value) -> Result<Value> {
-        self.login_with(serde_json::json!({
-            "event": "login", "userId": user, "userName": format!("name-{user}"),
-            "roomId": room, "roomName": format!("room {room}"),
-        }))
-        .await
+        self.login_with(Client::login_frame(user, room).frame())
+            .await
     }
 
     /// `login` proven by a token for `user` (for gateways started `with_jwt`).
     pub async fn login_proven(&mut self, user: &str, room: Value) -> Result<Value> {
-        self.login_with(serde_json::json!({
-            "event": "login", "userId": user, "userName": format!("name-{user}"),
-            "roomId": room, "roomName": format!("room {room}"), "token": mint_token(user, &[])?,
-        }))
-        .await
+        let login = Client::login_frame(user, room).token(mint_token(user, &[])?);
+        self.login_with(login.frame()).await
+    }
+
+    /// The harness's login: `userName` `name-<user>`, `roomName` `room <room as JSON>`.
+    fn login_frame(user: &str, room: Value) -> wire::Login {
+        let room_name = format!("room {room}");
+        wire::Login::new(user, room)
+            .name(format!("name-{user}"))
+            .room_name(room_name)
     }
 
     /// Sends a login frame and waits for the `login` frame naming this user and room.
@@ -848,7 +809,7 @@ impl Client {
             match next {
                 Some(Ok(Message::Text(text))) => return Ok(serde_json::from_str(&text)?),
                 Some(Ok(Message::Close(frame))) => {
-                    let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                    let code = wire::close_code(frame.as_ref());
                     self.closed = Some(code);
                     bail!("connection closed with code {code}");
                 }
