@@ -40,18 +40,12 @@ use bench_util::{
     Table,
 };
 use clap::Parser;
+use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Start of every chat message frame (gateway/src/protocol.rs `MESSAGE_HEAD`).
-const MESSAGE_HEAD: &str = r#"{"event":"message","id":""#;
 const CLIENT_MSG_ID: &str = r#""clientMsgId":""#;
 
 /// Commands the gateway's Lua scripts call (append, prune, refresh): counted by Redis, but
@@ -203,9 +197,10 @@ impl Window {
             self.next_seq += 1;
             self.owed -= 1;
             self.inflight.insert(seq, Instant::now());
-            let frame = format!(
-                r#"{{"roomId":{},"content":"{}","clientMsgId":"{}{seq}"}}"#,
-                cfg.room_json, cfg.content, self.prefix
+            let frame = wire::message_raw(
+                &cfg.room,
+                &cfg.content,
+                Some(format_args!("{}{seq}", self.prefix)),
             );
             shared.sent.fetch_add(1, Ordering::Relaxed);
             shared.inflight.fetch_add(1, Ordering::Relaxed);
@@ -241,50 +236,23 @@ fn parse_id(text: &str) -> Option<(u64, u64)> {
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }
 
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-}
-
 async fn connect_and_login(url: &str, user: &str, room: &str) -> Result<Ws> {
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
-    )
-    .await
-    .context("websocket connect timeout")??;
+    let mut ws = wire::connect(url, &wire::Opts::default().nodelay()).await?;
     // A proven user (a token): stored ack positions belong to proven users only.
-    let login = serde_json::json!({
-        "event": "login", "userId": user, "userName": format!("name {user}"),
-        "roomId": room, "roomName": format!("room {room}"), "ack": true,
-        "token": e2e::harness_token(user)?,
-    });
-    ws.send(Message::text(login.to_string())).await?;
-    let own = format!(r#""userId":"{user}""#);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .context("no own login frame within 10 s")?
-        {
-            Some(Ok(Message::Text(text))) => {
-                if text.starts_with(r#"{"event":"login""#) && text.contains(&own) {
-                    return Ok(ws);
-                }
-                if text.starts_with(r#"{"event":"error""#) {
-                    bail!("error frame at login: {text}");
-                }
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("websocket error at login: {e}"),
-            None => bail!("connection ended at login"),
-        }
-    }
+    let login = wire::Login::new(user, room)
+        .name(format!("name {user}"))
+        .room_name(format!("room {room}"))
+        .ack(true)
+        .token(e2e::harness_token(user)?);
+    wire::log_in(&mut ws, &login, Duration::from_secs(10)).await?;
+    Ok(ws)
 }
 
 struct MemberCfg {
     index: usize,
     user: String,
-    room_json: String,
+    /// The room id as the inside of a JSON string (`wire::escape`).
+    room: String,
     sender: bool,
     window: usize,
     content: String,
@@ -424,10 +392,7 @@ impl Member {
     /// Acks the last id received (cumulative).
     fn send_ack(&self) {
         let last = self.out.last_id;
-        let frame = format!(
-            r#"{{"event":"ack","roomId":{},"id":"{}-{}"}}"#,
-            self.cfg.room_json, last.0, last.1
-        );
+        let frame = wire::ack_raw(&self.cfg.room, format_args!("{}-{}", last.0, last.1));
         self.shared.acks_sent.fetch_add(1, Ordering::Relaxed);
         let _ = self.tx.send(Message::text(frame));
     }
@@ -457,9 +422,9 @@ impl Member {
     /// A text frame: a message (counted, acked, and for a sender perhaps its own copy) or an
     /// error frame.
     fn on_text(&mut self, text: &str) {
-        if let Some(rest) = text.strip_prefix(MESSAGE_HEAD) {
+        if let Some(rest) = text.strip_prefix(wire::MESSAGE_HEAD) {
             self.on_message(text, rest);
-        } else if text.starts_with(r#"{"event":"error""#) {
+        } else if wire::event(text) == Some("error") {
             self.shared.errors.fetch_add(1, Ordering::Relaxed);
             self.out.first_error.get_or_insert_with(|| text.to_string());
         }
@@ -668,7 +633,7 @@ async fn start_members(
     shared: &Arc<Shared>,
     phase_rx: watch::Receiver<u8>,
 ) -> Result<Vec<tokio::task::JoinHandle<MemberOut>>> {
-    let room_json = serde_json::to_string(&args.room)?;
+    let room = wire::escape(&args.room);
     let content = "x".repeat(args.size);
     let mut tasks = Vec::new();
     for i in 0..args.members {
@@ -680,7 +645,7 @@ async fn start_members(
         let cfg = MemberCfg {
             index: i,
             user,
-            room_json: room_json.clone(),
+            room: room.clone(),
             sender: i < args.senders,
             window: args.window,
             content: content.clone(),

@@ -49,16 +49,15 @@ use bench_util::{
     clock_ticks, ensure_open_files, percentile, proc_cpu, proc_rss_mib, Info, Section, Table,
 };
 use clap::Parser;
+use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, mint_token, Gateway, GatewayOpts, RedisServer};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::{sleep, timeout_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use tokio_tungstenite::WebSocketStream;
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -109,70 +108,16 @@ const FLOODS: [&str; 9] = [
 
 // Connections
 
-fn login_frame(user: &str, room: &str, token: &str) -> Value {
-    json!({"event": "login", "userId": user, "userName": user, "roomId": room,
-           "roomName": room, "token": token})
+fn login_frame(user: &str, room: &str, token: &str) -> wire::Login {
+    wire::Login::new(user, room).token(token)
 }
 
-async fn connect(url: &str) -> Result<Ws> {
-    let (ws, _) = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_tungstenite::connect_async(url),
-    )
-    .await
-    .context("websocket connect timeout")??;
-    Ok(ws)
-}
-
-/// Sends a login and reads until this user's own `login` frame.
-async fn login(ws: &mut Ws, user: &str, room: &str, token: &str) -> Result<()> {
-    ws.send(Message::text(login_frame(user, room, token).to_string()))
-        .await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let next = timeout_at(deadline, ws.next())
-            .await
-            .context("no login answer within 10 s")?;
-        match next {
-            Some(Ok(Message::Text(text))) => {
-                let frame: Value = serde_json::from_str(&text)?;
-                if frame["event"] == "login" && frame["userId"] == user {
-                    return Ok(());
-                }
-                if frame["event"] == "error" {
-                    bail!("login refused: {frame}");
-                }
-            }
-            Some(Ok(Message::Close(close))) => {
-                bail!("closed while logging in: {:?}", close.map(|c| c.code))
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => return Err(e.into()),
-            None => bail!("connection ended while logging in"),
-        }
-    }
-}
-
+/// Connects and logs in (reading until this user's own `login` frame).
 async fn connect_login(url: &str, user: &str, room: &str, token: &str) -> Result<Ws> {
-    let mut ws = connect(url).await?;
-    login(&mut ws, user, room, token).await?;
+    let mut ws = wire::connect(url, &wire::Opts::default()).await?;
+    let login = login_frame(user, room, token);
+    wire::log_in(&mut ws, &login, Duration::from_secs(10)).await?;
     Ok(ws)
-}
-
-/// The close code of a close frame, as text.
-fn close_text(close: Option<tokio_tungstenite::tungstenite::protocol::CloseFrame>) -> String {
-    close
-        .map(|c| u16::from(c.code).to_string())
-        .unwrap_or_else(|| "close without code".into())
-}
-
-/// `"code":"…"` of an error frame.
-fn error_code(text: &str) -> Option<String> {
-    if !text.contains(r#""event":"error""#) {
-        return None;
-    }
-    let value: Value = serde_json::from_str(text).ok()?;
-    Some(value["code"].as_str().unwrap_or("?").to_string())
 }
 
 // The unrelated user U
@@ -253,8 +198,10 @@ impl Probe {
             let mut seq = 0u64;
             while !st.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let frame = format!(
-                    r#"{{"roomId":"{PROBE_ROOM}","content":"probe {seq}","clientMsgId":"p{seq}"}}"#
+                let frame = wire::message_raw(
+                    PROBE_ROOM,
+                    format_args!("probe {seq}"),
+                    Some(format_args!("p{seq}")),
                 );
                 s.lock().expect("samples").push(Sample {
                     sent: Instant::now(),
@@ -282,7 +229,8 @@ impl Probe {
                         }
                     }
                     Ok(Message::Close(close)) => {
-                        *e.lock().expect("ended") = Some(format!("closed {}", close_text(close)));
+                        *e.lock().expect("ended") =
+                            Some(format!("closed {}", wire::close_text(close.as_ref())));
                         return;
                     }
                     Ok(_) => {}
@@ -763,11 +711,11 @@ async fn flood(att: Attacker, frame: FrameFn, until: Instant) -> AttackStats {
                     match stream.next().await {
                         Some(Ok(Message::Text(text))) => {
                             received += 1;
-                            if let Some(code) = error_code(&text) {
+                            if let Some(code) = wire::error_code(&text) {
                                 bump(&mut errors, code);
                             }
                         }
-                        Some(Ok(Message::Close(close))) => break close_text(close),
+                        Some(Ok(Message::Close(close))) => break wire::close_text(close.as_ref()),
                         Some(Ok(_)) => received += 1,
                         Some(Err(e)) => break end_label(&e.to_string()),
                         None => break "eof".to_string(),
@@ -874,7 +822,7 @@ async fn read_close(ws: &mut Ws, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
         match timeout_at(deadline, ws.next()).await {
-            Ok(Some(Ok(Message::Close(close)))) => return close_text(close),
+            Ok(Some(Ok(Message::Close(close)))) => return wire::close_text(close.as_ref()),
             Ok(Some(Ok(_))) => continue,
             Ok(Some(Err(e))) => return end_label(&e.to_string()),
             Ok(None) => return "eof".into(),
@@ -906,7 +854,7 @@ async fn chat_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     };
     let body = "x".repeat(100);
     let frame =
-        text_frames(move |seq| format!(r#"{{"roomId":"flood1","content":"{body} {seq}"}}"#));
+        text_frames(move |seq| wire::message_raw("flood1", format_args!("{body} {seq}"), None));
     run.flood_begin().await;
     let stats = flood(att, frame, Instant::now() + secs(args.secs)).await;
     run.flood_end().await;
@@ -936,7 +884,7 @@ async fn ping_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
         ..pinger.clone()
     };
     let pings: FrameFn = Arc::new(|_| Some(Message::Ping(Vec::new().into())));
-    let beats = text_frames(|_| r#"{"event":"heartBeat","content":"ping"}"#.to_string());
+    let beats = text_frames(|_| wire::HEARTBEAT.to_string());
     run.flood_begin().await;
     let until = Instant::now() + secs(args.secs);
     let (p, h) = tokio::join!(flood(pinger, pings, until), flood(beater, beats, until));
@@ -954,7 +902,7 @@ async fn sync_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     let mut filler = connect_login(&url, "filler", "hist", &token).await?;
     let content = "x".repeat(60 * 1024);
     for i in 0..300 {
-        let frame = json!({"roomId": "hist", "content": content, "clientMsgId": format!("f{i}")});
+        let frame = wire::message("hist", &content, Some(&format!("f{i}")));
         filler.send(Message::text(frame.to_string())).await?;
         let marker = format!(r#""clientMsgId":"f{i}""#);
         loop {
@@ -979,7 +927,7 @@ async fn sync_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     run.quiet(args).await;
     run.flood_begin().await;
     let until = Instant::now() + secs(args.secs);
-    let sync = json!({"event": "sync", "roomId": "hist", "since": "0", "limit": 1000}).to_string();
+    let sync = wire::sync("hist", "0", Some(1000)).to_string();
     for ws in sinks.iter_mut() {
         ws.send(Message::text(sync.clone())).await?;
     }
@@ -1037,17 +985,19 @@ async fn sync_looper(url: &str, user: &str, token: &str, sync: &str, until: Inst
                 match timeout_at(until, ws.next()).await {
                     Ok(Some(Ok(Message::Text(t)))) => {
                         bytes += t.len() as u64;
-                        if t.starts_with(r#"{"event":"message""#) {
+                        if wire::event(&t) == Some("message") {
                             messages += 1;
-                        } else if t.contains(r#""event":"synced""#) {
+                        } else if wire::event(&t) == Some("synced") {
                             replays += 1;
                             break Ok(());
-                        } else if let Some(code) = error_code(&t) {
+                        } else if let Some(code) = wire::error_code(&t) {
                             bump(&mut errors, code);
                             break Ok(());
                         }
                     }
-                    Ok(Some(Ok(Message::Close(close)))) => break Err(close_text(close)),
+                    Ok(Some(Ok(Message::Close(close)))) => {
+                        break Err(wire::close_text(close.as_ref()))
+                    }
                     Ok(Some(Ok(_))) => {}
                     Ok(Some(Err(e))) => break Err(first_words(&e.to_string())),
                     Ok(None) => break Err("eof".into()),
@@ -1102,7 +1052,7 @@ async fn slowloris(_args: &Args, run: &mut Run) -> Result<Vec<String>> {
     let real = async {
         let mut ws = connect_login(&run.url(), "real", "real-room", &token).await?;
         ws.send(Message::text(
-            json!({"roomId": "real-room", "content": "hi", "clientMsgId": "r1"}).to_string(),
+            wire::message("real-room", "hi", Some("r1")).to_string(),
         ))
         .await?;
         loop {
@@ -1182,7 +1132,7 @@ async fn toggle_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
             while let Some(Ok(message)) = stream.next().await {
                 if let Message::Text(t) = message {
                     f.fetch_add(1, Ordering::Relaxed);
-                    if t.contains(r#""event":"login""#) || t.contains(r#""event":"logout""#) {
+                    if matches!(wire::event(&t), Some("login" | "logout")) {
                         a.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -1200,8 +1150,8 @@ async fn toggle_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
         token: token.clone(),
         read: true,
     };
-    let login = login_frame("t", "big", &token).to_string();
-    let logout = json!({"event": "logout", "roomId": "big"}).to_string();
+    let login = login_frame("t", "big", &token).text();
+    let logout = wire::logout("big").to_string();
     let frame = text_frames(move |seq| {
         if seq % 2 == 0 {
             logout.clone()
@@ -1262,7 +1212,7 @@ async fn dm_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
         let (_sink, mut stream) = ws_v.split();
         while let Some(Ok(message)) = stream.next().await {
             if let Message::Text(t) = message {
-                if t.starts_with(r#"{"event":"dm""#) {
+                if wire::event(&t) == Some("dm") {
                     d.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1272,13 +1222,12 @@ async fn dm_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     let mut friend = connect_login(&url, "friend", "f-room", &token_f).await?;
     friend
         .send(Message::text(
-            json!({"event": "dm", "toUserId": "v", "content": "the real one", "clientMsgId": "real"})
-                .to_string(),
+            wire::dm("v", "the real one", Some("real")).to_string(),
         ))
         .await?;
     let real_id = loop {
         match tokio::time::timeout(Duration::from_secs(10), friend.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) if t.contains(r#""event":"dmSent""#) => {
+            Ok(Some(Ok(Message::Text(t)))) if wire::event(&t) == Some("dmSent") => {
                 let v: Value = serde_json::from_str(&t)?;
                 break v["id"].as_str().unwrap_or_default().to_string();
             }
@@ -1302,9 +1251,7 @@ async fn dm_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
         .unwrap_or_default();
     run.flood_begin().await;
     let until = Instant::now() + secs(args.secs);
-    let spam_frames = text_frames(|seq| {
-        json!({"event": "dm", "toUserId": "v", "content": format!("buy now {seq}")}).to_string()
-    });
+    let spam_frames = text_frames(|seq| wire::dm("v", &format!("buy now {seq}"), None).to_string());
     let (s, g) = tokio::join!(
         flood(spam, spam_frames, until),
         ghost_dms(&url, &ghost_token, until)
@@ -1367,7 +1314,7 @@ async fn ghost_dms(url: &str, token: &str, until: Instant) -> String {
         connections += 1;
         let chunk = (3000 - next).min(80);
         for i in next..next + chunk {
-            let dm = json!({"event": "dm", "toUserId": format!("ghost-{i}"), "content": "hi"});
+            let dm = wire::dm(&format!("ghost-{i}"), "hi", None);
             if ws.feed(Message::text(dm.to_string())).await.is_err() {
                 break;
             }
@@ -1379,10 +1326,10 @@ async fn ghost_dms(url: &str, token: &str, until: Instant) -> String {
         while got < chunk {
             match timeout_at(deadline, ws.next()).await {
                 Ok(Some(Ok(Message::Text(t)))) => {
-                    if t.contains(r#""event":"dmSent""#) {
+                    if wire::event(&t) == Some("dmSent") {
                         bump(&mut answers, "dmSent");
                         got += 1;
-                    } else if let Some(code) = error_code(&t) {
+                    } else if let Some(code) = wire::error_code(&t) {
                         bump(&mut answers, code);
                         got += 1;
                     }
@@ -1427,17 +1374,20 @@ fn key_shape(key: &str) -> String {
 }
 
 /// Opens a WebSocket from `src` (a loopback address of its own).
-async fn connect_from(src: IpAddr, addr: SocketAddr, url: &str) -> Result<Ws> {
+async fn connect_from(
+    src: IpAddr,
+    addr: SocketAddr,
+    url: &str,
+) -> Result<WebSocketStream<TcpStream>> {
     let socket = TcpSocket::new_v4()?;
     socket.bind(SocketAddr::new(src, 0))?;
     let tcp = socket.connect(addr).await?;
-    let (ws, _) = tokio::time::timeout(
+    tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::client_async(url, MaybeTlsStream::Plain(tcp)),
+        wire::connect_over(url, tcp, &wire::Opts::default()),
     )
     .await
-    .context("upgrade timeout")??;
-    Ok(ws)
+    .context("upgrade timeout")?
 }
 
 async fn connection_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
@@ -1447,7 +1397,7 @@ async fn connection_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     run.flood_begin().await;
     let start = Instant::now();
     let give_up = start + Duration::from_secs(60);
-    let held = Arc::new(Mutex::new(Vec::<Ws>::new()));
+    let held = Arc::new(Mutex::new(Vec::<WebSocketStream<TcpStream>>::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let refusal = Arc::new(Mutex::new(None::<(Duration, String)>));
     let mut workers = Vec::new();
@@ -1458,16 +1408,9 @@ async fn connection_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
                 match connect_from(src, addr, &url).await {
                     Ok(ws) => held.lock().expect("held").push(ws),
                     Err(e) => {
-                        let text = match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-                            Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                                let body = response
-                                    .body()
-                                    .as_ref()
-                                    .map(|b| String::from_utf8_lossy(b).into_owned())
-                                    .unwrap_or_default();
-                                format!("HTTP {} {body}", response.status().as_u16())
-                            }
-                            _ => first_words(&e.to_string()),
+                        let text = match wire::refusal(&e) {
+                            Some(refused) => format!("HTTP {} {}", refused.status, refused.body),
+                            None => first_words(&e.to_string()),
                         };
                         let mut r = refusal.lock().expect("refusal");
                         if r.is_none() {
@@ -1534,25 +1477,18 @@ async fn reconnect_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
         let (outcomes, url) = (outcomes.clone(), url.clone());
         workers.push(attack_runtime().spawn(async move {
             while Instant::now() < end {
-                let outcome = match connect(&url).await {
+                let outcome = match wire::connect(&url, &wire::Opts::default()).await {
                     Ok(mut ws) => {
                         let _ = ws.close(None).await;
                         "opened and closed".to_string()
                     }
-                    Err(e) => match e.downcast_ref::<tokio_tungstenite::tungstenite::Error>() {
-                        Some(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-                            let body = response
-                                .body()
-                                .as_ref()
-                                .map(|b| String::from_utf8_lossy(b).into_owned())
-                                .unwrap_or_default();
-                            let reason = serde_json::from_str::<Value>(&body)
-                                .ok()
-                                .and_then(|v| v["reason"].as_str().map(str::to_string))
-                                .unwrap_or_default();
-                            format!("HTTP {} {reason}", response.status().as_u16())
-                        }
-                        _ => first_words(&e.to_string()),
+                    Err(e) => match wire::refusal(&e) {
+                        Some(refused) => format!(
+                            "HTTP {} {}",
+                            refused.status,
+                            refused.reason().unwrap_or_default()
+                        ),
+                        None => first_words(&e.to_string()),
                     },
                 };
                 *outcomes

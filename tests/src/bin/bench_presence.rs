@@ -37,16 +37,12 @@ use bench_util::{
     InfoDelta, Section, Table,
 };
 use clap::Parser;
+use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use futures_util::StreamExt;
 use tokio::sync::{oneshot, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
-
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The gateway's default `GATEWAY_ANNOUNCE_MAX_ROOM_SIZE`.
 const DEFAULT_ANNOUNCE_MAX: u64 = 1000;
@@ -126,52 +122,24 @@ struct Counters {
     ended: AtomicU64,
 }
 
-fn ws_config() -> WebSocketConfig {
-    // Small buffers: 10k connections in one process.
-    WebSocketConfig::default()
-        .read_buffer_size(8 * 1024)
-        .write_buffer_size(0)
-}
-
 async fn join(url: &str, user: &str, room: &str) -> Result<(Ws, Duration, Duration, u64)> {
     let started = Instant::now();
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(30),
-        tokio_tungstenite::connect_async_with_config(url, Some(ws_config()), true),
-    )
-    .await
-    .context("websocket connect timeout")??;
+    // Small buffers: 10k connections in one process.
+    let opts = wire::Opts::default()
+        .small_buffers()
+        .nodelay()
+        .timeout(Duration::from_secs(30));
+    let mut ws = wire::connect(url, &opts).await?;
     let connect = started.elapsed();
-    let login = serde_json::json!({
-        "event": "login", "userId": user, "userName": format!("name {user}"),
-        "roomId": room, "roomName": format!("room {room}"),
-    });
-    let own = format!(r#""userId":"{user}""#);
+    let login = wire::Login::new(user, room)
+        .name(format!("name {user}"))
+        .room_name(format!("room {room}"));
     let sent = Instant::now();
-    ws.send(Message::text(login.to_string())).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let next = tokio::time::timeout_at(deadline, ws.next())
-            .await
-            .context("no own login frame within 30 s")?;
-        match next {
-            Some(Ok(Message::Text(text))) => {
-                if text.starts_with(r#"{"event":"login""#) && text.contains(&own) {
-                    let latency = sent.elapsed();
-                    let frame: serde_json::Value = serde_json::from_str(&text)?;
-                    let num = frame["num"].as_u64().unwrap_or(0);
-                    return Ok((ws, connect, latency, num));
-                }
-                if text.starts_with(r#"{"event":"error""#) {
-                    bail!("error frame at login: {text}");
-                }
-            }
-            Some(Ok(Message::Close(frame))) => bail!("closed at login: {frame:?}"),
-            Some(Ok(_)) => {}
-            Some(Err(e)) => bail!("websocket error at login: {e}"),
-            None => bail!("connection ended at login"),
-        }
-    }
+    let own = wire::log_in(&mut ws, &login, Duration::from_secs(30)).await?;
+    let latency = sent.elapsed();
+    let frame: serde_json::Value = serde_json::from_str(&own)?;
+    let num = frame["num"].as_u64().unwrap_or(0);
+    Ok((ws, connect, latency, num))
 }
 
 /// Reads frames until told to close (then closes and drains) or until the server ends it.
@@ -190,12 +158,14 @@ async fn read_until_closed(mut ws: Ws, mut close: oneshot::Receiver<()>, counter
             next = ws.next() => match next {
                 Some(Ok(Message::Text(text))) => {
                     counters.frames.fetch_add(1, Ordering::Relaxed);
-                    if text.starts_with(r#"{"event":"login""#) {
-                        counters.logins.fetch_add(1, Ordering::Relaxed);
-                    } else if text.starts_with(r#"{"event":"logout""#) {
-                        counters.logouts.fetch_add(1, Ordering::Relaxed);
-                    } else if text.starts_with(r#"{"event":"error""#) {
-                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                    let counter = match wire::event(&text) {
+                        Some("login") => Some(&counters.logins),
+                        Some("logout") => Some(&counters.logouts),
+                        Some("error") => Some(&counters.errors),
+                        _ => None,
+                    };
+                    if let Some(counter) = counter {
+                        counter.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Some(Ok(_)) => {}
