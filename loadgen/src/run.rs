@@ -256,7 +256,7 @@ pub async fn run(
     let mut tasks = connect_phase(&ctx, conns, slice, control, &mut clock).await;
     let connect_phase_s = t0.elapsed().as_secs_f64();
     control.ready().await;
-    let cpu_at_run = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+    let cpu_at_run = e2e::procfs::cpu_seconds("self");
     let phase_s = run_phase(&ctx, &phase_tx, control, &mut clock).await;
     drain_phase(&ctx, &phase_tx).await;
     control.progress(&ctx.stats, t0.elapsed().as_secs_f64());
@@ -270,10 +270,10 @@ pub async fn run(
     report.connect_phase_s = connect_phase_s;
     report.joined = ctx.joined.load(Relaxed);
     report.expected = local_expected(&ctx);
-    let cpu_now = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+    let cpu_now = e2e::procfs::cpu_seconds("self");
     report.cpu_s = cpu_now - cpu_at_run;
     report.cpu_total_s = cpu_now;
-    report.rss_kib = crate::stats::proc_status_kib("self", "VmHWM:").unwrap_or(0);
+    report.rss_kib = e2e::procfs::status_kib("self", "VmHWM:").unwrap_or(0);
     report.settings = serde_json::to_value(&spec)?;
     Ok(report)
 }

@@ -546,31 +546,3 @@ fn fmt_map(m: &BTreeMap<String, u64>) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
-
-/// CPU seconds (utime + stime) of a process from /proc/<pid>/stat.
-pub fn proc_cpu_s(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // fields[0] is state (field 3); utime is field 14, stime field 15.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-/// Clock ticks per second (USER_HZ): 100 on Linux for every architecture we run on.
-fn clock_ticks() -> f64 {
-    100.0
-}
-
-/// A `VmRSS`/`VmHWM`-style field of /proc/<pid>/status, KiB.
-pub fn proc_status_kib(pid: &str, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with(field))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}

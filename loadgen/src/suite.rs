@@ -9,11 +9,12 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use e2e::procfs::{cpu_seconds, status_kib};
 use e2e::report::Table;
 use e2e::{free_port, Proc};
 use serde::Serialize;
 
-use crate::stats::{proc_cpu_s, proc_status_kib, Report};
+use crate::stats::Report;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteArgs {
@@ -154,13 +155,11 @@ fn with_children(pid: u32) -> Vec<u32> {
 }
 
 fn cpu_of(pids: &[u32]) -> f64 {
-    pids.iter().filter_map(|p| proc_cpu_s(&p.to_string())).sum()
+    pids.iter().map(cpu_seconds).sum()
 }
 
 fn rss_of(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| proc_status_kib(&p.to_string(), "VmRSS:"))
-        .sum()
+    pids.iter().filter_map(|p| status_kib(p, "VmRSS:")).sum()
 }
 
 struct Stack {

@@ -135,7 +135,7 @@ pub fn main(common: Common, spec: Spec, targets: Vec<Target>) -> Result<()> {
         ))?
     } else {
         let mut r = rt.block_on(parent(&common, &spec, n))?;
-        let own = crate::stats::proc_cpu_s("self").unwrap_or(0.0);
+        let own = e2e::procfs::cpu_seconds("self");
         r.cpu_s += own;
         r.cpu_total_s += own;
         r

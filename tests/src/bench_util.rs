@@ -1,7 +1,7 @@
 //! Helpers shared by the benchmark binaries (`src/bin/bench_presence.rs`,
 //! `src/bin/bench_delivery.rs`), included by each with `#[path]`: report tables (text and
-//! Markdown), Redis `INFO` samples and their differences, CPU time and RSS of processes from
-//! /proc, the open-file limit, latency percentiles.
+//! Markdown), Redis `INFO` samples and their differences, the machine's CPU and the open-file
+//! limit from /proc (a process's CPU time and RSS: `e2e::procfs`), latency percentiles.
 //!
 //! Not part of the harness library: each binary uses what it needs.
 #![allow(dead_code)]
@@ -153,45 +153,6 @@ impl InfoDelta<'_> {
             .iter()
             .fold(total, |t, c| t.saturating_sub(self.calls(c)))
     }
-}
-
-pub fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-/// User + system CPU seconds of a process (from /proc/<pid>/stat).
-pub fn proc_cpu(pid: u32, ticks: f64) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the command name (which may hold spaces) start at field 3 (state).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    (utime + stime) / ticks
-}
-
-/// Resident set size of a process in MiB (VmRSS).
-pub fn proc_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(0.0)
 }
 
 /// Soft and hard open-file limits of this process.

@@ -8,6 +8,7 @@ pub mod checker;
 pub mod faultproxy;
 pub mod netns;
 pub mod nginx;
+pub mod procfs;
 pub mod redis_cluster;
 pub mod report;
 pub mod wire;

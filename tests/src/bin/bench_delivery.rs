@@ -35,11 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bench_util::{
-    clock_ticks, ensure_open_files, latency_cells, machine_cpu, proc_cpu, Info, InfoDelta, Section,
-    Table,
-};
+use bench_util::{ensure_open_files, latency_cells, machine_cpu, Info, InfoDelta, Section, Table};
 use clap::Parser;
+use e2e::procfs::cpu_seconds;
 use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
 use futures_util::{SinkExt, StreamExt};
@@ -557,7 +555,6 @@ async fn snapshot(
     gateways: &[Gateway],
     pids: &[u32],
     shared: &Shared,
-    ticks: f64,
 ) -> Result<Snap> {
     let mut metrics = BTreeMap::new();
     for gw in gateways {
@@ -568,8 +565,8 @@ async fn snapshot(
     Ok(Snap {
         at: Instant::now(),
         info: Info::take(con).await?,
-        gw_cpu: pids.iter().map(|p| proc_cpu(*p, ticks)).collect(),
-        bench_cpu: proc_cpu(std::process::id(), ticks),
+        gw_cpu: pids.iter().map(cpu_seconds).collect(),
+        bench_cpu: cpu_seconds(std::process::id()),
         machine: machine_cpu(),
         metrics,
         deliveries: shared.deliveries.load(Ordering::Relaxed),
@@ -671,31 +668,16 @@ async fn measure(
     cluster: &mut Cluster,
     shared: &Shared,
     phase_tx: &watch::Sender<u8>,
-    ticks: f64,
 ) -> Result<(Snap, Snap)> {
     eprintln!("warm-up {} s ...", args.warmup_secs);
     phase_tx.send(WARMUP)?;
     tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
-    let a = snapshot(
-        &mut cluster.con,
-        &cluster.gateways,
-        &cluster.pids,
-        shared,
-        ticks,
-    )
-    .await?;
+    let a = snapshot(&mut cluster.con, &cluster.gateways, &cluster.pids, shared).await?;
     phase_tx.send(MEASURE)?;
     eprintln!("measuring {} s ...", args.secs);
     tokio::time::sleep(Duration::from_secs(args.secs)).await;
     phase_tx.send(DRAIN)?;
-    let b = snapshot(
-        &mut cluster.con,
-        &cluster.gateways,
-        &cluster.pids,
-        shared,
-        ticks,
-    )
-    .await?;
+    let b = snapshot(&mut cluster.con, &cluster.gateways, &cluster.pids, shared).await?;
     Ok((a, b))
 }
 
@@ -1167,7 +1149,7 @@ fn report_checks(args: &Args, shared: &Shared, dr: &Drained, section: &mut Secti
 }
 
 /// The whole run: start, members, warm-up and measured window, drain, then the report.
-async fn run(args: &Args, ticks: f64) -> Result<Section> {
+async fn run(args: &Args) -> Result<Section> {
     let mut section = Section {
         title: format!(
             "{} members (ack: true) over {} nodes, {} senders × window {}, {} B content",
@@ -1184,7 +1166,7 @@ async fn run(args: &Args, ticks: f64) -> Result<Section> {
     });
     let (phase_tx, phase_rx) = watch::channel(IDLE);
     let tasks = start_members(args, &cluster, &shared, phase_rx).await?;
-    let (a, b) = measure(args, &mut cluster, &shared, &phase_tx, ticks).await?;
+    let (a, b) = measure(args, &mut cluster, &shared, &phase_tx).await?;
     let drained = drain(args, &mut cluster, &shared, &phase_tx, tasks).await?;
 
     // --- figures over the measured window
@@ -1237,7 +1219,6 @@ async fn main() -> Result<()> {
         );
     }
     ensure_open_files(args.members as u64 + 200)?;
-    let ticks = clock_ticks();
     let header = format!(
         "gateway {} · {} CPU(s) · acks every {} messages or {} ms · warm-up {} s, measured {} s\n",
         bin.display(),
@@ -1248,7 +1229,7 @@ async fn main() -> Result<()> {
         args.secs
     );
     print!("{header}");
-    let section = run(&args, ticks).await?;
+    let section = run(&args).await?;
     println!("\n{}", section.text());
     if let Some(path) = &args.markdown {
         let md = format!("## bench_delivery\n\n{header}\n{}", section.markdown());

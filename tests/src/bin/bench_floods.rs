@@ -45,10 +45,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bench_util::{
-    clock_ticks, ensure_open_files, percentile, proc_cpu, proc_rss_mib, Info, Section, Table,
-};
+use bench_util::{ensure_open_files, percentile, Info, Section, Table};
 use clap::Parser;
+use e2e::procfs::{cpu_seconds, rss_mib, status_kib};
 use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, mint_token, Gateway, GatewayOpts, RedisServer};
 use futures_util::{SinkExt, StreamExt};
@@ -328,7 +327,7 @@ struct RssWatch {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    (proc_rss_mib(pid) * 1024.0) as u64
+    status_kib(pid, "VmRSS:").unwrap_or(0)
 }
 
 impl RssWatch {
@@ -349,7 +348,7 @@ impl RssWatch {
     }
 
     fn now_mib(&self) -> f64 {
-        proc_rss_mib(self.pid)
+        rss_mib(self.pid)
     }
 
     fn reset(&self) {
@@ -421,7 +420,6 @@ struct Run {
     rss_before: f64,
     redis_before: Option<f64>,
     counters_before: BTreeMap<String, f64>,
-    ticks: f64,
     /// CPU seconds (gateway, Redis, this process) at the flood's start, then used during it.
     cpu_start: (f64, f64, f64),
     cpu_used: (f64, f64, f64),
@@ -485,7 +483,6 @@ impl Run {
             rss_before: 0.0,
             redis_before: None,
             counters_before: BTreeMap::new(),
-            ticks: clock_ticks(),
             cpu_start: (0.0, 0.0, 0.0),
             cpu_used: (0.0, 0.0, 0.0),
         })
@@ -532,8 +529,8 @@ impl Run {
     }
 
     async fn cpu(&mut self) -> (f64, f64, f64) {
-        let gateway = self.gw.proc.pid().map_or(0.0, |p| proc_cpu(p, self.ticks));
-        let own = proc_cpu(std::process::id(), self.ticks);
+        let gateway = self.gw.proc.pid().map_or(0.0, cpu_seconds);
+        let own = cpu_seconds(std::process::id());
         let redis = match self.con.as_mut() {
             Some(con) => Info::take(con).await.map_or(0.0, |i| i.cpu()),
             None => 0.0,

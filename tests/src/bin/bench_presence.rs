@@ -33,10 +33,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bench_util::{
-    clock_ticks, ensure_open_files, latency_cells, nofile_limits, proc_cpu, proc_rss_mib, Info,
-    InfoDelta, Section, Table,
+    ensure_open_files, latency_cells, nofile_limits, Info, InfoDelta, Section, Table,
 };
 use clap::Parser;
+use e2e::procfs::{cpu_seconds, rss_mib};
 use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
 use futures_util::StreamExt;
@@ -269,7 +269,7 @@ struct Memory {
 
 /// Samples the memory of the gateways and of Redis.
 async fn sample_memory(cluster: &mut Cluster) -> Result<Memory> {
-    let rss = cluster.pids.iter().map(|p| proc_rss_mib(*p)).collect();
+    let rss = cluster.pids.iter().map(|p| rss_mib(*p)).collect();
     let redis = Info::take(&mut cluster.con).await?.num("used_memory") / 1048576.0;
     Ok(Memory { rss, redis })
 }
@@ -386,17 +386,17 @@ async fn collect_joins(
 
 /// Phase 1: every user joins; Redis INFO and the gateways' CPU are sampled around the joins,
 /// memory once the presence hash holds every joined user.
-async fn join_phase(args: &Args, cluster: &mut Cluster, ticks: f64) -> Result<Joins> {
+async fn join_phase(args: &Args, cluster: &mut Cluster) -> Result<Joins> {
     eprintln!("joining {} users ...", args.users);
     let counters = Arc::new(Counters::default());
     let info_a = Info::take(&mut cluster.con).await?;
-    let cpu_a: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let cpu_a: Vec<f64> = cluster.pids.iter().map(cpu_seconds).collect();
     let started = Instant::now();
     let (mut conns, readies) = spawn_joins(args, cluster, &counters);
     let (joined, failures) = collect_joins(&mut conns, readies, started).await;
     let wall = started.elapsed();
     let info_b = Info::take(&mut cluster.con).await?;
-    let cpu_b: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
+    let cpu_b: Vec<f64> = cluster.pids.iter().map(cpu_seconds).collect();
     let ok = joined.len() as u64;
     let count = wait_count(
         &mut cluster.con,
@@ -407,7 +407,7 @@ async fn join_phase(args: &Args, cluster: &mut Cluster, ticks: f64) -> Result<Jo
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let memory_after = sample_memory(cluster).await?;
-    let bench_rss = proc_rss_mib(std::process::id());
+    let bench_rss = rss_mib(std::process::id());
     Ok(Joins {
         counters,
         conns,
@@ -568,7 +568,6 @@ async fn sample_steady(
     ttl: Duration,
     cluster: &mut Cluster,
     counters: &Counters,
-    ticks: f64,
 ) -> Result<Steady> {
     let period = ttl / 3;
     let periods = (Duration::from_secs(args.steady_secs).as_secs_f64() / period.as_secs_f64())
@@ -586,16 +585,16 @@ async fn sample_steady(
     tokio::time::sleep(settle).await;
     let frames_a = counters.frames.load(Ordering::Relaxed);
     let info_a = Info::take(&mut cluster.con).await?;
-    let cpu_a: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
-    let bench_cpu_a = proc_cpu(std::process::id(), ticks);
+    let cpu_a: Vec<f64> = cluster.pids.iter().map(cpu_seconds).collect();
+    let bench_cpu_a = cpu_seconds(std::process::id());
     let t0 = Instant::now();
     let probe = spawn_ping_probe(cluster.redis_server.connection().await?, window);
     tokio::time::sleep(window).await;
     let pings = probe.await.unwrap_or_default();
     let info_b = Info::take(&mut cluster.con).await?;
     let secs = t0.elapsed().as_secs_f64();
-    let cpu_b: Vec<f64> = cluster.pids.iter().map(|p| proc_cpu(*p, ticks)).collect();
-    let bench_cpu_b = proc_cpu(std::process::id(), ticks);
+    let cpu_b: Vec<f64> = cluster.pids.iter().map(cpu_seconds).collect();
+    let bench_cpu_b = cpu_seconds(std::process::id());
     let frames_b = counters.frames.load(Ordering::Relaxed);
     Ok(Steady {
         period,
@@ -811,7 +810,7 @@ fn memory_table(args: &Args, cluster: &Cluster, before: &Memory, joins: &Joins) 
     t.row(vec![
         format!("redis-server RSS (pid {})", cluster.redis_pid),
         String::new(),
-        format!("{:.1}", proc_rss_mib(cluster.redis_pid)),
+        format!("{:.1}", rss_mib(cluster.redis_pid)),
         String::new(),
     ]);
     t.row(vec![
@@ -1024,7 +1023,7 @@ async fn kill_phase(
 
 /// One run with one presence TTL: start, joins, steady state, memory, leaves, SIGKILL
 /// convergence, teardown; returns the run's report section.
-async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
+async fn run(args: &Args, ttl_ms: u64) -> Result<Section> {
     let ttl = Duration::from_millis(ttl_ms);
     let mut section = Section {
         title: format!(
@@ -1039,10 +1038,10 @@ async fn run(args: &Args, ttl_ms: u64, ticks: f64) -> Result<Section> {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let memory_before = sample_memory(&mut cluster).await?;
 
-    let mut joins = join_phase(args, &mut cluster, ticks).await?;
+    let mut joins = join_phase(args, &mut cluster).await?;
     report_joins(args, &cluster, &joins, &mut section);
 
-    let steady = sample_steady(args, ttl, &mut cluster, &joins.counters, ticks).await?;
+    let steady = sample_steady(args, ttl, &mut cluster, &joins.counters).await?;
     report_steady(args, ttl, &joins, &steady, &mut section);
 
     section
@@ -1120,7 +1119,6 @@ async fn main() -> Result<()> {
         );
     }
     ensure_open_files(args.users as u64 + 200)?;
-    let ticks = clock_ticks();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
@@ -1139,7 +1137,7 @@ async fn main() -> Result<()> {
     print!("{header}");
     let mut sections = Vec::new();
     for ttl in &args.ttl_ms {
-        let section = run(&args, *ttl, ticks).await?;
+        let section = run(&args, *ttl).await?;
         println!("\n{}", section.text());
         sections.push(section);
     }
