@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use e2e::procfs::{cpu_seconds, status_kib};
+use e2e::procfs::{clock_ticks, cpu_seconds, machine_jiffies, status_kib};
 use e2e::report::Table;
 use e2e::{free_port, Proc};
 use serde::Serialize;
@@ -315,22 +315,6 @@ struct Run {
     machine_busy_cores: f64,
 }
 
-/// (busy, total) jiffies of all CPUs from /proc/stat.
-fn machine_jiffies() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let Some(line) = stat.lines().next() else {
-        return (0.0, 0.0);
-    };
-    let v: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: f64 = v.iter().take(8).sum();
-    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
-    (total - idle, total)
-}
-
 struct Groups {
     gateways: Vec<u32>,
     nginx: Option<u32>,
@@ -404,7 +388,8 @@ impl Runner {
         let wall_s = t.elapsed().as_secs_f64();
         let after = groups.sample();
         let jiffies_after = machine_jiffies();
-        let machine_busy_cores = (jiffies_after.0 - jiffies.0) / 100.0 / wall_s.max(1e-3);
+        let busy = jiffies_after.0.saturating_sub(jiffies.0) as f64;
+        let machine_busy_cores = busy / clock_ticks() / wall_s.max(1e-3);
         if !status.success() {
             bail!(
                 "{name} failed ({status}); see {}",

@@ -1,7 +1,7 @@
 //! Helpers shared by the benchmark binaries (`src/bin/bench_presence.rs`,
 //! `src/bin/bench_delivery.rs`), included by each with `#[path]`: report tables (text and
-//! Markdown), Redis `INFO` samples and their differences, the machine's CPU and the open-file
-//! limit from /proc (a process's CPU time and RSS: `e2e::procfs`), latency percentiles.
+//! Markdown), Redis `INFO` samples and their differences, the open-file limit, latency
+//! percentiles. CPU time and RSS from /proc are `e2e::procfs`'s.
 //!
 //! Not part of the harness library: each binary uses what it needs.
 #![allow(dead_code)]
@@ -221,22 +221,4 @@ pub fn latency_cells(sample: &[Duration]) -> Vec<String> {
         ms(percentile(&sorted, 0.99)),
         ms(sorted.last().copied().unwrap_or_default()),
     ]
-}
-
-/// Busy and total jiffies of the whole machine (first line of /proc/stat).
-pub fn machine_cpu() -> (u64, u64) {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return (0, 0);
-    };
-    let Some(line) = stat.lines().next() else {
-        return (0, 0);
-    };
-    let values: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    let total: u64 = values.iter().take(8).sum();
-    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
-    (total - idle, total)
 }

@@ -1,5 +1,5 @@
-//! CPU time and memory of processes, read from /proc (Linux): for the benchmark binaries and
-//! `loadgen`. A process is named by its pid or `"self"`.
+//! CPU time and memory of processes, and the machine's CPU, read from /proc (Linux): for the
+//! benchmark binaries and `loadgen`. A process is named by its pid or `"self"`.
 
 use std::fmt::Display;
 use std::sync::OnceLock;
@@ -46,6 +46,23 @@ pub fn status_kib(pid: impl Display, field: &str) -> Option<u64> {
         .ok()
 }
 
+/// Busy and total jiffies of the whole machine (the first line of /proc/stat); (0, 0) if it
+/// cannot be read.
+pub fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let values: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let total: u64 = values.iter().take(8).sum();
+    let idle = values.get(3).copied().unwrap_or(0) + values.get(4).copied().unwrap_or(0);
+    (total - idle, total)
+}
+
 /// Resident set size of a process in MiB (`VmRSS`); 0 if it cannot be read.
 pub fn rss_mib(pid: impl Display) -> f64 {
     status_kib(pid, "VmRSS:").map_or(0.0, |kib| kib as f64 / 1024.0)
@@ -62,5 +79,7 @@ mod tests {
         assert!(status_kib("self", "VmHWM:").unwrap() > 0);
         assert!(rss_mib(std::process::id()) > 0.0);
         assert_eq!(cpu_seconds(u32::MAX), 0.0);
+        let (busy, total) = machine_jiffies();
+        assert!(total > 0 && busy <= total);
     }
 }

@@ -35,9 +35,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bench_util::{ensure_open_files, latency_cells, machine_cpu, Info, InfoDelta, Section, Table};
+use bench_util::{ensure_open_files, latency_cells, Info, InfoDelta, Section, Table};
 use clap::Parser;
-use e2e::procfs::cpu_seconds;
+use e2e::procfs::{cpu_seconds, machine_jiffies};
 use e2e::wire::{self, Ws};
 use e2e::{gateway_bin, http_get, Gateway, GatewayOpts, RedisServer};
 use futures_util::{SinkExt, StreamExt};
@@ -567,7 +567,7 @@ async fn snapshot(
         info: Info::take(con).await?,
         gw_cpu: pids.iter().map(cpu_seconds).collect(),
         bench_cpu: cpu_seconds(std::process::id()),
-        machine: machine_cpu(),
+        machine: machine_jiffies(),
         metrics,
         deliveries: shared.deliveries.load(Ordering::Relaxed),
         confirmed: shared.confirmed.load(Ordering::Relaxed),
