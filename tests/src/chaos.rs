@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
@@ -40,7 +40,9 @@ use crate::checker::{History, MsgId, Received, Stats, Violation};
 use crate::faultproxy::{FaultProxy, Loss, Rng};
 use crate::netns::{Host, Lab, Side, REDIS_OCTET};
 use crate::nginx::Nginx;
-use crate::{gateway_bin, http_get, http_get_with, mint_token, wait_for, Proc, TEST_JWT_SECRET};
+use crate::{
+    gateway_bin, http_get, http_get_with, mint_token, wait_for, wire, Proc, TEST_JWT_SECRET,
+};
 
 /// The server API key of the lab's nodes (presence is read through the API).
 pub const API_KEY: &str = "fault-suite-api-key-0123456789";
@@ -615,14 +617,10 @@ async fn run_client(ctl: ClientCtl, mut stop: watch::Receiver<bool>) {
             count(&ctl.events, "reconnects".into());
         }
         first = false;
-        let connect = tokio::time::timeout(
-            Duration::from_secs(3),
-            tokio_tungstenite::connect_async(url.as_str()),
-        )
-        .await;
-        let ws = match connect {
-            Ok(Ok((ws, _))) => ws,
-            _ => {
+        let opts = wire::Opts::default().timeout(Duration::from_secs(3));
+        let ws = match wire::connect(url, &opts).await {
+            Ok(ws) => ws,
+            Err(_) => {
                 count(&ctl.events, "connect failed".into());
                 url_index += 1;
                 tokio::time::sleep(Duration::from_millis(100 + rng.below(200))).await;
@@ -660,9 +658,7 @@ fn newer(current: &Option<String>, candidate: &str) -> bool {
 /// One connection's life; returns why it ended (counted as a client event).
 async fn session(
     ctl: &ClientCtl,
-    ws: tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+    ws: wire::Ws,
     stop: &mut watch::Receiver<bool>,
     last_id: &mut Option<String>,
     pending: &mut BTreeMap<String, Pending>,
@@ -671,16 +667,13 @@ async fn session(
     let (mut sink, mut stream) = ws.split();
     let room = ctl.room.as_str();
     let login = |last_id: &Option<String>| {
-        let mut frame = json!({
-            "event": "login", "userId": ctl.user, "userName": format!("name-{}", ctl.user),
-            "roomId": room, "roomName": format!("room {room}"), "token": ctl.token, "ack": true,
-        });
-        if ctl.careless {
-            frame["ack"] = json!(false);
-        } else if let Some(id) = last_id {
-            frame["lastId"] = json!(id);
-        }
-        Message::text(frame.to_string())
+        let login = wire::Login::new(&ctl.user, room)
+            .name(format!("name-{}", ctl.user))
+            .room_name(format!("room {room}"))
+            .token(ctl.token.as_str())
+            .ack(!ctl.careless)
+            .last_id(last_id.as_deref().filter(|_| !ctl.careless));
+        Message::text(login.text())
     };
     if sink.send(login(last_id)).await.is_err() {
         return "login send failed".into();
@@ -719,12 +712,12 @@ async fn session(
                 if last_rx.elapsed() > DEAD_AFTER {
                     return "dead (no pong)".into();
                 }
-                out.push(Message::text(r#"{"event":"heartBeat","content":"ping"}"#));
+                out.push(Message::text(wire::HEARTBEAT));
             }
             _ = ack_tick.tick() => {
                 if logged_in && !ctl.careless && *last_id != acked {
                     if let Some(id) = last_id.clone() {
-                        out.push(Message::text(json!({"event":"ack","roomId":room,"id":id}).to_string()));
+                        out.push(Message::text(wire::ack(room, &id).to_string()));
                         acked = Some(id);
                     }
                 }
@@ -749,7 +742,7 @@ async fn session(
                     for (cmid, p) in pending.iter_mut().filter(|(_, p)| p.next_try <= now) {
                         p.next_try = now + RESEND_AFTER;
                         out.push(Message::text(
-                            json!({"roomId":room,"content":p.content,"clientMsgId":cmid}).to_string(),
+                            wire::message(room, &p.content, Some(cmid)).to_string(),
                         ));
                     }
                 }
@@ -800,9 +793,7 @@ fn on_frame(
                 *last_id = Some(synced_id.to_string());
             }
             if frame["more"] == true {
-                out.push(Message::text(
-                    json!({"event":"sync","roomId":room,"since":synced_id}).to_string(),
-                ));
+                out.push(Message::text(wire::sync(room, synced_id, None).to_string()));
             }
         }
         "message" if in_room => {
