@@ -1613,3 +1613,170 @@ fn not_in_room(room: &RoomId) -> FrameError {
     )
     .in_room(room)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The session's decisions about deliveries, on a node with the embedded broker: which
+    //! deliveries a connection is written, which it is spared, and when it is closed.
+    use super::*;
+    use crate::config::Config;
+
+    fn node(settings: &[(&str, &str)]) -> Arc<Node> {
+        let settings: Vec<(String, String)> = settings
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let config = Config::from_settings(&settings).expect("config");
+        Node::start(config).expect("node")
+    }
+
+    fn session(node: &Arc<Node>) -> Session {
+        let (session, _queue, _slow) = Session::new(node.clone(), 1, None);
+        session
+    }
+
+    fn identity(user: &str, proven: bool) -> Identity {
+        Identity {
+            user_id: user.into(),
+            user_name: user.into(),
+            user_fragment: format!(r#""userId":"{user}""#),
+            proven,
+            guest: false,
+        }
+    }
+
+    fn join(session: &mut Session, room: &str) -> Arc<str> {
+        let channel: Arc<str> = Arc::from(format!("room-channel:{room}"));
+        session.rooms.push(JoinedRoom {
+            room: RoomId {
+                key: room.into(),
+                json: format!("{room:?}"),
+            },
+            channel: channel.clone(),
+            fragment: String::new(),
+            cursor: StreamCursor::default(),
+        });
+        channel
+    }
+
+    fn delivery(channel: &Arc<str>, kind: Kind, id: Option<u64>) -> Delivery {
+        Delivery {
+            channel: channel.clone(),
+            kind,
+            id: id.map(|ms| StreamId { ms, seq: 0 }),
+            frame: Utf8Bytes::from(format!(r#"{{"event":"message","id":"{id:?}"}}"#)),
+            published_us: 0,
+            sender_conn: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_room_message_is_written_once_and_only_to_members() {
+        let node = node(&[]);
+        let mut session = session(&node);
+        session.identity = Some(identity("ann", false));
+        let other: Arc<str> = Arc::from("room-channel:elsewhere");
+        assert_eq!(
+            session
+                .accept(&delivery(&other, Kind::Message, Some(5)))
+                .unwrap(),
+            None,
+            "a room it is not in"
+        );
+        let lobby = join(&mut session, "lobby");
+        let first = delivery(&lobby, Kind::Message, Some(5));
+        assert!(session.accept(&first).unwrap().is_some());
+        // The same id again (a live copy after a replay, say) and an older one: not again.
+        assert_eq!(session.accept(&first).unwrap(), None);
+        assert_eq!(
+            session
+                .accept(&delivery(&lobby, Kind::Message, Some(4)))
+                .unwrap(),
+            None
+        );
+        assert!(session
+            .accept(&delivery(&lobby, Kind::Message, Some(6)))
+            .unwrap()
+            .is_some());
+    }
+
+    #[tokio::test]
+    async fn direct_messages_reach_proven_users_only_and_control_closes() {
+        let node = node(&[]);
+        let user: Arc<str> = Arc::from("user-channel:ann");
+        let mut anonymous = session(&node);
+        anonymous.identity = Some(identity("ann", false));
+        anonymous.inbox = Some(Inbox {
+            channel: user.clone(),
+            cursor: StreamCursor::default(),
+        });
+        let dm = delivery(&user, Kind::Direct, Some(9));
+        assert_eq!(anonymous.accept(&dm).unwrap(), None, "a claimed name");
+        let mut proven = session(&node);
+        proven.identity = Some(identity("ann", true));
+        proven.inbox = Some(Inbox {
+            channel: user.clone(),
+            cursor: StreamCursor::default(),
+        });
+        assert!(proven.accept(&dm).unwrap().is_some());
+        // Presence frames have no id and go to everyone; the API's disconnect closes.
+        assert!(proven
+            .accept(&delivery(&user, Kind::Presence, None))
+            .unwrap()
+            .is_some());
+        assert_eq!(
+            proven.accept(&delivery(&user, Kind::Control, None)),
+            Err(Close::API_DISCONNECT)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_ack_mode_reader_that_never_acks_is_closed_as_slow() {
+        let node = node(&[("GATEWAY_OUTBOUND_QUEUE", "8"), ("GATEWAY_SYNC_MAX", "8")]);
+        let mut session = session(&node);
+        session.identity = Some(identity("ann", true));
+        session.ack_mode = true;
+        let lobby = join(&mut session, "lobby");
+        // 2 × max(queue, sync max) = 16 unacknowledged messages are kept; the 17th closes.
+        for ms in 1..=16 {
+            assert!(session
+                .accept(&delivery(&lobby, Kind::Message, Some(ms)))
+                .unwrap()
+                .is_some());
+        }
+        assert_eq!(session.rooms[0].cursor.unacked.len(), 16);
+        assert_eq!(
+            session.accept(&delivery(&lobby, Kind::Message, Some(17))),
+            Err(Close::SLOW)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_guest_gets_its_own_messages_back_with_the_user_id_it_sent() {
+        let node = node(&[]);
+        let mut session = session(&node);
+        session.identity = Some(Identity {
+            guest: true,
+            ..identity("guest-1", false)
+        });
+        session.echo_user_id = Some("1700000000000".into());
+        let lobby = join(&mut session, "lobby");
+        let frame = r#"{"event":"message","id":"1-0","userId":"guest-1","content":"hi"}"#;
+        let mut own = delivery(&lobby, Kind::Message, Some(1));
+        own.frame = Utf8Bytes::from(frame);
+        own.sender_conn = Some(session.conn_id);
+        let written = session.accept(&own).unwrap().expect("written");
+        assert_eq!(
+            written.as_str(),
+            r#"{"event":"message","id":"1-0","userId":1700000000000,"content":"hi"}"#
+        );
+        // Someone else's message (another connection) is written as it is.
+        let mut theirs = delivery(&lobby, Kind::Message, Some(2));
+        theirs.frame = Utf8Bytes::from(frame);
+        theirs.sender_conn = Some(session.conn_id + 1);
+        assert_eq!(
+            session.accept(&theirs).unwrap().expect("written").as_str(),
+            frame
+        );
+    }
+}
