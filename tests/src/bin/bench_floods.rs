@@ -14,7 +14,9 @@
 //! measures the round trip to its own copy. For each flood: U's p50/p99/max while quiet
 //! (just before the flood) and during it, the gateway's RSS before/peak/after, Redis
 //! `used_memory` before/after, the gateway's own counters of closes, refusals and error
-//! frames during the flood, and what the attacking clients saw.
+//! frames during the flood, and what the attacking clients saw. The attacking clients run on
+//! a runtime of their own at nice 19 (see `attack_runtime`), standing in for clients on
+//! other machines.
 //!
 //! Floods (each about `--secs`; an attacker that is closed connects again, as a hostile
 //! client would):
@@ -678,8 +680,16 @@ fn bump(map: &mut BTreeMap<String, u64>, key: impl Into<String>) {
     *map.entry(key.into()).or_default() += 1;
 }
 
-/// Floods until `until` (or until `frame` returns `None`), reconnecting after each close.
+/// Floods until `until` (or until `frame` returns `None`), reconnecting after each close; on
+/// the attackers' runtime (see `attack_runtime`).
 async fn flood(att: Attacker, frame: FrameFn, until: Instant) -> AttackStats {
+    attack_runtime()
+        .spawn(flood_here(att, frame, until))
+        .await
+        .unwrap_or_default()
+}
+
+async fn flood_here(att: Attacker, frame: FrameFn, until: Instant) -> AttackStats {
     let mut stats = AttackStats::default();
     let mut seq = 0u64;
     let mut done = false;
@@ -932,9 +942,11 @@ async fn sync_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     for (i, token) in looper_tokens.into_iter().enumerate() {
         let url = url.clone();
         let sync = sync.clone();
-        loopers.push(tokio::spawn(async move {
-            sync_looper(&url, &format!("l{i}"), &token, &sync, until).await
-        }));
+        loopers.push(
+            attack_runtime().spawn(async move {
+                sync_looper(&url, &format!("l{i}"), &token, &sync, until).await
+            }),
+        );
     }
     let mut lines = Vec::new();
     for (i, looper) in loopers.into_iter().enumerate() {
@@ -1026,7 +1038,7 @@ async fn slowloris(_args: &Args, run: &mut Run) -> Result<Vec<String>> {
     let mut tasks = Vec::new();
     for i in 0..500 {
         let partial = partial.clone();
-        tasks.push(tokio::spawn(async move {
+        tasks.push(attack_runtime().spawn(async move {
             let mut tcp = TcpStream::connect(addr).await.ok()?;
             if i < 400 {
                 tcp.write_all(partial.as_bytes()).await.ok()?;
@@ -1124,7 +1136,7 @@ async fn toggle_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
         let token = run.token(&user)?;
         let ws = connect_login(&url, &user, "big", &token).await?;
         let (f, a) = (frames.clone(), announcements.clone());
-        members.push(tokio::spawn(async move {
+        members.push(attack_runtime().spawn(async move {
             let (_sink, mut stream) = ws.split();
             while let Some(Ok(message)) = stream.next().await {
                 if let Message::Text(t) = message {
@@ -1205,7 +1217,7 @@ async fn dm_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     let ws_v = connect_login(&url, "v", "v-room", &token_v).await?;
     let dms = Arc::new(AtomicU64::new(0));
     let d = dms.clone();
-    let target = tokio::spawn(async move {
+    let target = attack_runtime().spawn(async move {
         let (_sink, mut stream) = ws_v.split();
         while let Some(Ok(message)) = stream.next().await {
             if let Message::Text(t) = message {
@@ -1513,11 +1525,13 @@ async fn reconnect_flood(args: &Args, run: &mut Run) -> Result<Vec<String>> {
     Ok(lines)
 }
 
-/// The runtime the connection floods' attackers run on: its threads run at the lowest CPU
-/// priority (nice 19), standing in for attackers on machines of their own. On this 2-vCPU box
-/// a tungstenite client's handshakes cost more CPU than the gateway's side of them; at equal
-/// priority U would mostly measure the attacker's own CPU use, which a real attacker spends
-/// elsewhere. The gateway, Redis and U keep their priority.
+/// The runtime every flood's attacking clients (and the clients that only receive what an
+/// attack makes: flood 5's members, flood 6's target) run on: its threads run at the lowest
+/// CPU priority (nice 19), standing in for clients on machines of their own. On this 2-vCPU
+/// box a tungstenite client's work costs about as much CPU as the gateway's side of it; on
+/// U's own runtime, or at equal priority, U would partly measure the attackers' CPU use and
+/// scheduling, which real attackers spend elsewhere. The gateway, Redis and U keep their
+/// priority. (Until 2026-11-30 evening only floods 7 and 8 ran here.)
 fn attack_runtime() -> &'static tokio::runtime::Runtime {
     static RUNTIME: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
     RUNTIME.get_or_init(|| {
