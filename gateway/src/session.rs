@@ -319,6 +319,12 @@ async fn serve(
     let ack_check_every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
     let mut ack_check = tokio::time::interval(ack_check_every);
 
+    // Every handler below is boxed: inline, the handlers' futures would be part of every
+    // connection's task for its whole life, and a logged-in connection touches them all.
+    // Boxing `finish`, `deliver` and `answer_appends` took an idle logged-in connection from
+    // 12.7 to 10.3 KB of gateway RSS (5000 connections, one node on Redis), at the price of one
+    // small allocation per delivery batch.
+    //
     // The connection's chat messages in flight, answered in order; the socket is read on while
     // they wait, and deliveries go out.
     let mut appends = Appends::new(node.broker.clone());
@@ -335,7 +341,7 @@ async fn serve(
             _ = &mut login_deadline, if session.identity.is_none() => Err(Close::LOGIN_TIMEOUT),
             // Before reading on: polling the appends is what sends them to the broker.
             done = appends.next_batch(), if !appends.is_empty() => {
-                session.answer_appends(&mut socket, done).await
+                Box::pin(session.answer_appends(&mut socket, done)).await
             }
             incoming = socket.recv(), if reading => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
@@ -343,7 +349,7 @@ async fn serve(
                 // the connection's state machine keeps idle connections small.
                 Box::pin(session.on_incoming(&mut socket, incoming, &mut appends)).await
             }
-            Some(delivery) = queue.recv() => session.deliver(&mut socket, delivery, &mut queue).await,
+            Some(delivery) = queue.recv() => Box::pin(session.deliver(&mut socket, delivery, &mut queue)).await,
             _ = ack_check.tick(), if check_acks => Box::pin(session.redeliver(&mut socket)).await,
         };
         if let Err(close) = step {
@@ -352,7 +358,7 @@ async fn serve(
         // Whatever the client sent, what it is owed goes out too: a client that sends as fast
         // as it reads must never starve its own deliveries (the select above prefers reading).
         if let Ok(first) = queue.try_recv() {
-            if let Err(close) = session.deliver(&mut socket, first, &mut queue).await {
+            if let Err(close) = Box::pin(session.deliver(&mut socket, first, &mut queue)).await {
                 break close;
             }
         }
@@ -361,7 +367,9 @@ async fn serve(
             expiry.as_mut().reset(applied_expiry.unwrap_or(far));
         }
     };
-    session.finish(socket, close, appends).await;
+    // Boxed: the close's work (draining appends, leaving every room through the broker) is the
+    // biggest future of all.
+    Box::pin(session.finish(socket, close, appends)).await;
     drop(slot);
     close
 }
