@@ -429,21 +429,7 @@ impl LabRedis {
         self.proc = Some(proc);
         let url = self.url();
         wait_for("lab redis PING", Duration::from_secs(20), || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut con = tokio::time::timeout(
-                    Duration::from_secs(1),
-                    client.get_multiplexed_async_connection(),
-                )
-                .await
-                .ok()?
-                .ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut con)
-                    .await
-                    .ok()
-            }
+            crate::redis_answers(url.clone())
         })
         .await?;
         Ok(())

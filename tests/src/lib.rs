@@ -236,6 +236,23 @@ impl Drop for Proc {
     }
 }
 
+/// Whether the Redis at `url` answers PING now (connecting within a second): the condition
+/// `wait_for` polls while a server starts.
+pub async fn redis_answers(url: String) -> Option<String> {
+    let client = redis::Client::open(url).ok()?;
+    let mut con = tokio::time::timeout(
+        Duration::from_secs(1),
+        client.get_multiplexed_async_connection(),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    redis::cmd("PING")
+        .query_async::<String>(&mut con)
+        .await
+        .ok()
+}
+
 /// A `redis-server` of the test's own, on a free port, keeping nothing on disk.
 pub struct RedisServer {
     pub port: u16,
@@ -283,18 +300,7 @@ impl RedisServer {
         )?;
         self.proc = Some(proc);
         let url = self.url();
-        wait_for("redis PING", WAIT, || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut con = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING")
-                    .query_async::<String>(&mut con)
-                    .await
-                    .ok()
-            }
-        })
-        .await?;
+        wait_for("redis PING", WAIT, || redis_answers(url.clone())).await?;
         Ok(())
     }
 

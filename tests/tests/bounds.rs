@@ -721,17 +721,9 @@ async fn an_address_closed_for_abuse_must_pause_before_reconnecting() -> anyhow:
     assert_eq!(refused.status, 429, "{refused}");
     assert!(refused.body.contains("cooldown"), "{}", refused.body);
     // Connections already open are not touched.
-    bystander
-        .send(json!({"roomId":"calm","content":"fine"}))
-        .await?;
-    bystander.recv_until(is("message")).await?;
+    still_served(&mut bystander, "fine").await?;
     // Once the strike grew back, the address may connect again.
-    let url = gw.ws_url();
-    wait_for("the cooldown to pass", WAIT, || {
-        let url = url.clone();
-        async move { Client::connect(&url).await.ok() }
-    })
-    .await?;
+    connects_again(&gw.ws_url(), "the cooldown to pass").await?;
     assert!(
         gw.metric("gateway_connections_refused_total{reason=\"cooldown\"")
             .await?
@@ -805,16 +797,8 @@ async fn one_address_ignoring_its_refusals_is_refused_at_accept() -> anyhow::Res
             .await?
             >= 1.0
     );
-    bystander
-        .send(json!({"roomId":"calm","content":"still here"}))
-        .await?;
-    bystander.recv_until(is("message")).await?;
-    let url = gw.ws_url();
-    wait_for("the upgrade budget to refill", WAIT, || {
-        let url = url.clone();
-        async move { Client::connect(&url).await.ok() }
-    })
-    .await?;
+    still_served(&mut bystander, "still here").await?;
+    connects_again(&gw.ws_url(), "the upgrade budget to refill").await?;
     Ok(())
 }
 
@@ -843,20 +827,32 @@ async fn one_address_upgrading_too_fast_is_told_when_to_retry() -> anyhow::Resul
     assert!(refused.body.contains("upgrade_rate"), "{}", refused.body);
     assert_eq!(refused.retry_after.as_deref(), Some("1"));
     // Connections already open are not touched, and after the pause upgrades pass again.
-    bystander
-        .send(json!({"roomId":"calm","content":"fine"}))
-        .await?;
-    bystander.recv_until(is("message")).await?;
-    let url = gw.ws_url();
-    wait_for("the upgrade budget to refill", WAIT, || {
-        let url = url.clone();
-        async move { Client::connect(&url).await.ok() }
-    })
-    .await?;
+    still_served(&mut bystander, "fine").await?;
+    connects_again(&gw.ws_url(), "the upgrade budget to refill").await?;
     assert!(
         gw.metric("gateway_connections_refused_total{reason=\"upgrade_rate\"")
             .await?
             >= 1.0
     );
+    Ok(())
+}
+
+/// A client already logged in to room "calm" still has its messages answered.
+async fn still_served(bystander: &mut Client, content: &str) -> anyhow::Result<()> {
+    bystander
+        .send(json!({"roomId":"calm","content":content}))
+        .await?;
+    bystander.recv_until(is("message")).await?;
+    Ok(())
+}
+
+/// Waits until a new WebSocket to `url` is accepted again (a refusal's pause is over).
+async fn connects_again(url: &str, what: &str) -> anyhow::Result<()> {
+    wait_for(
+        what,
+        WAIT,
+        || async move { Client::connect(url).await.ok() },
+    )
+    .await?;
     Ok(())
 }

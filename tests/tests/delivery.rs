@@ -499,6 +499,31 @@ async fn an_ack_login_without_a_position_gets_its_starting_point() -> anyhow::Re
     Ok(())
 }
 
+/// One connection's chat messages, sent without waiting, are stored and delivered in the
+/// order sent on every backend (they reach the broker in batches: `Broker::append_all`).
+#[tokio::test]
+async fn a_connections_messages_keep_their_order_on_every_backend() -> anyhow::Result<()> {
+    for (backend, _redis, gw) in
+        e2e::both_backends(&[("GATEWAY_MAX_FRAMES_PER_SEC", "100000")]).await?
+    {
+        let mut sender = Client::connect(&gw.ws_url()).await?;
+        sender.login("sender", json!("order")).await?;
+        let mut reader = Client::connect(&gw.ws_url()).await?;
+        reader.login("reader", json!("order")).await?;
+        let count = 300;
+        for i in 0..count {
+            sender
+                .send(json!({"roomId":"order","content":i.to_string()}))
+                .await?;
+        }
+        for i in 0..count {
+            let msg = reader.recv_until(is("message")).await?;
+            assert_eq!(msg["content"], i.to_string(), "{backend}: message {i}");
+        }
+    }
+    Ok(())
+}
+
 /// A stored position that cannot be read (here: Redis answers the read with an error) fails
 /// the login as `unavailable`; it is never taken for "no position", which would start the
 /// user after messages it has not read.

@@ -180,25 +180,7 @@ async fn members_get_what_was_published_while_pubsub_reconnected() -> anyhow::Re
     sender.login("s", json!("gap")).await?;
 
     // Cut every node's pub/sub connection again and again while the sender talks.
-    let killer = {
-        let url = redis.url();
-        tokio::spawn(async move {
-            let client = redis::Client::open(url).expect("redis url");
-            let mut con = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect");
-            for _ in 0..6 {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                let _: Result<i64, _> = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query_async(&mut con)
-                    .await;
-            }
-        })
-    };
+    let killer = kill_pubsub_connections(&redis);
     let mut stored = Vec::new();
     for i in 0..120 {
         let cmid = format!("g{i}");
@@ -479,25 +461,7 @@ async fn recipients_get_the_direct_messages_sent_while_pubsub_reconnected() -> a
     let mut alice = Client::connect(&sender_node.ws_url()).await?;
     alice.login_proven("alice", json!("lobby")).await?;
 
-    let killer = {
-        let url = redis.url();
-        tokio::spawn(async move {
-            let client = redis::Client::open(url).expect("redis url");
-            let mut con = client
-                .get_multiplexed_async_connection()
-                .await
-                .expect("connect");
-            for _ in 0..6 {
-                tokio::time::sleep(Duration::from_millis(150)).await;
-                let _: Result<i64, _> = redis::cmd("CLIENT")
-                    .arg("KILL")
-                    .arg("TYPE")
-                    .arg("pubsub")
-                    .query_async(&mut con)
-                    .await;
-            }
-        })
-    };
+    let killer = kill_pubsub_connections(&redis);
     let mut stored = Vec::new();
     for i in 0..120 {
         let cmid = format!("d{i}");
@@ -529,4 +493,25 @@ async fn recipients_get_the_direct_messages_sent_while_pubsub_reconnected() -> a
     bob.expect_none(Duration::from_millis(300), is("dm"))
         .await?;
     Ok(())
+}
+
+/// Kills every pub/sub connection of `redis` 6 times, 150 ms apart, in the background.
+fn kill_pubsub_connections(redis: &RedisServer) -> tokio::task::JoinHandle<()> {
+    let url = redis.url();
+    tokio::spawn(async move {
+        let client = redis::Client::open(url).expect("redis url");
+        let mut con = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect");
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let _: Result<i64, _> = redis::cmd("CLIENT")
+                .arg("KILL")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut con)
+                .await;
+        }
+    })
 }

@@ -131,13 +131,7 @@ async fn main() -> anyhow::Result<()> {
         let mut next_churn = t0 + Duration::from_secs(10);
         while go_on(t0) {
             if Instant::now() >= next_sample {
-                let (rss, used) = lab.memory().await?;
-                println!(
-                    "{}\t{:?}\t{used}\t{}",
-                    t0.elapsed().as_secs(),
-                    rss,
-                    lab.history.stats().confirmed
-                );
+                print_sample(&lab, t0).await?;
                 next_sample += Duration::from_secs(30);
             }
             if Instant::now() >= next_churn {
@@ -146,13 +140,7 @@ async fn main() -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (rss, used) = lab.memory().await?;
-        println!(
-            "{}\t{:?}\t{used}\t{}",
-            t0.elapsed().as_secs(),
-            rss,
-            lab.history.stats().confirmed
-        );
+        print_sample(&lab, t0).await?;
     } else {
         println!(
             "randomized faults: seed {}, {} s, {} nodes, {} rooms x {} clients",
@@ -197,5 +185,17 @@ async fn main() -> anyhow::Result<()> {
     if !report.violations.is_empty() {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+/// One soak sample line: seconds, gateway RSS per node, Redis used_memory, messages confirmed.
+async fn print_sample(lab: &ChaosLab, t0: Instant) -> anyhow::Result<()> {
+    let (rss, used) = lab.memory().await?;
+    println!(
+        "{}\t{:?}\t{used}\t{}",
+        t0.elapsed().as_secs(),
+        rss,
+        lab.history.stats().confirmed
+    );
     Ok(())
 }
