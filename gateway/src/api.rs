@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::broker::{now_ms, now_us, AppendRequest, EnvelopeHeader, Kind};
+use crate::broker::{now_ms, now_us, BrokerError, EnvelopeHeader, Kind, Post, Topic};
 use crate::node::Node;
 use crate::protocol::{self, RoomId, StreamId};
 
@@ -311,25 +311,23 @@ async fn presence(
     let room = RoomId::from_key(&path_param(id, "roomId")?);
     let q = query(q)?;
     let limit = limit(q.limit, MEMBERS_DEFAULT, MEMBERS_MAX)?;
-    // The cursor is the broker's: a Redis HSCAN cursor (a number), or the embedded broker's
-    // last user id. Anything else is refused here rather than failing in the broker.
-    if let Some(cursor) = &q.cursor {
-        let valid = !cursor.is_empty()
-            && cursor.chars().count() <= MAX_NAME_CHARS
-            && (node.broker.is_embedded()
-                || (cursor.parse::<u64>().is_ok() && cursor.bytes().all(|b| b.is_ascii_digit())));
-        if !valid {
-            return Err(bad_request(
-                "invalid_field",
-                "cursor must be a nextCursor of this API",
-            ));
-        }
+    // The cursor is the broker's own: one it never handed out is a bad request, not a
+    // broker failure.
+    let bad_cursor = || bad_request("invalid_field", "cursor must be a nextCursor of this API");
+    if q.cursor
+        .as_ref()
+        .is_some_and(|c| c.chars().count() > MAX_NAME_CHARS)
+    {
+        return Err(bad_cursor());
     }
     let page = node
         .broker
         .members(&room.key, q.cursor.as_deref(), limit)
         .await
-        .map_err(|_| unavailable())?;
+        .map_err(|e| match e {
+            BrokerError::BadCursor => bad_cursor(),
+            _ => unavailable(),
+        })?;
     let members: Vec<Value> = page
         .members
         .iter()
@@ -375,14 +373,8 @@ async fn history(
         // Nothing can follow the largest id (and Redis refuses the range).
         crate::broker::Page::default()
     } else {
-        let keys = node.broker.keys();
         node.broker
-            .range(
-                &keys.room_stream(&room.key),
-                protocol::MESSAGE_HEAD,
-                after,
-                limit + 1,
-            )
+            .range(&Topic::Room(room.key.clone()), after, limit + 1)
             .await
             .map_err(|_| unavailable())?
     };
@@ -454,8 +446,7 @@ async fn publish_to_room(
         .idempotency_key
         .as_ref()
         .map(|k| format!("{IDEMPOTENCY_PREFIX}{k}"));
-    let request = AppendRequest::room_message(
-        node.broker.keys(),
+    let request = Post::room_message(
         &room.key,
         &user_id,
         idempotency.as_deref(),
@@ -505,8 +496,7 @@ async fn send_dm(
         .map(|k| format!("{IDEMPOTENCY_PREFIX}{k}"));
     // The backend may write to users who never logged in (it knows its users): no "seen"
     // check; a full inbox still refuses (409) rather than evicting confirmed DMs.
-    let request = AppendRequest::direct_message(
-        node.broker.keys(),
+    let request = Post::direct_message(
         &to,
         &from,
         idempotency.as_deref(),
@@ -520,14 +510,14 @@ async fn send_dm(
 
 /// Appends (stores and publishes) a message; answers 201 with its id, or 200 with the
 /// original id for a repeated idempotency key. `target` names where it went.
-async fn append(node: &Node, request: &AppendRequest, target: (&str, Value)) -> ApiResult {
+async fn append(node: &Node, request: &Post, target: (&str, Value)) -> ApiResult {
     let appended = node.broker.append(request).await.map_err(|e| match e {
-        crate::broker::BrokerError::Full => ApiError::new(
+        BrokerError::Full => ApiError::new(
             StatusCode::CONFLICT,
             "inbox_full",
             "the user's inbox is full; nothing was sent",
         ),
-        crate::broker::BrokerError::OutcomeUnknown(_) => ApiError::new(
+        BrokerError::OutcomeUnknown(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "outcome_unknown",
             "the broker did not answer in time: the message may have been stored; retry with \
@@ -559,9 +549,8 @@ async fn disconnect(
         envelope(&node, Kind::Control).without_id(),
         r#"{"event":"disconnect"}"#
     );
-    let channel = node.broker.keys().user_channel(&user);
     node.broker
-        .publish(&channel, &payload)
+        .publish(&Topic::User(user.clone()), &payload)
         .await
         .map_err(|_| unavailable())?;
     let body = json!({"userId": user, "closeCode": DISCONNECT_CODE});

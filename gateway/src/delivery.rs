@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Position, Topic};
 use crate::protocol::StreamId;
 
 /// A message sent but not yet acknowledged.
@@ -105,8 +105,9 @@ impl StreamCursor {
 
 /// Coalesces acknowledged positions and writes them to the broker periodically.
 pub struct AckStore {
-    dirty: Mutex<HashMap<(String, String), StreamId>>,
-    /// Inboxes whose entries up to an id were read and acknowledged: trimmed at the flush.
+    /// Positions by (user, topic).
+    dirty: Mutex<HashMap<(String, Topic), StreamId>>,
+    /// Users whose inbox was read and acknowledged up to an id: trimmed at the flush.
     read: Mutex<HashMap<String, StreamId>>,
     broker: Broker,
 }
@@ -123,17 +124,17 @@ impl AckStore {
         }
     }
 
-    /// Notes that `key`/`field` (a user's acks hash and stream field) reached `id`.
-    pub fn record(&self, key: String, field: String, id: StreamId) {
+    /// Notes that `user` acknowledged `topic` up to `id`.
+    pub fn record(&self, user: String, topic: Topic, id: StreamId) {
         let mut dirty = self.dirty.lock().expect("ack store lock");
-        let slot = dirty.entry((key, field)).or_insert(id);
+        let slot = dirty.entry((user, topic)).or_insert(id);
         *slot = (*slot).max(id);
     }
 
-    /// Notes that a stream's owner read and acknowledged it up to `id`.
-    pub fn record_read(&self, stream: String, id: StreamId) {
+    /// Notes that `user` read and acknowledged its inbox up to `id`.
+    pub fn record_read(&self, user: String, id: StreamId) {
         let mut read = self.read.lock().expect("ack store lock");
-        let slot = read.entry(stream).or_insert(id);
+        let slot = read.entry(user).or_insert(id);
         *slot = (*slot).max(id);
     }
 
@@ -142,21 +143,24 @@ impl AckStore {
     pub async fn flush(&self) {
         let read: Vec<(String, StreamId)> =
             self.read.lock().expect("ack store lock").drain().collect();
-        if let Err(e) = self.broker.trim_read(&read).await {
+        if let Err(e) = self.broker.trim_inboxes(&read).await {
             // Not retried: the next acknowledgement trims as far.
             tracing::debug!("trimming read inboxes failed: {e}");
         }
-        let batch: Vec<(String, String, StreamId)> = {
+        let batch: Vec<Position> = {
             let mut dirty = self.dirty.lock().expect("ack store lock");
-            dirty.drain().map(|((k, f), id)| (k, f, id)).collect()
+            dirty
+                .drain()
+                .map(|((user, topic), id)| Position { user, topic, id })
+                .collect()
         };
         if batch.is_empty() {
             return;
         }
-        if let Err(e) = self.broker.save_acks(&batch).await {
+        if let Err(e) = self.broker.save_positions(&batch).await {
             tracing::debug!("saving acknowledged positions failed, will retry: {e}");
-            for (key, field, id) in batch {
-                self.record(key, field, id);
+            for p in batch {
+                self.record(p.user, p.topic, p.id);
             }
         }
     }

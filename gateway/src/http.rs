@@ -577,25 +577,28 @@ async fn room_members(
         .limit
         .unwrap_or(MEMBERS_PAGE_DEFAULT)
         .clamp(1, MEMBERS_PAGE_MAX);
-    // The cursor is the broker's (a Redis HSCAN number, or the embedded broker's last user
-    // id): anything else is a bad request, not a broker failure.
-    if let Some(cursor) = &query.cursor {
-        let valid = crate::protocol::check_name(cursor).is_ok()
-            && (node.broker.is_embedded() || cursor.parse::<u64>().is_ok());
-        if !valid {
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": "invalid_field", "message": "cursor must be a nextCursor of this API"})),
-            )
-                .into_response();
-        }
+    let bad_cursor = || {
+        (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_field", "message": "cursor must be a nextCursor of this API"})),
+        )
+            .into_response()
+    };
+    if query
+        .cursor
+        .as_ref()
+        .is_some_and(|c| crate::protocol::check_name(c).is_err())
+    {
+        return bad_cursor();
     }
+    // The cursor is the broker's own: one it never handed out is a bad request.
     let page = match node
         .broker
         .members(&room_key, query.cursor.as_deref(), limit)
         .await
     {
         Ok(page) => page,
+        Err(crate::broker::BrokerError::BadCursor) => return bad_cursor(),
         Err(_) => return unavailable(),
     };
     let members: Vec<Value> = page

@@ -1,5 +1,5 @@
-//! The hub: which local connections listen on which broker channel (a room or a user's inbox),
-//! subscribing a channel on its first local member and unsubscribing after its last, and the
+//! The hub: which local connections listen on which broker topic (a room or a user), subscribing
+//! a topic on its first local member and unsubscribing after its last, and the
 //! dispatcher that fans each broker message out to the local members — parsed once per node,
 //! the frame bytes shared by every recipient.
 
@@ -10,14 +10,14 @@ use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError, Envelope, Inbound, Kind};
+use crate::broker::{Broker, BrokerError, Envelope, Inbound, Kind, Topic};
 use crate::metrics::Metrics;
 use crate::protocol::StreamId;
 
 /// One message on its way to local sockets, shared by all its recipients on this node.
 #[derive(Debug)]
 pub struct Delivery {
-    pub channel: Arc<str>,
+    pub topic: Arc<Topic>,
     pub kind: Kind,
     pub id: Option<StreamId>,
     pub frame: Utf8Bytes,
@@ -29,7 +29,7 @@ pub struct Delivery {
 /// A connection's queue of deliveries (bounded: a full queue means a slow consumer).
 pub type Outbox = mpsc::Sender<Arc<Delivery>>;
 
-/// A local connection listening on a channel.
+/// A local connection listening on a topic.
 #[derive(Clone)]
 pub struct Member {
     pub conn_id: u64,
@@ -39,23 +39,21 @@ pub struct Member {
 }
 
 struct Channel {
-    name: Arc<str>,
+    topic: Arc<Topic>,
     members: Vec<Member>,
-    /// Serialises subscribe/unsubscribe of this channel; holds whether it is subscribed.
+    /// Serialises subscribe/unsubscribe of this topic; holds whether it is subscribed.
     gate: Arc<tokio::sync::Mutex<bool>>,
-    /// Where the channel's messages are kept (rooms and proven users' inboxes).
+    /// Set when the topic's messages are kept and members want gaps repaired (rooms, and
+    /// proven users' inboxes).
     stream: Option<ChannelStream>,
     /// The newest message id dispatched here (or the stream's newest when it was subscribed):
     /// after a broker reconnect, everything after it is read back from the stream.
     last_id: Option<StreamId>,
 }
 
-/// The stream behind a channel, so a gap after a broker reconnect can be read back.
+/// A topic whose messages are kept: a gap after a broker reconnect is read back from it.
 #[derive(Debug, Clone)]
 pub struct ChannelStream {
-    pub stream_key: String,
-    /// Frame head up to the id (`MESSAGE_HEAD` / `DM_HEAD`).
-    pub frame_head: &'static str,
     pub kind: Kind,
     /// `"roomId":…` or `"dm":true`: what a `resync` frame names.
     pub target_json: String,
@@ -78,8 +76,8 @@ pub enum JoinError {
 
 /// Whether `channel` is still the entry behind `gate` and has no members.
 fn is_empty_with_gate(
-    channels: &HashMap<String, Channel>,
-    channel: &str,
+    channels: &HashMap<Topic, Channel>,
+    channel: &Topic,
     gate: &Arc<tokio::sync::Mutex<bool>>,
 ) -> bool {
     matches!(channels.get(channel), Some(entry) if entry.members.is_empty() && Arc::ptr_eq(&entry.gate, gate))
@@ -89,7 +87,7 @@ pub struct Hub {
     node_id: String,
     /// Most channels this node listens on at once.
     max_channels: usize,
-    channels: Mutex<HashMap<String, Channel>>,
+    channels: Mutex<HashMap<Topic, Channel>>,
     broker: Broker,
     metrics: Arc<Metrics>,
 }
@@ -105,7 +103,7 @@ impl Hub {
         }
     }
 
-    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<String, Channel>> {
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Channel>> {
         self.channels.lock().expect("hub lock")
     }
 
@@ -113,37 +111,35 @@ impl Hub {
     /// member is removed again. `stream`: where the channel's messages are kept, if anywhere.
     pub async fn join(
         &self,
-        channel: &str,
+        channel: &Topic,
         member: Member,
         stream: Option<ChannelStream>,
-    ) -> Result<Arc<str>, JoinError> {
+    ) -> Result<Arc<Topic>, JoinError> {
         let conn_id = member.conn_id;
         let (name, gate) = {
             let mut channels = self.channels();
             if channels.len() >= self.max_channels && !channels.contains_key(channel) {
                 return Err(JoinError::NodeFull);
             }
-            let entry = channels
-                .entry(channel.to_string())
-                .or_insert_with(|| Channel {
-                    name: Arc::from(channel),
-                    members: Vec::new(),
-                    gate: Arc::new(tokio::sync::Mutex::new(false)),
-                    stream: None,
-                    last_id: None,
-                });
+            let entry = channels.entry(channel.clone()).or_insert_with(|| Channel {
+                topic: Arc::new(channel.clone()),
+                members: Vec::new(),
+                gate: Arc::new(tokio::sync::Mutex::new(false)),
+                stream: None,
+                last_id: None,
+            });
             entry.members.push(member);
             if entry.stream.is_none() {
                 entry.stream = stream.clone();
             }
-            (entry.name.clone(), entry.gate.clone())
+            (entry.topic.clone(), entry.gate.clone())
         };
         let mut subscribed = gate.lock().await;
         if !*subscribed {
             // The stream's newest id *before* subscribing is where a gap would start: every
             // message received live is newer.
-            if let Some(stream) = &stream {
-                match self.broker.newest_id(&stream.stream_key).await {
+            if stream.is_some() {
+                match self.broker.newest_id(channel).await {
                     Ok(newest) => self.advance(channel, newest.unwrap_or(StreamId::ZERO)),
                     Err(e) => {
                         drop(subscribed);
@@ -170,7 +166,7 @@ impl Hub {
     /// subscribes again. Removing the entry first would let such a join create a second gate
     /// and subscribe *before* this unsubscribe lands, leaving members on an unsubscribed
     /// channel that nothing would ever resubscribe.
-    pub async fn leave(&self, channel: &str, conn_id: u64) {
+    pub async fn leave(&self, channel: &Topic, conn_id: u64) {
         let gate = {
             let mut channels = self.channels();
             let Some(entry) = channels.get_mut(channel) else {
@@ -190,7 +186,7 @@ impl Hub {
             *subscribed = false;
             self.metrics.rooms_local.dec();
             if let Err(e) = self.broker.unsubscribe(channel).await {
-                tracing::warn!(channel, "unsubscribe failed: {e}");
+                tracing::warn!(%channel, "unsubscribe failed: {e}");
             }
         }
         // Still under the gate: a join that came during the unsubscribe is in the entry and
@@ -202,7 +198,7 @@ impl Hub {
     }
 
     /// Moves a channel's last dispatched id forward to `id` (never back).
-    fn advance(&self, channel: &str, id: StreamId) {
+    fn advance(&self, channel: &Topic, id: StreamId) {
         if let Some(entry) = self.channels().get_mut(channel) {
             entry.last_id = Some(entry.last_id.map_or(id, |last| last.max(id)));
         }
@@ -213,7 +209,7 @@ impl Hub {
     pub async fn dispatch(self: Arc<Self>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
         while let Some(msg) = inbound.recv().await {
             match msg {
-                Inbound::Message { channel, payload } => self.dispatch_one(&channel, &payload),
+                Inbound::Message { topic, payload } => self.dispatch_one(&topic, &payload),
                 Inbound::Resubscribed => self.repair_gaps().await,
             }
         }
@@ -223,17 +219,17 @@ impl Hub {
     /// members what they missed, in order. Where the history no longer holds the gap (trimmed,
     /// or Redis lost it), members get a `resync` frame first.
     async fn repair_gaps(&self) {
-        let wanted: Vec<(Arc<str>, ChannelStream, StreamId)> = self
+        let wanted: Vec<(Arc<Topic>, ChannelStream, StreamId)> = self
             .channels()
             .values()
-            .filter_map(|c| Some((c.name.clone(), c.stream.clone()?, c.last_id?)))
+            .filter_map(|c| Some((c.topic.clone(), c.stream.clone()?, c.last_id?)))
             .collect();
         for (channel, stream, last) in wanted {
             let mut after = last;
             let mut lost = false;
             let mut complete = false;
             for _ in 0..REPAIR_PAGES {
-                let page = match self.read_back(&stream, after).await {
+                let page = match self.read_back(&channel, after).await {
                     Ok(page) => page,
                     Err(e) => {
                         tracing::warn!(%channel, "gap repair failed: {e}");
@@ -265,7 +261,7 @@ impl Hub {
             }
             // Nothing newer, but was the history itself lost (Redis restarted empty)?
             if after == last && last > StreamId::ZERO {
-                match self.broker.newest_id(&stream.stream_key).await {
+                match self.broker.newest_id(&channel).await {
                     Ok(newest) if newest.unwrap_or(StreamId::ZERO) >= last => {}
                     _ => self.resync(&channel, &stream, last),
                 }
@@ -277,17 +273,13 @@ impl Hub {
     /// connection may still be reconnecting too.
     async fn read_back(
         &self,
-        stream: &ChannelStream,
+        topic: &Topic,
         after: StreamId,
     ) -> Result<crate::broker::Page, BrokerError> {
         let mut delay = std::time::Duration::from_millis(50);
         let mut attempts = 0;
         loop {
-            match self
-                .broker
-                .range(&stream.stream_key, stream.frame_head, after, REPAIR_PAGE)
-                .await
-            {
+            match self.broker.range(topic, after, REPAIR_PAGE).await {
                 Ok(page) => return Ok(page),
                 Err(e) if attempts >= 8 => return Err(e),
                 Err(_) => {
@@ -300,7 +292,7 @@ impl Hub {
     }
 
     /// Dispatches a message read back from a stream (unless it was dispatched live already).
-    fn redeliver(&self, channel: &str, stream: &ChannelStream, id: StreamId, frame: String) {
+    fn redeliver(&self, channel: &Topic, stream: &ChannelStream, id: StreamId, frame: String) {
         let mut channels = self.channels();
         let Some(entry) = channels.get_mut(channel) else {
             return;
@@ -311,7 +303,7 @@ impl Hub {
         entry.last_id = Some(id);
         self.metrics.gap_repairs.inc();
         let delivery = Arc::new(Delivery {
-            channel: entry.name.clone(),
+            topic: entry.topic.clone(),
             kind: stream.kind,
             id: Some(id),
             frame: Utf8Bytes::from(frame),
@@ -322,7 +314,7 @@ impl Hub {
     }
 
     /// Tells a channel's members that messages after `last_id` are lost to them.
-    fn resync(&self, channel: &str, stream: &ChannelStream, last_id: StreamId) {
+    fn resync(&self, channel: &Topic, stream: &ChannelStream, last_id: StreamId) {
         let channels = self.channels();
         let Some(entry) = channels.get(channel) else {
             return;
@@ -334,7 +326,7 @@ impl Hub {
             stream.target_json
         );
         let delivery = Arc::new(Delivery {
-            channel: entry.name.clone(),
+            topic: entry.topic.clone(),
             kind: Kind::Presence,
             id: None,
             frame: Utf8Bytes::from(frame),
@@ -357,16 +349,13 @@ impl Hub {
         }
     }
 
-    fn dispatch_one(&self, channel: &[u8], payload: &bytes::Bytes) {
+    fn dispatch_one(&self, channel: &Topic, payload: &bytes::Bytes) {
         let Some(envelope) = Envelope::parse(payload) else {
             tracing::warn!("dropping a malformed broker message");
             return;
         };
         let Ok(frame) = Utf8Bytes::try_from(envelope.frame) else {
             tracing::warn!("dropping a broker message that is not UTF-8");
-            return;
-        };
-        let Ok(channel) = std::str::from_utf8(channel) else {
             return;
         };
         let mut channels = self.channels();
@@ -385,7 +374,7 @@ impl Hub {
             crate::telemetry::delivery_span(&envelope.traceparent, channel, entry.members.len());
         let _entered = span.enter();
         let delivery = Arc::new(Delivery {
-            channel: entry.name.clone(),
+            topic: entry.topic.clone(),
             kind: envelope.kind,
             id: envelope.id,
             frame,
@@ -404,6 +393,10 @@ mod tests {
     use crate::broker::memory::MemoryBroker;
     use crate::broker::EnvelopeHeader;
     use std::time::Duration;
+
+    fn room() -> Topic {
+        Topic::Room("room".into())
+    }
 
     fn hub() -> Arc<Hub> {
         hub_with(None)
@@ -454,20 +447,20 @@ mod tests {
         for round in 0..200u64 {
             let (leaver, _leaver_rx) = member(round * 2);
             let (stayer, mut stayer_rx) = member(round * 2 + 1);
-            hub.join("room", leaver, None).await.expect("join");
+            hub.join(&room(), leaver, None).await.expect("join");
             let leaving = {
                 let hub = hub.clone();
-                tokio::spawn(async move { hub.leave("room", round * 2).await })
+                tokio::spawn(async move { hub.leave(&room(), round * 2).await })
             };
             let joining = {
                 let hub = hub.clone();
-                tokio::spawn(async move { hub.join("room", stayer, None).await })
+                tokio::spawn(async move { hub.join(&room(), stayer, None).await })
             };
             leaving.await.expect("leave task");
             joining.await.expect("join task").expect("join");
             let text = format!("r{round}");
             hub.broker
-                .publish("room", &announcement(&text))
+                .publish(&room(), &announcement(&text))
                 .await
                 .expect("publish");
             let got = tokio::time::timeout(Duration::from_secs(2), stayer_rx.recv())
@@ -475,7 +468,7 @@ mod tests {
                 .unwrap_or_else(|_| panic!("round {round}: the member on the room got nothing"))
                 .expect("outbox open");
             assert!(got.frame.as_str().contains(&text), "{}", got.frame.as_str());
-            hub.leave("room", round * 2 + 1).await;
+            hub.leave(&room(), round * 2 + 1).await;
         }
     }
 
@@ -485,20 +478,20 @@ mod tests {
         let hub = hub();
         let (a, _a_rx) = member(1);
         let (b, mut b_rx) = member(2);
-        hub.join("room", a, None).await.expect("join a");
-        hub.join("room", b, None).await.expect("join b");
-        hub.leave("room", 1).await;
+        hub.join(&room(), a, None).await.expect("join a");
+        hub.join(&room(), b, None).await.expect("join b");
+        hub.leave(&room(), 1).await;
         hub.broker
-            .publish("room", &announcement("x"))
+            .publish(&room(), &announcement("x"))
             .await
             .expect("publish");
         let got = tokio::time::timeout(Duration::from_secs(2), b_rx.recv()).await;
         assert!(got.expect("b still receives").is_some());
-        hub.leave("room", 2).await;
+        hub.leave(&room(), 2).await;
         assert!(hub.channels().is_empty());
         let Broker::Memory(memory) = &hub.broker else {
             unreachable!()
         };
-        assert!(!memory.is_subscribed("room"));
+        assert!(!memory.is_subscribed(&room()));
     }
 }

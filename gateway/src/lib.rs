@@ -58,7 +58,7 @@ pub async fn serve(
         node = %node.node_id,
         listen = %public.local_addr()?,
         admin = %admin.local_addr()?,
-        broker = if node.broker.is_embedded() { "embedded" } else { "redis" },
+        broker = node.broker.backend(),
         "gateway started"
     );
 

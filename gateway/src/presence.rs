@@ -65,12 +65,11 @@ impl Presence {
         &self,
         conn_id: u64,
         entry: PresenceEntry,
-        channel: &str,
     ) -> Result<JoinOutcome, BrokerError> {
         let mut entry = entry;
         let outcome = self
             .broker
-            .join(&entry, channel, &self.announce_header(), self.expires_at())
+            .join(&entry, &self.announce_header(), self.expires_at())
             .await?;
         // Refreshes must re-create the room under the name in effect, not the one proposed.
         entry.room_name = outcome.room_name.clone();
@@ -81,12 +80,7 @@ impl Presence {
         Ok(outcome)
     }
 
-    pub async fn leave(
-        &self,
-        conn_id: u64,
-        room_key: &str,
-        channel: &str,
-    ) -> Result<LeaveOutcome, BrokerError> {
+    pub async fn leave(&self, conn_id: u64, room_key: &str) -> Result<LeaveOutcome, BrokerError> {
         let Some(entry) = self.entries().remove(&(conn_id, room_key.to_string())) else {
             return Ok(LeaveOutcome {
                 last: false,
@@ -94,9 +88,7 @@ impl Presence {
             });
         };
         self.metrics.presence_entries.dec();
-        self.broker
-            .leave(&entry, channel, &self.announce_header())
-            .await
+        self.broker.leave(&entry, &self.announce_header()).await
     }
 
     /// Pushes every live entry's expiry forward (re-creating vanished ones).
@@ -117,10 +109,8 @@ impl Presence {
 
     /// Refreshes well inside the TTL and prunes dead nodes' entries, until `shutdown`.
     pub fn spawn_maintenance(self: Arc<Self>, shutdown: CancellationToken) {
-        if self.broker.is_embedded() {
-            self.metrics.presence_pruned(u64::MAX);
-            return; // one process: nothing can expire
-        }
+        // The embedded broker runs this too: the same contract (its entries expire only
+        // when this process stalls longer than the TTL, and come back with the next refresh).
         let refresh_every = self.ttl / 3;
         let prune_every = self.retry_every();
         let this = self.clone();
@@ -230,7 +220,7 @@ impl Presence {
 mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
-    use crate::broker::Inbound;
+    use crate::broker::{Inbound, Topic};
     use tokio::sync::mpsc;
 
     fn presence(ttl: Duration) -> (Presence, mpsc::UnboundedReceiver<Inbound>) {
@@ -263,25 +253,29 @@ mod tests {
     #[tokio::test]
     async fn a_user_with_two_connections_is_counted_and_announced_once() {
         let (presence, mut rx) = presence(Duration::from_secs(30));
-        presence.broker.subscribe("ch").await.expect("subscribe");
-        let first = presence.join(1, entry(1, "u", "R"), "ch").await.unwrap();
+        presence
+            .broker
+            .subscribe(&Topic::Room("r".into()))
+            .await
+            .expect("subscribe");
+        let first = presence.join(1, entry(1, "u", "R")).await.unwrap();
         assert!(first.first && first.announced, "{first:?}");
         assert_eq!(first.num, 1);
-        let second = presence.join(2, entry(2, "u", "R"), "ch").await.unwrap();
+        let second = presence.join(2, entry(2, "u", "R")).await.unwrap();
         assert!(!second.first && !second.announced, "{second:?}");
         assert_eq!(second.num, 1);
         let logins = announcements(&mut rx);
         assert_eq!(logins.len(), 1, "{logins:?}");
         assert!(logins[0].contains(r#""event":"login""#), "{}", logins[0]);
 
-        let one_left = presence.leave(1, "r", "ch").await.unwrap();
+        let one_left = presence.leave(1, "r").await.unwrap();
         assert!(!one_left.last);
         assert_eq!(one_left.num, 1);
         assert!(
             announcements(&mut rx).is_empty(),
             "a tab closing is no logout"
         );
-        let gone = presence.leave(2, "r", "ch").await.unwrap();
+        let gone = presence.leave(2, "r").await.unwrap();
         assert!(gone.last);
         assert_eq!(gone.num, 0);
         let logouts = announcements(&mut rx);
@@ -292,15 +286,9 @@ mod tests {
     #[tokio::test]
     async fn the_first_joiner_names_the_room_and_a_later_one_cannot_rename_it() {
         let (presence, _rx) = presence(Duration::from_secs(30));
-        let first = presence
-            .join(1, entry(1, "a", "Lobby"), "ch")
-            .await
-            .unwrap();
+        let first = presence.join(1, entry(1, "a", "Lobby")).await.unwrap();
         assert_eq!(first.room_name, "Lobby");
-        let second = presence
-            .join(2, entry(2, "b", "Hijacked"), "ch")
-            .await
-            .unwrap();
+        let second = presence.join(2, entry(2, "b", "Hijacked")).await.unwrap();
         assert_eq!(second.room_name, "Lobby");
         assert_eq!(second.num, 2);
     }
@@ -308,8 +296,12 @@ mod tests {
     #[tokio::test]
     async fn leaving_a_room_never_joined_changes_nothing() {
         let (presence, mut rx) = presence(Duration::from_secs(30));
-        presence.broker.subscribe("ch").await.expect("subscribe");
-        let outcome = presence.leave(7, "r", "ch").await.unwrap();
+        presence
+            .broker
+            .subscribe(&Topic::Room("r".into()))
+            .await
+            .expect("subscribe");
+        let outcome = presence.leave(7, "r").await.unwrap();
         assert!(!outcome.last);
         assert!(announcements(&mut rx).is_empty());
     }

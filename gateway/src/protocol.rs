@@ -641,6 +641,48 @@ pub fn logout_frame(user_fragment: &str, room_fragment: &str, num: u64) -> Strin
     format!(r#"{{"event":"logout",{user_fragment},{room_fragment},"num":{num}}}"#)
 }
 
+/// A login or logout announcement with slots for what only the broker knows when it
+/// announces (the room's name in effect, the count, a departed user's record): the backends
+/// fill it, so every announcement's JSON is written here, never in a script. The slots are
+/// control bytes 1–4, which JSON text never holds raw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Announcement {
+    Login,
+    Logout,
+}
+
+impl Announcement {
+    /// Slot bytes: user fragment, room id JSON, room name JSON, count.
+    pub const SLOTS: [char; 4] = ['\u{1}', '\u{2}', '\u{3}', '\u{4}'];
+
+    /// The template: `{"event":"login",\u1,"roomId":\u2,"roomName":\u3,"num":\u4}`.
+    pub fn template(self) -> &'static str {
+        match self {
+            Announcement::Login => {
+                "{\"event\":\"login\",\u{1},\"roomId\":\u{2},\"roomName\":\u{3},\"num\":\u{4}}"
+            }
+            Announcement::Logout => {
+                "{\"event\":\"logout\",\u{1},\"roomId\":\u{2},\"roomName\":\u{3},\"num\":\u{4}}"
+            }
+        }
+    }
+
+    /// The template filled (as the scripts fill it).
+    pub fn render(self, user_fragment: &str, room_json: &str, name_json: &str, num: u64) -> String {
+        let mut out = String::with_capacity(64 + user_fragment.len() + room_json.len());
+        for c in self.template().chars() {
+            match c {
+                '\u{1}' => out.push_str(user_fragment),
+                '\u{2}' => out.push_str(room_json),
+                '\u{3}' => out.push_str(name_json),
+                '\u{4}' => out.push_str(&num.to_string()),
+                c => out.push(c),
+            }
+        }
+        out
+    }
+}
+
 /// `sent`: a retried clientMsgId matched an earlier message.
 pub fn sent_frame(room: &RoomId, id: StreamId, client_msg_id: &str) -> String {
     format!(
@@ -931,6 +973,25 @@ mod tests {
         assert_eq!(a.to_string(), "9-5");
         assert!("".parse::<StreamId>().is_err());
         assert!("1-2-3".parse::<StreamId>().is_err());
+    }
+
+    #[test]
+    fn announcements_render_as_the_login_and_logout_frames() {
+        let user = user_fragment("u\u{1}", "N \"x\"");
+        let room = RoomId::from_key("r\u{2}");
+        let fragment = room_fragment(&room, "name\u{3}");
+        let name = json_string("name\u{3}");
+        assert_eq!(
+            Announcement::Login.render(&user, &room.json, &name, 7),
+            login_frame(&user, &fragment, 7)
+        );
+        assert_eq!(
+            Announcement::Logout.render(&user, &room.json, &name, 0),
+            logout_frame(&user, &fragment, 0)
+        );
+        for slot in Announcement::SLOTS {
+            assert!(!user.contains(slot) && !fragment.contains(slot));
+        }
     }
 
     #[test]

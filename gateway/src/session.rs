@@ -17,9 +17,8 @@ mod appends;
 use appends::{AppendDone, Appends, Queued, ReplyTo};
 
 use crate::auth::{AuthError, Claims};
-use crate::broker::keys::{ack_field_room, ACK_FIELD_INBOX};
 use crate::broker::{
-    now_ms, now_us, AppendRequest, BrokerError, EnvelopeHeader, Kind, PresenceEntry,
+    now_ms, now_us, BrokerError, EnvelopeHeader, Kind, Post, PresenceEntry, Topic,
 };
 use crate::delivery::{Redelivery, StreamCursor};
 use crate::hub::{ChannelStream, Delivery, JoinError, Member};
@@ -191,13 +190,13 @@ struct Identity {
 
 struct JoinedRoom {
     room: RoomId,
-    channel: Arc<str>,
+    channel: Arc<Topic>,
     fragment: String,
     cursor: StreamCursor,
 }
 
 struct Inbox {
-    channel: Arc<str>,
+    channel: Arc<Topic>,
     cursor: StreamCursor,
 }
 
@@ -850,10 +849,8 @@ impl Session {
             .map(|d| d.room_name.clone())
             .or_else(|| login.room_name.clone())
             .unwrap_or_else(|| room.key.clone());
-        let channel_name = self.node.broker.keys().room_channel(&room.key);
+        let channel_name = Topic::Room(room.key.clone());
         let stream = ChannelStream {
-            stream_key: self.node.broker.keys().room_stream(&room.key),
-            frame_head: protocol::MESSAGE_HEAD,
             kind: Kind::Message,
             target_json: format!(r#""roomId":{}"#, room.json),
         };
@@ -877,11 +874,7 @@ impl Session {
             room_name: proposed_name,
         };
         let user_fragment = identity.user_fragment.clone();
-        let joined = self
-            .node
-            .presence
-            .join(self.conn_id, entry, &channel_name)
-            .await;
+        let joined = self.node.presence.join(self.conn_id, entry).await;
         let Ok(outcome) = joined else {
             self.node.hub.leave(&channel_name, self.conn_id).await;
             return Err(Stop::Refused(self.unavailable("login").in_room(room)));
@@ -921,11 +914,10 @@ impl Session {
         let resume_from = match last_id {
             Some(id) => Some(id),
             None if self.ack_mode && identity.proven => {
-                let keys = self.node.broker.keys();
                 let stored = self
                     .node
                     .broker
-                    .load_ack(&keys.acks(&identity.user_id), &ack_field_room(&room.key))
+                    .load_position(&identity.user_id, &Topic::Room(room.key.clone()))
                     .await;
                 stored.map_err(|_| unavailable(self))?
             }
@@ -940,8 +932,8 @@ impl Session {
         if self.ack_mode {
             // Nothing to resume: give the client its starting point, so that a reconnect
             // before the first message still resumes without a gap.
-            let stream = self.node.broker.keys().room_stream(&room.key);
-            let newest = self.node.broker.newest_id(&stream).await;
+            let topic = Topic::Room(room.key.clone());
+            let newest = self.node.broker.newest_id(&topic).await;
             let start = newest
                 .map_err(|_| unavailable(self))?
                 .unwrap_or(StreamId::ZERO);
@@ -992,11 +984,9 @@ impl Session {
         let mut inbox_after = None;
         // Every connection listens on its user's channel (the server API's disconnect comes
         // that way); direct messages on it reach proven users only (see `accept`).
-        let channel_name = self.node.broker.keys().user_channel(&user_id);
+        let channel_name = Topic::User(user_id.clone());
         // A proven user's inbox is read back after a broker reconnect like a room.
         let stream = proven.then(|| ChannelStream {
-            stream_key: self.node.broker.keys().inbox_stream(&user_id),
-            frame_head: protocol::DM_HEAD,
             kind: Kind::Direct,
             target_json: r#""dm":true"#.to_string(),
         });
@@ -1011,11 +1001,10 @@ impl Session {
         };
         if proven {
             // The user now exists for DMs (for the history TTL after its last login).
-            let seen = self.node.broker.keys().user_seen(&user_id);
             if self
                 .node
                 .broker
-                .touch(&seen, self.node.config.history_ttl_ms)
+                .mark_seen(&user_id, self.node.config.history_ttl_ms)
                 .await
                 .is_err()
             {
@@ -1024,11 +1013,10 @@ impl Session {
             }
             if login.ack {
                 // Everything in the inbox after the stored position is unacknowledged.
-                let keys = self.node.broker.keys();
                 match self
                     .node
                     .broker
-                    .load_ack(&keys.acks(&user_id), ACK_FIELD_INBOX)
+                    .load_position(&user_id, &channel_name)
                     .await
                 {
                     Ok(position) => inbox_after = Some(position.unwrap_or(StreamId::ZERO)),
@@ -1086,7 +1074,7 @@ impl Session {
         match self
             .node
             .presence
-            .leave(self.conn_id, &joined.room.key, &joined.channel)
+            .leave(self.conn_id, &joined.room.key)
             .await
         {
             Ok(outcome) => outcome.num,
@@ -1132,8 +1120,7 @@ impl Session {
             now_ms(),
             cmid,
         );
-        let request = AppendRequest::room_message(
-            self.node.broker.keys(),
+        let request = Post::room_message(
             &room.key,
             &identity.user_id,
             cmid,
@@ -1141,7 +1128,7 @@ impl Session {
             template,
             self.node.config.history_max_len,
         );
-        let bytes = request.body.len();
+        let bytes = request.len();
         self.append_bytes += bytes;
         Ok(Queued {
             request,
@@ -1235,8 +1222,7 @@ impl Session {
             now_ms(),
             cmid,
         );
-        let request = AppendRequest::direct_message(
-            self.node.broker.keys(),
+        let request = Post::direct_message(
             &to_user_id,
             &identity.user_id,
             cmid,
@@ -1303,16 +1289,15 @@ impl Session {
         if !identity.proven && target == Target::Inbox {
             return Err(Stop::Refused(self.refuse(AuthError::Anonymous)));
         }
-        let keys = self.node.broker.keys();
-        let acks_key = keys.acks(&identity.user_id);
+        let user = identity.user_id.clone();
         let proven = identity.proven;
-        let (cursor, field) = match &target {
+        let (cursor, topic) = match &target {
             Target::Room(room) => match self.room_index(room) {
-                Some(i) => (&mut self.rooms[i].cursor, ack_field_room(&room.key)),
+                Some(i) => (&mut self.rooms[i].cursor, Topic::Room(room.key.clone())),
                 None => return Err(Stop::Refused(not_in_room(room))),
             },
             Target::Inbox => match self.inbox.as_mut() {
-                Some(inbox) => (&mut inbox.cursor, ACK_FIELD_INBOX.to_string()),
+                Some(inbox) => (&mut inbox.cursor, Topic::User(user.clone())),
                 None => return Err(Stop::Refused(not_logged_in())),
             },
         };
@@ -1322,12 +1307,10 @@ impl Session {
         // newest id), whatever id the client names; anonymous users store none.
         let stored = id.min(cursor.last_delivered);
         if proven && stored > StreamId::ZERO {
-            self.node.acks.record(acks_key, field, stored);
+            self.node.acks.record(user.clone(), topic, stored);
             if target == Target::Inbox {
                 // Read and acknowledged: the inbox need not keep it (room for new DMs).
-                self.node
-                    .acks
-                    .record_read(keys.inbox_stream(&identity.user_id), stored);
+                self.node.acks.record_read(user, stored);
             }
         }
         Ok(())
@@ -1366,14 +1349,13 @@ impl Session {
         after: StreamId,
         limit: usize,
     ) -> Handled {
-        let keys = self.node.broker.keys();
-        let (stream_key, head) = match &target {
-            Target::Room(room) => (keys.room_stream(&room.key), protocol::MESSAGE_HEAD),
+        let topic = match &target {
+            Target::Room(room) => Topic::Room(room.key.clone()),
             Target::Inbox => {
                 let Some(identity) = &self.identity else {
                     return Err(Stop::Refused(not_logged_in()));
                 };
-                (keys.inbox_stream(&identity.user_id), protocol::DM_HEAD)
+                Topic::User(identity.user_id.clone())
             }
         };
         let unavailable = |session: &Session| {
@@ -1405,12 +1387,12 @@ impl Session {
             let want = (limit - count).min(per_read);
             if want == 0 {
                 // The page is full: one more entry tells whether another page follows.
-                match self.node.broker.range(&stream_key, head, last, 1).await {
+                match self.node.broker.range(&topic, last, 1).await {
                     Ok(probe) => break !probe.entries.is_empty(),
                     Err(_) => return unavailable(self),
                 }
             }
-            let part = match self.node.broker.range(&stream_key, head, last, want).await {
+            let part = match self.node.broker.range(&topic, last, want).await {
                 Ok(part) => part,
                 Err(_) => return unavailable(self),
             };
@@ -1532,9 +1514,7 @@ impl Session {
             Kind::Message => self
                 .rooms
                 .iter_mut()
-                .find(|r| {
-                    Arc::ptr_eq(&r.channel, &delivery.channel) || *r.channel == *delivery.channel
-                })
+                .find(|r| Arc::ptr_eq(&r.channel, &delivery.topic) || *r.channel == *delivery.topic)
                 .map(|r| &mut r.cursor),
             // Anyone may claim any name in anonymous mode: no direct message for them.
             Kind::Direct if !self.identity.as_ref().is_some_and(|i| i.proven) => None,
@@ -1653,8 +1633,8 @@ mod tests {
         }
     }
 
-    fn join(session: &mut Session, room: &str) -> Arc<str> {
-        let channel: Arc<str> = Arc::from(format!("room-channel:{room}"));
+    fn join(session: &mut Session, room: &str) -> Arc<Topic> {
+        let channel = Arc::new(Topic::Room(room.into()));
         session.rooms.push(JoinedRoom {
             room: RoomId {
                 key: room.into(),
@@ -1667,9 +1647,9 @@ mod tests {
         channel
     }
 
-    fn delivery(channel: &Arc<str>, kind: Kind, id: Option<u64>) -> Delivery {
+    fn delivery(channel: &Arc<Topic>, kind: Kind, id: Option<u64>) -> Delivery {
         Delivery {
-            channel: channel.clone(),
+            topic: channel.clone(),
             kind,
             id: id.map(|ms| StreamId { ms, seq: 0 }),
             frame: Utf8Bytes::from(format!(r#"{{"event":"message","id":"{id:?}"}}"#)),
@@ -1683,7 +1663,7 @@ mod tests {
         let node = node(&[]);
         let mut session = session(&node);
         session.identity = Some(identity("ann", false));
-        let other: Arc<str> = Arc::from("room-channel:elsewhere");
+        let other = Arc::new(Topic::Room("elsewhere".into()));
         assert_eq!(
             session
                 .accept(&delivery(&other, Kind::Message, Some(5)))
@@ -1711,7 +1691,7 @@ mod tests {
     #[tokio::test]
     async fn direct_messages_reach_proven_users_only_and_control_closes() {
         let node = node(&[]);
-        let user: Arc<str> = Arc::from("user-channel:ann");
+        let user = Arc::new(Topic::User("ann".into()));
         let mut anonymous = session(&node);
         anonymous.identity = Some(identity("ann", false));
         anonymous.inbox = Some(Inbox {

@@ -103,13 +103,17 @@ pub fn current_traceparent() -> String {
 
 /// The span of one broker message's fan-out on this node, a child of the publishing span
 /// when the envelope carried one (a disabled span otherwise).
-pub fn delivery_span(traceparent: &str, channel: &str, recipients: usize) -> tracing::Span {
+pub fn delivery_span(
+    traceparent: &str,
+    channel: &crate::broker::Topic,
+    recipients: usize,
+) -> tracing::Span {
     if !TRACING_ON.load(Ordering::Relaxed) || traceparent.is_empty() {
         return tracing::Span::none();
     }
     let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
     let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
-    let span = tracing::info_span!("deliver", channel, recipients);
+    let span = tracing::info_span!("deliver", channel = %channel, recipients);
     let _ = span.set_parent(parent);
     span
 }

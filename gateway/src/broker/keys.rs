@@ -12,6 +12,8 @@
 
 use std::borrow::Cow;
 
+use super::{PresenceEntry, Topic};
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     pub prefix: String,
@@ -157,13 +159,73 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// The stream a topic's messages are kept in.
+    pub fn stream(&self, topic: &Topic) -> String {
+        match topic {
+            Topic::Room(room) => self.room_stream(room),
+            Topic::User(user) => self.inbox_stream(user),
+        }
+    }
+
+    /// The pub/sub channel a topic's messages are published on.
+    pub fn channel(&self, topic: &Topic) -> String {
+        match topic {
+            Topic::Room(room) => self.room_channel(room),
+            Topic::User(user) => self.user_channel(user),
+        }
+    }
+
+    /// The key remembering `sender`'s dedup id `id` under a topic.
+    pub fn dedup(&self, topic: &Topic, sender: &str, id: &str) -> String {
+        match topic {
+            Topic::Room(room) => self.room_dedup(room, sender, id),
+            Topic::User(user) => self.inbox_dedup(user, sender, id),
+        }
+    }
+
+    /// The topic whose channel is `channel` (`None` for a name `channel` never made).
+    pub fn topic_of_channel(&self, channel: &str) -> Option<Topic> {
+        let rest = channel.strip_prefix(self.prefix.as_str())?;
+        let rest = rest.strip_prefix('{')?.strip_suffix("}:ch")?;
+        if let Some(room) = rest.strip_prefix("r:") {
+            return Some(Topic::Room(decode_part(room)?));
+        }
+        Some(Topic::User(decode_part(rest.strip_prefix("u:")?)?))
+    }
+}
+
+/// The field of a user's positions hash (`Keys::acks`) for a topic.
+pub fn position_field(topic: &Topic) -> String {
+    match topic {
+        Topic::Room(room) => ack_field_room(room),
+        Topic::User(_) => ACK_FIELD_INBOX.to_string(),
+    }
+}
+
+/// The rooms-hash record of an entry's room: `<roomId JSON>\n<roomName JSON>` (JSON text never
+/// holds a raw newline, so the first one separates the two).
+pub fn room_record(entry: &PresenceEntry) -> String {
+    format!(
+        "{}\n{}",
+        entry.room_json,
+        crate::protocol::json_string(&entry.room_name)
+    )
+}
+
+/// Splits a rooms-hash record into the room fragment `"roomId":…,"roomName":…`.
+pub fn room_record_fragment(record: &str) -> Option<String> {
+    let (room_json, name_json) = record.split_once('\n')?;
+    Some(format!(r#""roomId":{room_json},"roomName":{name_json}"#))
+}
+
 /// Field of `Keys::acks` for a room (a hash field holds any bytes: no encoding needed, and the
 /// `r:` prefix keeps rooms apart from `dm`).
-pub fn ack_field_room(room: &str) -> String {
+fn ack_field_room(room: &str) -> String {
     format!("r:{room}")
 }
 
-pub const ACK_FIELD_INBOX: &str = "dm";
+const ACK_FIELD_INBOX: &str = "dm";
 
 /// The presence record of a connection: `<len(userId)>:<userId><user fragment>`. The length
 /// prefix means no byte of the user id can be mistaken for the separator.
@@ -245,6 +307,22 @@ mod tests {
         for name in &seen {
             let tag = &name[name.find('{').unwrap()..=name.find('}').unwrap()];
             assert!(name.starts_with(&format!("gw:{tag}:")), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_channel_names_its_topic() {
+        let keys = Keys::default();
+        for topic in [
+            Topic::Room("a}:ch".into()),
+            Topic::Room("大厅".into()),
+            Topic::User("u{1}".into()),
+            Topic::User(String::new()),
+        ] {
+            assert_eq!(keys.topic_of_channel(&keys.channel(&topic)), Some(topic));
+        }
+        for foreign in ["gw:{r:a}:s", "x:{r:a}:ch", "gw:{x:a}:ch", "gw:{r:%4}:ch"] {
+            assert_eq!(keys.topic_of_channel(foreign), None, "{foreign}");
         }
     }
 

@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{
-    now_ms, AppendRequest, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, Keys,
-    LeaveOutcome, Limits, MemberPage, Page, PresenceEntry, RoomSummary,
+    now_ms, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, LeaveOutcome, Limits,
+    MemberPage, Page, Position, Post, PresenceEntry, RoomSummary, Topic, WhenFull,
 };
-use crate::protocol::{logout_frame, StreamId};
+use crate::protocol::{json_string, Announcement, StreamId};
 
 #[derive(Default)]
 struct Stream {
@@ -24,30 +24,82 @@ struct Stream {
     expires: Option<Instant>,
 }
 
+/// One connection's presence.
+struct Conn {
+    user: String,
+    /// `"userId":…,"userName":…`
+    fragment: String,
+    /// Broker time (ms since the epoch) after which a prune removes it.
+    expires_at_ms: u64,
+}
+
 #[derive(Default)]
 struct Room {
-    /// conn key → (userId, user fragment)
-    conns: HashMap<String, (String, String)>,
+    conns: HashMap<String, Conn>,
     /// userId → connections; sorted so member pages have a stable cursor.
     users: BTreeMap<String, u32>,
     /// Announcements made in the current one-second window, and when it started.
     announces: (u64, Option<Instant>),
-    /// `"roomId":…,"roomName":…` of the first joiner (listed by `rooms`).
-    fragment: String,
+    /// The room id's JSON as the first joiner wrote it (listed by `rooms`).
+    room_json: String,
     /// The name the first joiner gave; kept while anyone is in the room.
     name: String,
 }
 
+impl Room {
+    fn fragment(&self) -> String {
+        format!(
+            r#""roomId":{},"roomName":{}"#,
+            self.room_json,
+            json_string(&self.name)
+        )
+    }
+
+    /// Adds a connection; true if it is its user's first in the room.
+    fn add(&mut self, entry: &PresenceEntry, expires_at_ms: u64) -> bool {
+        if self.conns.is_empty() {
+            self.room_json = entry.room_json.clone();
+            self.name = entry.room_name.clone();
+        }
+        let conn = Conn {
+            user: entry.user_id.clone(),
+            fragment: entry.user_fragment.clone(),
+            expires_at_ms,
+        };
+        if self.conns.insert(entry.conn_key.clone(), conn).is_some() {
+            return false;
+        }
+        let count = self.users.entry(entry.user_id.clone()).or_insert(0);
+        *count += 1;
+        *count == 1
+    }
+
+    /// Removes a connection; its user and fragment, and whether it was the user's last.
+    fn remove(&mut self, conn_key: &str) -> Option<(Conn, bool)> {
+        let conn = self.conns.remove(conn_key)?;
+        let mut last = false;
+        if let Some(count) = self.users.get_mut(&conn.user) {
+            *count -= 1;
+            if *count == 0 {
+                self.users.remove(&conn.user);
+                last = true;
+            }
+        }
+        Some((conn, last))
+    }
+}
+
 #[derive(Default)]
 struct State {
-    subscribed: HashSet<String>,
-    streams: HashMap<String, Stream>,
-    dedup: HashMap<String, (StreamId, Instant)>,
+    subscribed: HashSet<Topic>,
+    streams: HashMap<Topic, Stream>,
+    /// (topic, sender, dedup id) → the id it got
+    dedup: HashMap<(Topic, String, String), (StreamId, Instant)>,
     rooms: HashMap<String, Room>,
-    /// Positions, each expiring like the history.
-    acks: HashMap<(String, String), (StreamId, Instant)>,
-    /// Keys marked by `touch`, until they expire.
-    touched: HashMap<String, Instant>,
+    /// Positions by (user, topic), each expiring like the history.
+    positions: HashMap<(String, Topic), (StreamId, Instant)>,
+    /// Users marked by `mark_seen`, until they expire.
+    seen: HashMap<String, Instant>,
     /// Appends since the last sweep of expired streams, positions and marks.
     appends_since_sweep: usize,
 }
@@ -57,18 +109,20 @@ impl State {
     fn sweep(&mut self, now: Instant) {
         self.streams
             .retain(|_, s| s.expires.is_none_or(|expires| expires > now));
-        self.acks.retain(|_, (_, expires)| *expires > now);
-        self.touched.retain(|_, expires| *expires > now);
+        self.positions.retain(|_, (_, expires)| *expires > now);
+        self.seen.retain(|_, expires| *expires > now);
         self.dedup.retain(|_, (_, expires)| *expires > now);
         self.appends_since_sweep = 0;
     }
 }
 
+/// An announcement to render: event, user fragment, envelope header, count.
+type Announced<'a> = (Announcement, &'a str, &'a str, u64);
+
 /// Appends between two sweeps of expired state.
 const SWEEP_EVERY: usize = 4096;
 
 pub struct MemoryBroker {
-    pub keys: Keys,
     state: Mutex<State>,
     inbound: InboundSender,
     dedup_ttl: Duration,
@@ -85,7 +139,6 @@ pub struct MemoryBroker {
 impl MemoryBroker {
     pub fn new(limits: Limits, inbound: InboundSender) -> MemoryBroker {
         MemoryBroker {
-            keys: Keys::default(),
             state: Mutex::new(State::default()),
             inbound,
             dedup_ttl: Duration::from_millis(limits.dedup_ttl_ms),
@@ -116,47 +169,51 @@ impl MemoryBroker {
 
     /// Delivers to this node if it is subscribed (called under the state lock, so publishes
     /// reach the dispatcher in the order they happened).
-    fn publish(&self, state: &State, channel: &str, payload: String) {
-        if state.subscribed.contains(channel) {
+    fn publish(&self, state: &State, topic: &Topic, payload: String) {
+        if state.subscribed.contains(topic) {
             let _ = self.inbound.send(Inbound::Message {
-                channel: Bytes::copy_from_slice(channel.as_bytes()),
+                topic: topic.clone(),
                 payload: Bytes::from(payload),
             });
         }
     }
 
-    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        self.state().subscribed.insert(channel.to_string());
+    pub async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        self.state().subscribed.insert(topic.clone());
         Ok(())
     }
 
-    /// Whether this node listens on `channel` (for tests).
+    /// Whether this node listens on `topic` (for tests).
     #[cfg(test)]
-    pub fn is_subscribed(&self, channel: &str) -> bool {
-        self.state().subscribed.contains(channel)
+    pub fn is_subscribed(&self, topic: &Topic) -> bool {
+        self.state().subscribed.contains(topic)
     }
 
-    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    pub async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
         #[cfg(test)]
         if let Some(latency) = self.unsubscribe_latency {
             tokio::time::sleep(latency).await;
         }
-        self.state().subscribed.remove(channel);
+        self.state().subscribed.remove(topic);
         Ok(())
     }
 
-    pub async fn append_all(&self, reqs: &[AppendRequest]) -> Vec<Result<Appended, BrokerError>> {
-        let mut results = Vec::with_capacity(reqs.len());
-        for req in reqs {
-            results.push(self.append(req).await);
+    pub async fn append_all(&self, posts: &[Post]) -> Vec<Result<Appended, BrokerError>> {
+        let mut results = Vec::with_capacity(posts.len());
+        for post in posts {
+            results.push(self.append(post).await);
         }
         results
     }
 
-    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
+    pub async fn append(&self, post: &Post) -> Result<Appended, BrokerError> {
         let mut state = self.state();
         let now = Instant::now();
-        if let Some(key) = &req.dedup_key {
+        let dedup_key = post
+            .dedup_id
+            .as_ref()
+            .map(|id| (post.topic.clone(), post.sender.clone(), id.clone()));
+        if let Some(key) = &dedup_key {
             if let Some((id, expires)) = state.dedup.get(key) {
                 if *expires > now {
                     return Ok(Appended {
@@ -166,16 +223,16 @@ impl MemoryBroker {
                 }
             }
         }
-        if let Some(key) = &req.require_key {
-            if state.touched.get(key).is_none_or(|expires| *expires <= now) {
+        if let (Topic::User(user), true) = (&post.topic, post.recipient_must_exist) {
+            if state.seen.get(user).is_none_or(|expires| *expires <= now) {
                 return Err(BrokerError::UnknownRecipient);
             }
         }
-        let max_len = req.max_len.clamp(1, usize::MAX as u64) as usize;
-        if req.refuse_when_full
+        let max_len = post.max_len.clamp(1, usize::MAX as u64) as usize;
+        if post.when_full == WhenFull::Refuse
             && state
                 .streams
-                .get(&req.stream_key)
+                .get(&post.topic)
                 .is_some_and(|s| s.entries.len() >= max_len && s.expires.is_none_or(|e| e > now))
         {
             return Err(BrokerError::Full);
@@ -184,14 +241,13 @@ impl MemoryBroker {
         if state.appends_since_sweep >= SWEEP_EVERY {
             state.sweep(now);
         }
-        let mut rest = req.body.clone();
-        if let Some(room) = &req.count_room {
-            let num = state.rooms.get(room).map_or(0, |r| r.users.len());
-            rest.push_str(&num.to_string());
-            rest.push_str(&req.tail);
-        }
+        let num = match &post.topic {
+            Topic::Room(room) => state.rooms.get(room).map_or(0, |r| r.users.len() as u64),
+            Topic::User(_) => 0,
+        };
+        let rest = post.stored(num);
         let history_ttl = self.history_ttl;
-        let stream = state.streams.entry(req.stream_key.clone()).or_default();
+        let stream = state.streams.entry(post.topic.clone()).or_default();
         if stream.expires.is_some_and(|expires| expires <= now) {
             *stream = Stream::default(); // expired: gone, as in Redis
         }
@@ -209,21 +265,17 @@ impl MemoryBroker {
                 stream.max_deleted = trimmed;
             }
         }
-        if let Some(key) = &req.dedup_key {
+        if let Some(key) = dedup_key {
             if state.dedup.len() > 100_000 {
                 state.dedup.retain(|_, (_, expires)| *expires > now);
             }
-            state.dedup.insert(key.clone(), (id, now + self.dedup_ttl));
+            state.dedup.insert(key, (id, now + self.dedup_ttl));
         }
-        let payload = format!(
-            "{}{id}{}{}{id}{rest}",
-            req.header_before, req.header_after, req.frame_head
-        );
-        self.publish(&state, &req.channel, payload);
+        self.publish(&state, &post.topic, post.payload(id, &rest));
         Ok(Appended { id, created: true })
     }
 
-    /// Counts an announcement in `room`; false beyond the per-second cap (as announce.lua).
+    /// Counts an announcement in `room`; false beyond the per-second cap (as the scripts).
     fn may_announce(&self, room: &mut Room, now: Instant) -> bool {
         let (count, since) = &mut room.announces;
         if since.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
@@ -234,44 +286,41 @@ impl MemoryBroker {
         *count <= self.announces_per_sec
     }
 
+    /// Publishes a login/logout in `room_key`: `room` is (roomId JSON, room name).
+    fn announce(&self, state: &State, room_key: &str, room: (&str, &str), frame: Announced) {
+        let (event, user_fragment, header, num) = frame;
+        let name_json = json_string(room.1);
+        let frame = event.render(user_fragment, room.0, &name_json, num);
+        let topic = Topic::Room(room_key.to_string());
+        self.publish(state, &topic, format!("{header}{frame}"));
+    }
+
     pub async fn join(
         &self,
         entry: &PresenceEntry,
-        channel: &str,
         announce_header: &str,
-        _expires_at_ms: u64,
+        expires_at_ms: u64,
     ) -> Result<JoinOutcome, BrokerError> {
         let mut state = self.state();
         let room = state.rooms.entry(entry.room_key.clone()).or_default();
-        if room.conns.is_empty() {
-            room.fragment = entry.room_fragment();
-            room.name = entry.room_name.clone();
-        }
+        let first = room.add(entry, expires_at_ms);
         let room_name = room.name.clone();
-        let room_fragment = format!(
-            r#""roomId":{},"roomName":{}"#,
-            entry.room_json,
-            crate::protocol::json_string(&room_name)
-        );
-        let added = room
-            .conns
-            .insert(
-                entry.conn_key.clone(),
-                (entry.user_id.clone(), entry.user_fragment.clone()),
-            )
-            .is_none();
-        let mut first = false;
-        if added {
-            let count = room.users.entry(entry.user_id.clone()).or_insert(0);
-            *count += 1;
-            first = *count == 1;
-        }
         let num = room.users.len() as u64;
         let announced =
             first && num <= self.announce_max && self.may_announce(room, Instant::now());
         if announced {
-            let frame = crate::protocol::login_frame(&entry.user_fragment, &room_fragment, num);
-            self.publish(&state, channel, format!("{announce_header}{frame}"));
+            let room = (entry.room_json.as_str(), room_name.as_str());
+            self.announce(
+                &state,
+                &entry.room_key,
+                room,
+                (
+                    Announcement::Login,
+                    &entry.user_fragment,
+                    announce_header,
+                    num,
+                ),
+            );
         }
         Ok(JoinOutcome {
             first,
@@ -284,7 +333,6 @@ impl MemoryBroker {
     pub async fn leave(
         &self,
         entry: &PresenceEntry,
-        channel: &str,
         announce_header: &str,
     ) -> Result<LeaveOutcome, BrokerError> {
         let mut state = self.state();
@@ -294,46 +342,112 @@ impl MemoryBroker {
                 num: 0,
             });
         };
-        let Some((user, fragment)) = room.conns.remove(&entry.conn_key) else {
+        let Some((conn, last)) = room.remove(&entry.conn_key) else {
             return Ok(LeaveOutcome {
                 last: false,
                 num: room.users.len() as u64,
             });
         };
-        let mut last = false;
-        if let Some(count) = room.users.get_mut(&user) {
-            *count -= 1;
-            if *count == 0 {
-                room.users.remove(&user);
-                last = true;
-            }
-        }
         let num = room.users.len() as u64;
-        // Announced if the room was within the limit before this user left (as in leave.lua).
+        // Announced if the room was within the limit before this user left (as leave.lua).
         let announce = last && num < self.announce_max && self.may_announce(room, Instant::now());
         if room.conns.is_empty() {
             state.rooms.remove(&entry.room_key);
         }
         if announce {
-            let frame = logout_frame(&fragment, &entry.room_fragment(), num);
-            self.publish(&state, channel, format!("{announce_header}{frame}"));
+            let room = (entry.room_json.as_str(), entry.room_name.as_str());
+            self.announce(
+                &state,
+                &entry.room_key,
+                room,
+                (Announcement::Logout, &conn.fragment, announce_header, num),
+            );
         }
         Ok(LeaveOutcome { last, num })
     }
 
-    /// One process holds every entry, and it is alive: nothing expires.
-    pub async fn refresh(&self, _: &[PresenceEntry], _: u64, _: &str) -> Result<u64, BrokerError> {
-        Ok(0)
+    /// Pushes the entries' expiry forward, re-creating those that are gone (as refresh.lua).
+    pub async fn refresh(
+        &self,
+        entries: &[PresenceEntry],
+        expires_at_ms: u64,
+        announce_header: &str,
+    ) -> Result<u64, BrokerError> {
+        let mut state = self.state();
+        let mut restored = 0;
+        for entry in entries {
+            let room = state.rooms.entry(entry.room_key.clone()).or_default();
+            if let Some(conn) = room.conns.get_mut(&entry.conn_key) {
+                conn.expires_at_ms = expires_at_ms;
+                continue;
+            }
+            restored += 1;
+            let first = room.add(entry, expires_at_ms);
+            let num = room.users.len() as u64;
+            if first && num <= self.announce_max && self.may_announce(room, Instant::now()) {
+                let (room_json, name) = (room.room_json.clone(), room.name.clone());
+                self.announce(
+                    &state,
+                    &entry.room_key,
+                    (&room_json, &name),
+                    (
+                        Announcement::Login,
+                        &entry.user_fragment,
+                        announce_header,
+                        num,
+                    ),
+                );
+            }
+        }
+        Ok(restored)
     }
 
-    pub async fn prune(&self, _: u64, _: &str) -> Result<u64, BrokerError> {
-        Ok(0)
+    /// Removes the entries whose expiry passed and announces each departed user's logout
+    /// once (as prune.lua).
+    pub async fn prune(&self, now_ms: u64, announce_header: &str) -> Result<u64, BrokerError> {
+        let mut state = self.state();
+        let mut removed = 0;
+        let mut departures = Vec::new();
+        let room_keys: Vec<String> = state.rooms.keys().cloned().collect();
+        for room_key in room_keys {
+            let Some(room) = state.rooms.get_mut(&room_key) else {
+                continue;
+            };
+            let expired: Vec<String> = room
+                .conns
+                .iter()
+                .filter(|(_, c)| c.expires_at_ms <= now_ms)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for conn_key in expired {
+                let Some((conn, last)) = room.remove(&conn_key) else {
+                    continue;
+                };
+                removed += 1;
+                let num = room.users.len() as u64;
+                if last && num < self.announce_max && self.may_announce(room, Instant::now()) {
+                    let room_info = (room.room_json.clone(), room.name.clone());
+                    departures.push((room_key.clone(), conn.fragment, room_info, num));
+                }
+            }
+            if room.conns.is_empty() {
+                state.rooms.remove(&room_key);
+            }
+        }
+        for (room_key, fragment, (room_json, name), num) in departures {
+            self.announce(
+                &state,
+                &room_key,
+                (&room_json, &name),
+                (Announcement::Logout, &fragment, announce_header, num),
+            );
+        }
+        Ok(removed)
     }
 
     pub async fn range(
         &self,
-        stream_key: &str,
-        frame_head: &str,
+        topic: &Topic,
         after: StreamId,
         limit: usize,
     ) -> Result<Page, BrokerError> {
@@ -341,18 +455,19 @@ impl MemoryBroker {
         let now = Instant::now();
         let Some(stream) = state
             .streams
-            .get(stream_key)
+            .get(topic)
             .filter(|s| s.expires.is_none_or(|e| e > now))
         else {
             return Ok(Page::default());
         };
+        let head = topic.frame_head();
         let start = stream.entries.partition_point(|(id, _)| *id <= after);
         let entries = stream
             .entries
             .iter()
             .skip(start)
             .take(limit)
-            .map(|(id, rest)| (*id, format!("{frame_head}{id}{rest}")))
+            .map(|(id, rest)| (*id, format!("{head}{id}{rest}")))
             .collect();
         Ok(Page {
             entries,
@@ -360,47 +475,51 @@ impl MemoryBroker {
         })
     }
 
-    pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
+    pub async fn newest_id(&self, topic: &Topic) -> Result<Option<StreamId>, BrokerError> {
         Ok(self
             .state()
             .streams
-            .get(stream_key)
+            .get(topic)
             .filter(|s| s.expires.is_none_or(|e| e > Instant::now()))
             .and_then(|s| s.entries.back())
             .map(|(id, _)| *id))
     }
 
-    pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
+    pub async fn save_positions(&self, positions: &[Position]) -> Result<(), BrokerError> {
         let mut state = self.state();
         let expires = Instant::now() + self.history_ttl;
-        for (key, field, id) in acks {
+        for p in positions {
             state
-                .acks
-                .insert((key.clone(), field.clone()), (*id, expires));
+                .positions
+                .insert((p.user.clone(), p.topic.clone()), (p.id, expires));
         }
         Ok(())
     }
 
-    pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
+    pub async fn load_position(
+        &self,
+        user: &str,
+        topic: &Topic,
+    ) -> Result<Option<StreamId>, BrokerError> {
         let now = Instant::now();
         Ok(self
             .state()
-            .acks
-            .get(&(key.to_string(), field.to_string()))
+            .positions
+            .get(&(user.to_string(), topic.clone()))
             .filter(|(_, expires)| *expires > now)
             .map(|(id, _)| *id))
     }
 
-    pub async fn touch(&self, key: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+    pub async fn mark_seen(&self, user: &str, ttl_ms: u64) -> Result<(), BrokerError> {
         let expires = Instant::now() + Duration::from_millis(ttl_ms);
-        self.state().touched.insert(key.to_string(), expires);
+        self.state().seen.insert(user.to_string(), expires);
         Ok(())
     }
 
-    pub async fn trim_read(&self, streams: &[(String, StreamId)]) -> Result<(), BrokerError> {
+    pub async fn trim_inboxes(&self, read: &[(String, StreamId)]) -> Result<(), BrokerError> {
         let mut state = self.state();
-        for (key, id) in streams {
-            if let Some(stream) = state.streams.get_mut(key) {
+        for (user, id) in read {
+            if let Some(stream) = state.streams.get_mut(&Topic::User(user.clone())) {
                 while stream.entries.front().is_some_and(|(first, _)| first <= id) {
                     stream.entries.pop_front();
                 }
@@ -416,7 +535,7 @@ impl MemoryBroker {
             .iter()
             .map(|(key, room)| RoomSummary {
                 room_key: key.clone(),
-                room_fragment: room.fragment.clone(),
+                room_fragment: room.fragment(),
                 num: room.users.len() as u64,
             })
             .collect();
@@ -439,6 +558,10 @@ impl MemoryBroker {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<MemberPage, BrokerError> {
+        // Our cursors are the last user id listed.
+        if cursor.is_some_and(|after| crate::protocol::check_name(after).is_err()) {
+            return Err(BrokerError::BadCursor);
+        }
         let state = self.state();
         let Some(room) = state.rooms.get(room_key) else {
             return Ok(MemberPage::default());
@@ -446,7 +569,7 @@ impl MemoryBroker {
         let fragments: HashMap<&str, &str> = room
             .conns
             .values()
-            .map(|(user, fragment)| (user.as_str(), fragment.as_str()))
+            .map(|c| (c.user.as_str(), c.fragment.as_str()))
             .collect();
         let start = match cursor {
             Some(after) => std::ops::Bound::Excluded(after.to_string()),
@@ -474,9 +597,9 @@ impl MemoryBroker {
         })
     }
 
-    pub async fn publish_control(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+    pub async fn publish_control(&self, topic: &Topic, payload: &str) -> Result<(), BrokerError> {
         let state = self.state();
-        self.publish(&state, channel, payload.to_string());
+        self.publish(&state, topic, payload.to_string());
         Ok(())
     }
 }

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 pub use envelope::{Envelope, EnvelopeHeader, Kind};
-pub use keys::Keys;
 
 use crate::protocol::StreamId;
 
@@ -37,6 +36,9 @@ pub enum BrokerError {
     /// The append required a key that does not exist (a DM to a user never seen).
     #[error("the recipient is unknown")]
     UnknownRecipient,
+    /// A paging cursor this broker never handed out.
+    #[error("not a cursor of this listing")]
+    BadCursor,
 }
 
 /// Limits both broker implementations apply.
@@ -54,11 +56,41 @@ pub struct Limits {
     pub announces_per_sec: u64,
 }
 
+/// What the broker keeps messages for and publishes on: a room, or one user (its inbox of
+/// direct messages, and the control commands for its connections). The broker alone decides
+/// how a topic maps onto keys and channels.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// A room, by its key (`RoomId::key`).
+    Room(String),
+    /// A user, by its id.
+    User(String),
+}
+
+impl std::fmt::Display for Topic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Topic::Room(room) => write!(f, "room {room:?}"),
+            Topic::User(user) => write!(f, "user {user:?}"),
+        }
+    }
+}
+
+impl Topic {
+    /// The client frame's head up to the id of a message kept under this topic.
+    pub fn frame_head(&self) -> &'static str {
+        match self {
+            Topic::Room(_) => crate::protocol::MESSAGE_HEAD,
+            Topic::User(_) => crate::protocol::DM_HEAD,
+        }
+    }
+}
+
 /// What the broker hands the hub's dispatcher, in order.
 #[derive(Debug, Clone)]
 pub enum Inbound {
-    /// A message received on a subscribed channel.
-    Message { channel: Bytes, payload: Bytes },
+    /// A message published on a topic this node subscribed to.
+    Message { topic: Topic, payload: Bytes },
     /// The subscriptions were re-established after the connection was lost: whatever was
     /// published meanwhile was not received (the hub reads it back from the streams).
     Resubscribed,
@@ -67,68 +99,69 @@ pub enum Inbound {
 /// Where the broker delivers subscribed messages (drained by the hub's dispatcher).
 pub type InboundSender = mpsc::UnboundedSender<Inbound>;
 
-/// Append a message to a stream (a room's history or a user's inbox) and publish it.
-#[derive(Debug, Clone)]
-pub struct AppendRequest {
-    pub stream_key: String,
-    pub channel: String,
-    /// Key remembering a clientMsgId; `None` when the client gave none.
-    pub dedup_key: Option<String>,
-    /// The room whose online count becomes the frame's `num`; `None` for inboxes.
-    pub count_room: Option<String>,
-    /// Envelope header text around the id the broker assigns: `BEFORE id AFTER`.
-    pub header_before: String,
-    pub header_after: String,
-    /// Frame head up to the id (`{"event":"message","id":"`).
-    pub frame_head: &'static str,
-    /// The frame after the id; with `count_room`, the count and `tail` follow it.
-    pub body: String,
-    pub tail: String,
-    /// Entries the stream keeps.
-    pub max_len: u64,
-    /// When the stream holds `max_len` entries: refuse (`BrokerError::Full`) instead of
-    /// trimming the oldest.
-    pub refuse_when_full: bool,
-    /// A key that must exist for the append to happen (`BrokerError::UnknownRecipient`).
-    pub require_key: Option<String>,
+/// What to do when a stream already holds as many messages as it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Drop the oldest (room history).
+    Trim,
+    /// Refuse the new one with `BrokerError::Full` (inboxes: confirmed DMs are never evicted).
+    Refuse,
 }
 
-impl AppendRequest {
-    /// A chat message into a room's history (trimmed to `max_len`), published on its channel
-    /// with the room's count as `num`. `dedup_id`: the sender's clientMsgId (or an API
-    /// idempotency key), remembered per room and sender.
+/// A message to keep under a topic and publish to its subscribers. Made by `room_message`
+/// or `direct_message`; the backends render it with `Post::payload` / `Post::stored`.
+#[derive(Debug, Clone)]
+pub struct Post {
+    pub topic: Topic,
+    /// The sender's user id: a dedup id is remembered per topic and sender.
+    pub sender: String,
+    /// The sender's clientMsgId (or an API idempotency key); `None` when it gave none.
+    pub dedup_id: Option<String>,
+    /// Messages the topic's stream keeps.
+    pub max_len: u64,
+    pub when_full: WhenFull,
+    /// Only for a user who logged in (with proof) within the history TTL
+    /// (`BrokerError::UnknownRecipient`).
+    pub recipient_must_exist: bool,
+    /// Envelope header text around the id the broker assigns: `BEFORE id AFTER`.
+    header_before: String,
+    header_after: String,
+    /// The frame after the id; rooms' frames carry the room's count and `tail` after it.
+    body: String,
+    tail: String,
+}
+
+impl Post {
+    /// A chat message into a room's history (trimmed to `max_len`), published with the room's
+    /// count as `num`.
     pub fn room_message(
-        keys: &Keys,
         room_key: &str,
         sender: &str,
         dedup_id: Option<&str>,
         header: &EnvelopeHeader,
         template: crate::protocol::MessageTemplate,
         max_len: u64,
-    ) -> AppendRequest {
+    ) -> Post {
         let (header_before, header_after) = header.split_at_id();
-        AppendRequest {
-            stream_key: keys.room_stream(room_key),
-            channel: keys.room_channel(room_key),
-            dedup_key: dedup_id.map(|id| keys.room_dedup(room_key, sender, id)),
-            count_room: Some(room_key.to_string()),
+        Post {
+            topic: Topic::Room(room_key.to_string()),
+            sender: sender.to_string(),
+            dedup_id: dedup_id.map(str::to_string),
+            max_len,
+            when_full: WhenFull::Trim,
+            recipient_must_exist: false,
             header_before,
             header_after,
-            frame_head: crate::protocol::MESSAGE_HEAD,
             body: template.body,
             tail: template.tail,
-            max_len,
-            refuse_when_full: false,
-            require_key: None,
         }
     }
 
-    /// A direct message into `to`'s inbox, published on its user channel. A full inbox
-    /// refuses rather than evicting confirmed DMs; `require_seen`: only for a user who logged
-    /// in (with proof) within the history TTL.
+    /// A direct message into `to`'s inbox. `body`: the frame after the id
+    /// (`protocol::dm_rest`). A full inbox refuses rather than evicting confirmed DMs;
+    /// `require_seen`: only for a user who logged in (with proof) within the history TTL.
     #[allow(clippy::too_many_arguments)]
     pub fn direct_message(
-        keys: &Keys,
         to: &str,
         sender: &str,
         dedup_id: Option<&str>,
@@ -136,22 +169,53 @@ impl AppendRequest {
         body: String,
         max_len: u64,
         require_seen: bool,
-    ) -> AppendRequest {
+    ) -> Post {
         let (header_before, header_after) = header.split_at_id();
-        AppendRequest {
-            stream_key: keys.inbox_stream(to),
-            channel: keys.user_channel(to),
-            dedup_key: dedup_id.map(|id| keys.inbox_dedup(to, sender, id)),
-            count_room: None,
+        Post {
+            topic: Topic::User(to.to_string()),
+            sender: sender.to_string(),
+            dedup_id: dedup_id.map(str::to_string),
+            max_len,
+            when_full: WhenFull::Refuse,
+            recipient_must_exist: require_seen,
             header_before,
             header_after,
-            frame_head: crate::protocol::DM_HEAD,
             body,
             tail: String::new(),
-            max_len,
-            refuse_when_full: true,
-            require_key: require_seen.then(|| keys.user_seen(to)),
         }
+    }
+
+    /// Bytes of client text this post holds (what a sender's pending posts are bounded by).
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    /// Whether the stored frame ends with the room's count (then `tail`).
+    fn counted(&self) -> bool {
+        matches!(self.topic, Topic::Room(_))
+    }
+
+    /// What the stream keeps after the id: the frame's rest, with `num` for a room.
+    fn stored(&self, num: u64) -> String {
+        if self.counted() {
+            format!("{}{num}{}", self.body, self.tail)
+        } else {
+            self.body.clone()
+        }
+    }
+
+    /// The envelope published for the stored entry `id` with rest `stored`.
+    fn payload(&self, id: StreamId, stored: &str) -> String {
+        format!(
+            "{}{id}{}{}{id}{stored}",
+            self.header_before,
+            self.header_after,
+            self.topic.frame_head()
+        )
     }
 }
 
@@ -188,22 +252,6 @@ impl PresenceEntry {
             crate::protocol::json_string(&self.room_name)
         )
     }
-
-    /// The rooms-hash record: `<roomId JSON>\n<roomName JSON>` (JSON text never holds a raw
-    /// newline, so the first one separates the two).
-    pub fn room_record(&self) -> String {
-        format!(
-            "{}\n{}",
-            self.room_json,
-            crate::protocol::json_string(&self.room_name)
-        )
-    }
-}
-
-/// Splits a rooms-hash record into the room fragment `"roomId":…,"roomName":…`.
-pub fn room_record_fragment(record: &str) -> Option<String> {
-    let (room_json, name_json) = record.split_once('\n')?;
-    Some(format!(r#""roomId":{room_json},"roomName":{name_json}"#))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +298,14 @@ pub struct MemberPage {
     pub next_cursor: Option<String>,
 }
 
+/// A user's acknowledged position in a topic's stream (a room's history, or its own inbox).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub user: String,
+    pub topic: Topic,
+    pub id: StreamId,
+}
+
 /// The broker in use.
 #[derive(Clone)]
 pub enum Broker {
@@ -267,10 +323,11 @@ macro_rules! dispatch {
 }
 
 impl Broker {
-    pub fn keys(&self) -> &Keys {
+    /// The backend's name, for logs and metrics.
+    pub fn backend(&self) -> &'static str {
         match self {
-            Broker::Memory(b) => &b.keys,
-            Broker::Redis(b) => &b.keys,
+            Broker::Memory(_) => "embedded",
+            Broker::Redis(_) => "redis",
         }
     }
 
@@ -282,48 +339,47 @@ impl Broker {
         }
     }
 
-    pub fn is_embedded(&self) -> bool {
-        matches!(self, Broker::Memory(_))
+    /// Subscribes this node to `topic`; returns once messages on it will be received.
+    pub async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        dispatch!(self.subscribe(topic))
     }
 
-    /// Subscribes this node to `channel`; returns once messages on it will be received.
-    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        dispatch!(self.subscribe(channel))
+    pub async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        dispatch!(self.unsubscribe(topic))
     }
 
-    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
-        dispatch!(self.unsubscribe(channel))
-    }
-
-    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
-        dispatch!(self.append(req))
+    /// Keeps `post` under its topic (with a new id, or the original's for a repeated dedup
+    /// id) and publishes it, in one step.
+    pub async fn append(&self, post: &Post) -> Result<Appended, BrokerError> {
+        dispatch!(self.append(post))
     }
 
     /// Appends in one round trip, stored in the order given (a connection's chat messages):
     /// each is stored or refused on its own, and none is retried behind a later one.
-    pub async fn append_all(&self, reqs: &[AppendRequest]) -> Vec<Result<Appended, BrokerError>> {
-        dispatch!(self.append_all(reqs))
+    pub async fn append_all(&self, posts: &[Post]) -> Vec<Result<Appended, BrokerError>> {
+        dispatch!(self.append_all(posts))
     }
 
     /// Records the entry and, if it is the user's first connection in the room (and the room
-    /// is no bigger than the announce limit), publishes `announce_header` + the login frame.
+    /// is no bigger than the announce limit), publishes `announce_header` + the login frame
+    /// on the room.
     pub async fn join(
         &self,
         entry: &PresenceEntry,
-        channel: &str,
         announce_header: &str,
         expires_at_ms: u64,
     ) -> Result<JoinOutcome, BrokerError> {
-        dispatch!(self.join(entry, channel, announce_header, expires_at_ms))
+        dispatch!(self.join(entry, announce_header, expires_at_ms))
     }
 
+    /// Removes the entry and, if it was the user's last connection in the room, publishes
+    /// the logout on the room.
     pub async fn leave(
         &self,
         entry: &PresenceEntry,
-        channel: &str,
         announce_header: &str,
     ) -> Result<LeaveOutcome, BrokerError> {
-        dispatch!(self.leave(entry, channel, announce_header))
+        dispatch!(self.leave(entry, announce_header))
     }
 
     /// Pushes the expiry of live entries forward, re-creating any that vanished (a flushed or
@@ -339,47 +395,57 @@ impl Broker {
     }
 
     /// Removes entries whose expiry passed (their node died) and announces each departed
-    /// user's logout once. Returns how many entries were removed.
+    /// user's logout once, whichever node prunes. Returns how many entries were removed.
     pub async fn prune(&self, now_ms: u64, announce_header: &str) -> Result<u64, BrokerError> {
         dispatch!(self.prune(now_ms, announce_header))
     }
 
-    /// Up to `limit` entries after `after` (exclusive) of a stream.
+    /// Up to `limit` messages of a topic after `after` (exclusive), as client frames.
     pub async fn range(
         &self,
-        stream_key: &str,
-        frame_head: &str,
+        topic: &Topic,
         after: StreamId,
         limit: usize,
     ) -> Result<Page, BrokerError> {
-        dispatch!(self.range(stream_key, frame_head, after, limit))
+        if after == StreamId::MAX {
+            return Ok(Page::default()); // nothing can follow the largest id
+        }
+        dispatch!(self.range(topic, after, limit))
     }
 
-    /// The id of the newest entry of a stream (`None` when it is empty or absent).
-    pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
-        dispatch!(self.newest_id(stream_key))
+    /// The id of a topic's newest message (`None` when it has none).
+    pub async fn newest_id(&self, topic: &Topic) -> Result<Option<StreamId>, BrokerError> {
+        dispatch!(self.newest_id(topic))
     }
 
-    /// Marks `key` as existing for `ttl_ms` (a user seen at a login).
-    pub async fn touch(&self, key: &str, ttl_ms: u64) -> Result<(), BrokerError> {
-        dispatch!(self.touch(key, ttl_ms))
+    /// Marks `user` as seen for `ttl_ms` (a proven login): direct messages that require a
+    /// known recipient are accepted for it until then.
+    pub async fn mark_seen(&self, user: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+        dispatch!(self.mark_seen(user, ttl_ms))
     }
 
-    /// Removes the entries up to and including each id from each stream (inboxes read and
-    /// acknowledged by their owner).
-    pub async fn trim_read(&self, streams: &[(String, StreamId)]) -> Result<(), BrokerError> {
-        dispatch!(self.trim_read(streams))
+    /// Removes each user's inbox messages up to and including the id (read and acknowledged
+    /// by their owner).
+    pub async fn trim_inboxes(&self, read: &[(String, StreamId)]) -> Result<(), BrokerError> {
+        dispatch!(self.trim_inboxes(read))
     }
 
-    /// Stores acknowledged positions: `(acks key, field, id)`.
-    pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
-        dispatch!(self.save_acks(acks))
+    /// Stores acknowledged positions (they expire with the history).
+    pub async fn save_positions(&self, positions: &[Position]) -> Result<(), BrokerError> {
+        dispatch!(self.save_positions(positions))
     }
 
-    pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
-        dispatch!(self.load_ack(key, field))
+    /// A user's stored position in a topic: `None` when none is stored, an error when the
+    /// broker could not tell.
+    pub async fn load_position(
+        &self,
+        user: &str,
+        topic: &Topic,
+    ) -> Result<Option<StreamId>, BrokerError> {
+        dispatch!(self.load_position(user, topic))
     }
 
+    /// Up to `limit` rooms with someone present, the most populated first (ties by room key).
     pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
         dispatch!(self.rooms(limit))
     }
@@ -388,6 +454,9 @@ impl Broker {
         dispatch!(self.room_count(room_key))
     }
 
+    /// A page of a room's users. `cursor`: a previous page's `next_cursor`; anything else is
+    /// `BrokerError::BadCursor`. Every user present throughout a listing is on at least one
+    /// of its pages, each user at most once per page.
     pub async fn members(
         &self,
         room_key: &str,
@@ -397,10 +466,10 @@ impl Broker {
         dispatch!(self.members(room_key, cursor, limit))
     }
 
-    /// Publishes `payload` (an envelope) on `channel` without storing anything: control
+    /// Publishes `payload` (an envelope) on a topic without storing anything: control
     /// messages such as the server API's disconnect.
-    pub async fn publish(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
-        dispatch!(self.publish_control(channel, payload))
+    pub async fn publish(&self, topic: &Topic, payload: &str) -> Result<(), BrokerError> {
+        dispatch!(self.publish_control(topic, payload))
     }
 }
 

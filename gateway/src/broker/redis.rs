@@ -2,7 +2,7 @@
 //! connection; pub/sub over a dedicated connection that a supervisor task keeps alive,
 //! re-subscribing every channel this node needs after Redis comes back.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,13 +13,16 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{RedisError, Script, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::keys::{decode_part, encode_part, parse_presence_record, presence_record};
+use super::keys::{
+    decode_part, encode_part, parse_presence_record, position_field, presence_record, room_record,
+    room_record_fragment, Keys,
+};
 use super::{
-    room_record_fragment, AppendRequest, Appended, BrokerError, Inbound, InboundSender,
-    JoinOutcome, Keys, LeaveOutcome, Limits, MemberPage, Page, PresenceEntry, RoomSummary,
+    Appended, BrokerError, Inbound, InboundSender, JoinOutcome, LeaveOutcome, Limits, MemberPage,
+    Page, Position, Post, PresenceEntry, RoomSummary, Topic, WhenFull,
 };
 use crate::metrics::Metrics;
-use crate::protocol::StreamId;
+use crate::protocol::{json_string, Announcement, StreamId};
 
 /// Entries per refresh script call (one pipelined batch holds all calls of a round).
 const REFRESH_BATCH: usize = 500;
@@ -28,6 +31,8 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// How often, and how patiently, Redis is PINGed for `/readyz`.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Rooms `rooms` reads at most (an admin listing of the most populated rooms).
+const ROOMS_SCANNED: usize = 10_000;
 /// Expired entries removed per prune call.
 const PRUNE_BATCH: usize = 1000;
 
@@ -59,7 +64,7 @@ struct Subscriptions {
 }
 
 pub struct RedisBroker {
-    pub keys: Keys,
+    keys: Keys,
     client: redis::Client,
     commands: ConnectionManager,
     /// History reads (replays, gap repair) on a connection of their own: their replies can
@@ -220,8 +225,15 @@ impl RedisBroker {
                             msg = stream.next() => msg,
                         };
                         let Some(msg) = msg else { break };
+                        let Some(topic) = self.keys.topic_of_channel(msg.get_channel_name()) else {
+                            tracing::warn!(
+                                channel = msg.get_channel_name(),
+                                "message on a channel this node never subscribed to"
+                            );
+                            continue;
+                        };
                         let inbound_msg = Inbound::Message {
-                            channel: Bytes::copy_from_slice(msg.get_channel_name().as_bytes()),
+                            topic,
                             payload: Bytes::copy_from_slice(msg.get_payload_bytes()),
                         };
                         if inbound.send(inbound_msg).is_err() {
@@ -247,7 +259,9 @@ impl RedisBroker {
         }
     }
 
-    pub async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    pub async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        let channel = self.keys.channel(topic);
+        let channel = channel.as_str();
         let mut sink = {
             let mut subs = self.subscriptions.lock().expect("subscriptions lock");
             subs.wanted.insert(channel.to_string());
@@ -290,7 +304,9 @@ impl RedisBroker {
         result
     }
 
-    pub async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+    pub async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
+        let channel = self.keys.channel(topic);
+        let channel = channel.as_str();
         let sink = {
             let mut subs = self.subscriptions.lock().expect("subscriptions lock");
             subs.wanted.remove(channel);
@@ -321,36 +337,44 @@ impl RedisBroker {
         })
     }
 
-    /// The append script's call for `req`: EVALSHA by hand rather than `invoke_async`, which
+    /// The append script's call for `post`: EVALSHA by hand rather than `invoke_async`, which
     /// answers a NOSCRIPT (Redis restarted empty, or its script cache flushed) by loading the
     /// script and calling again — by then a later append of the same connection may have run
     /// before this one.
-    fn append_call(&self, req: &AppendRequest) -> redis::Cmd {
+    fn append_call(&self, post: &Post) -> redis::Cmd {
+        let stream = self.keys.stream(&post.topic);
+        let marker = trim_marker(&stream);
+        let (count_key, seen_key) = match &post.topic {
+            Topic::Room(room) => (self.keys.room_users(room), String::new()),
+            Topic::User(user) if post.recipient_must_exist => {
+                (String::new(), self.keys.user_seen(user))
+            }
+            Topic::User(_) => (String::new(), String::new()),
+        };
+        let dedup = post
+            .dedup_id
+            .as_deref()
+            .map(|id| self.keys.dedup(&post.topic, &post.sender, id))
+            .unwrap_or_default();
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.scripts.append.get_hash())
             .arg(5)
-            .arg(&req.stream_key)
-            .arg(req.dedup_key.as_deref().unwrap_or(""))
-            .arg(
-                req.count_room
-                    .as_deref()
-                    .map(|room| self.keys.room_users(room))
-                    .unwrap_or_default(),
-            )
-            .arg(trim_marker(&req.stream_key))
-            .arg(req.require_key.as_deref().unwrap_or(""))
-            .arg(req.max_len)
+            .arg(&stream)
+            .arg(dedup)
+            .arg(count_key)
+            .arg(marker)
+            .arg(seen_key)
+            .arg(post.max_len)
             .arg(self.limits.dedup_ttl_ms)
-            .arg(&req.channel)
-            .arg(&req.header_before)
-            .arg(&req.header_after)
-            .arg(req.frame_head)
-            .arg(&req.body)
-            .arg(&req.tail)
-            .arg(if req.refuse_when_full {
-                "refuse"
-            } else {
-                "trim"
+            .arg(self.keys.channel(&post.topic))
+            .arg(&post.header_before)
+            .arg(&post.header_after)
+            .arg(post.topic.frame_head())
+            .arg(&post.body)
+            .arg(&post.tail)
+            .arg(match post.when_full {
+                WhenFull::Refuse => "refuse",
+                WhenFull::Trim => "trim",
             })
             .arg(self.limits.history_ttl_ms);
         call
@@ -381,8 +405,8 @@ impl RedisBroker {
 
     /// One append; on a NOSCRIPT the script is loaded and the call made again (nothing of
     /// the caller's is in flight behind it).
-    pub async fn append(&self, req: &AppendRequest) -> Result<Appended, BrokerError> {
-        let call = self.append_call(req);
+    pub async fn append(&self, post: &Post) -> Result<Appended, BrokerError> {
+        let call = self.append_call(post);
         let mut con = self.commands.clone();
         let started = Instant::now();
         let result: Result<(String, i64), RedisError> = match call.query_async(&mut con).await {
@@ -400,7 +424,7 @@ impl RedisBroker {
     /// each is stored or refused on its own. One that meets a NOSCRIPT is refused
     /// (`Unavailable`, certainly not stored) rather than retried behind the later ones; the
     /// script is loaded again for the next call.
-    pub async fn append_all(&self, reqs: &[AppendRequest]) -> Vec<Result<Appended, BrokerError>> {
+    pub async fn append_all(&self, reqs: &[Post]) -> Vec<Result<Appended, BrokerError>> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         for req in reqs {
@@ -486,7 +510,6 @@ impl RedisBroker {
     pub async fn join(
         &self,
         entry: &PresenceEntry,
-        channel: &str,
         announce_header: &str,
         expires_at_ms: u64,
     ) -> Result<JoinOutcome, BrokerError> {
@@ -497,12 +520,13 @@ impl RedisBroker {
             .arg(&entry.user_fragment)
             .arg(expires_at_ms)
             .arg(encode_part(&entry.room_key).as_ref())
-            .arg(entry.room_record())
-            .arg(channel)
+            .arg(room_record(entry))
+            .arg(self.keys.room_channel(&entry.room_key))
             .arg(announce_header)
             .arg(self.limits.announce_max)
             .arg(&entry.room_json)
-            .arg(self.limits.announces_per_sec);
+            .arg(self.limits.announces_per_sec)
+            .arg(Announcement::Login.template());
         let mut con = self.commands.clone();
         let (first, num, announced, name_json): (i64, u64, i64, String) = self
             .timed("join", invocation.invoke_async(&mut con))
@@ -520,18 +544,19 @@ impl RedisBroker {
     pub async fn leave(
         &self,
         entry: &PresenceEntry,
-        channel: &str,
         announce_header: &str,
     ) -> Result<LeaveOutcome, BrokerError> {
         let mut invocation = self.presence_invocation(&self.scripts.leave, entry);
         invocation
             .arg(&entry.conn_key)
             .arg(encode_part(&entry.room_key).as_ref())
-            .arg(entry.room_fragment())
-            .arg(channel)
+            .arg(&entry.room_json)
+            .arg(self.keys.room_channel(&entry.room_key))
             .arg(announce_header)
             .arg(self.limits.announce_max)
-            .arg(self.limits.announces_per_sec);
+            .arg(self.limits.announces_per_sec)
+            .arg(json_string(&entry.room_name))
+            .arg(Announcement::Logout.template());
         let mut con = self.commands.clone();
         let (last, num): (i64, u64) = self
             .timed("leave", invocation.invoke_async(&mut con))
@@ -563,13 +588,14 @@ impl RedisBroker {
                 .arg(&self.keys.prefix)
                 .arg(announce_header)
                 .arg(self.limits.announce_max)
-                .arg(self.limits.announces_per_sec);
+                .arg(self.limits.announces_per_sec)
+                .arg(Announcement::Login.template());
             for e in batch {
                 cmd.arg(encode_part(&e.room_key).as_ref())
                     .arg(&e.conn_key)
                     .arg(&e.user_id)
                     .arg(presence_record(&e.user_id, &e.user_fragment))
-                    .arg(e.room_record());
+                    .arg(room_record(e));
             }
             pipe.add_command(cmd);
         }
@@ -615,21 +641,21 @@ impl RedisBroker {
             .arg(&self.keys.prefix)
             .arg(announce_header)
             .arg(self.limits.announce_max)
-            .arg(self.limits.announces_per_sec);
+            .arg(self.limits.announces_per_sec)
+            .arg(Announcement::Logout.template());
         let mut con = self.commands.clone();
         self.timed("prune", invocation.invoke_async(&mut con)).await
     }
 
     pub async fn range(
         &self,
-        stream_key: &str,
-        frame_head: &str,
+        topic: &Topic,
         after: StreamId,
         limit: usize,
     ) -> Result<Page, BrokerError> {
-        if after == StreamId::MAX {
-            return Ok(Page::default()); // nothing can follow, and `(max` is no valid start
-        }
+        let stream_key = self.keys.stream(topic);
+        let stream_key = stream_key.as_str();
+        let frame_head = topic.frame_head();
         // A pipeline, not a script: a script copies every entry into Lua and back, which keeps
         // single-threaded Redis busy for milliseconds on big pages. The marker is read first:
         // if a trim happens in between, the page says less about truncation, never more.
@@ -671,7 +697,8 @@ impl RedisBroker {
         })
     }
 
-    pub async fn newest_id(&self, stream_key: &str) -> Result<Option<StreamId>, BrokerError> {
+    pub async fn newest_id(&self, topic: &Topic) -> Result<Option<StreamId>, BrokerError> {
+        let stream_key = self.keys.stream(topic);
         let mut con = self.commands.clone();
         let newest: Vec<StreamEntry> = self
             .timed(
@@ -688,15 +715,21 @@ impl RedisBroker {
         newest.first().map(|(id, _)| parse_id(id)).transpose()
     }
 
-    pub async fn save_acks(&self, acks: &[(String, String, StreamId)]) -> Result<(), BrokerError> {
-        if acks.is_empty() {
+    pub async fn save_positions(&self, positions: &[Position]) -> Result<(), BrokerError> {
+        if positions.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (key, field, id) in acks {
-            pipe.hset(key, field, id.to_string()).ignore();
+        for position in positions {
+            let key = self.keys.acks(&position.user);
+            pipe.hset(
+                &key,
+                position_field(&position.topic),
+                position.id.to_string(),
+            )
+            .ignore();
             // Positions of users who stay away expire with their history.
-            pipe.pexpire(key, self.limits.history_ttl_ms as i64)
+            pipe.pexpire(&key, self.limits.history_ttl_ms as i64)
                 .ignore();
         }
         let mut con = self.commands.clone();
@@ -704,12 +737,12 @@ impl RedisBroker {
             .await
     }
 
-    pub async fn touch(&self, key: &str, ttl_ms: u64) -> Result<(), BrokerError> {
+    pub async fn mark_seen(&self, user: &str, ttl_ms: u64) -> Result<(), BrokerError> {
         let mut con = self.commands.clone();
         self.timed(
             "touch",
             redis::cmd("SET")
-                .arg(key)
+                .arg(self.keys.user_seen(user))
                 .arg(1)
                 .arg("PX")
                 .arg(ttl_ms)
@@ -718,15 +751,15 @@ impl RedisBroker {
         .await
     }
 
-    pub async fn trim_read(&self, streams: &[(String, StreamId)]) -> Result<(), BrokerError> {
-        if streams.is_empty() {
+    pub async fn trim_inboxes(&self, read: &[(String, StreamId)]) -> Result<(), BrokerError> {
+        if read.is_empty() {
             return Ok(());
         }
         let mut pipe = redis::pipe();
-        for (stream, id) in streams {
+        for (user, id) in read {
             // MINID removes the entries below it: everything up to and including `id`.
             pipe.cmd("XTRIM")
-                .arg(stream)
+                .arg(self.keys.inbox_stream(user))
                 .arg("MINID")
                 .arg(id.next().to_string())
                 .ignore();
@@ -736,12 +769,21 @@ impl RedisBroker {
             .await
     }
 
-    pub async fn load_ack(&self, key: &str, field: &str) -> Result<Option<StreamId>, BrokerError> {
+    pub async fn load_position(
+        &self,
+        user: &str,
+        topic: &Topic,
+    ) -> Result<Option<StreamId>, BrokerError> {
         let mut con = self.commands.clone();
+        let key = self.keys.acks(user);
+        let field = position_field(topic);
         let value: Option<String> = self
             .timed(
                 "load_ack",
-                redis::cmd("HGET").arg(key).arg(field).query_async(&mut con),
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg(&field)
+                    .query_async(&mut con),
             )
             .await?;
         // A value that is no id (written by hand, or by another program) must not lock the
@@ -759,42 +801,58 @@ impl RedisBroker {
         }))
     }
 
+    /// Reads the whole rooms hash (up to `ROOMS_SCANNED` rooms), counts each room's users and
+    /// keeps the `limit` most populated: the same listing as the embedded broker's.
     pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
         let mut con = self.commands.clone();
-        let (_, flat): (String, Vec<String>) = self
-            .timed(
-                "rooms",
-                redis::cmd("HSCAN")
-                    .arg(self.keys.rooms())
-                    .arg(0)
-                    .arg("COUNT")
-                    .arg(limit)
-                    .query_async(&mut con),
-            )
-            .await?;
-        // Fields are encoded room keys, values room records; anything else is skipped.
-        let pairs: Vec<(String, String)> = flat
-            .chunks_exact(2)
-            .filter_map(|p| Some((decode_part(&p[0])?, room_record_fragment(&p[1])?)))
-            .take(limit)
-            .collect();
-        if pairs.is_empty() {
-            return Ok(Vec::new());
+        let mut cursor = "0".to_string();
+        let mut rooms: HashMap<String, String> = HashMap::new();
+        loop {
+            let (next, flat): (String, Vec<String>) = self
+                .timed(
+                    "rooms",
+                    redis::cmd("HSCAN")
+                        .arg(self.keys.rooms())
+                        .arg(&cursor)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut con),
+                )
+                .await?;
+            // Fields are encoded room keys, values room records; anything else is skipped.
+            for pair in flat.chunks_exact(2) {
+                if let (Some(room), Some(fragment)) =
+                    (decode_part(&pair[0]), room_record_fragment(&pair[1]))
+                {
+                    rooms.insert(room, fragment);
+                }
+            }
+            if next == "0" || rooms.len() >= ROOMS_SCANNED {
+                break;
+            }
+            cursor = next;
         }
-        let mut pipe = redis::pipe();
-        for (room, _) in &pairs {
-            pipe.hlen(self.keys.room_users(room));
+        let rooms: Vec<(String, String)> = rooms.into_iter().collect();
+        let mut listed = Vec::with_capacity(rooms.len());
+        for chunk in rooms.chunks(1000) {
+            let mut pipe = redis::pipe();
+            for (room, _) in chunk {
+                pipe.hlen(self.keys.room_users(room));
+            }
+            let counts: Vec<u64> = self.timed("rooms", pipe.query_async(&mut con)).await?;
+            for ((room_key, room_fragment), num) in chunk.iter().cloned().zip(counts) {
+                if num > 0 {
+                    listed.push(RoomSummary {
+                        room_key,
+                        room_fragment,
+                        num,
+                    });
+                }
+            }
         }
-        let counts: Vec<u64> = self.timed("rooms", pipe.query_async(&mut con)).await?;
-        Ok(pairs
-            .into_iter()
-            .zip(counts)
-            .map(|((room_key, room_fragment), num)| RoomSummary {
-                room_key,
-                room_fragment,
-                num,
-            })
-            .collect())
+        listed.sort_by(|a, b| b.num.cmp(&a.num).then(a.room_key.cmp(&b.room_key)));
+        listed.truncate(limit);
+        Ok(listed)
     }
 
     pub async fn room_count(&self, room_key: &str) -> Result<u64, BrokerError> {
@@ -814,6 +872,12 @@ impl RedisBroker {
         cursor: Option<&str>,
         limit: usize,
     ) -> Result<MemberPage, BrokerError> {
+        // Our cursors are HSCAN's: decimal numbers.
+        if cursor
+            .is_some_and(|c| c.is_empty() || c.len() > 20 || !c.bytes().all(|b| b.is_ascii_digit()))
+        {
+            return Err(BrokerError::BadCursor);
+        }
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
         pipe.hlen(self.keys.room_users(room_key));
@@ -842,12 +906,12 @@ impl RedisBroker {
         })
     }
 
-    pub async fn publish_control(&self, channel: &str, payload: &str) -> Result<(), BrokerError> {
+    pub async fn publish_control(&self, topic: &Topic, payload: &str) -> Result<(), BrokerError> {
         let mut con = self.commands.clone();
         self.timed(
             "publish",
             redis::cmd("PUBLISH")
-                .arg(channel)
+                .arg(self.keys.channel(topic))
                 .arg(payload)
                 .query_async::<u64>(&mut con),
         )

@@ -11,12 +11,12 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::broker::{AppendRequest, Appended, Broker, BrokerError};
+use crate::broker::{Appended, Broker, BrokerError, Post};
 use crate::protocol::RoomId;
 
 /// A chat message read from the socket, not yet answered.
 pub(super) struct Queued {
-    pub request: AppendRequest,
+    pub request: Post,
     pub reply: ReplyTo,
 }
 
@@ -89,11 +89,10 @@ impl Appends {
         if self.in_flight.is_some() || self.waiting.is_empty() {
             return;
         }
-        let (requests, replies): (Vec<AppendRequest>, Vec<ReplyTo>) =
-            std::mem::take(&mut self.waiting)
-                .into_iter()
-                .map(|q| (q.request, q.reply))
-                .unzip();
+        let (requests, replies): (Vec<Post>, Vec<ReplyTo>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .map(|q| (q.request, q.reply))
+            .unzip();
         self.in_flight_count = requests.len();
         let broker = self.broker.clone();
         self.in_flight = Some(Box::pin(async move {

@@ -5,10 +5,17 @@
 -- ARGV[1] conn key, ARGV[2] userId, ARGV[3] user fragment, ARGV[4] expires at (ms),
 -- ARGV[5] encoded room key, ARGV[6] room record (`<roomId JSON>\n<roomName JSON>`),
 -- ARGV[7] channel, ARGV[8] envelope header, ARGV[9] largest room size whose logins are
--- announced, ARGV[10] roomId JSON as this joiner wrote it, ARGV[11] announcements per second
+-- announced, ARGV[10] roomId JSON as this joiner wrote it, ARGV[11] announcements per second,
+-- ARGV[12] the login announcement's template
 -- Records are length-prefixed (`<len(userId)>:<userId><fragment>`): no byte of a client
 -- string can be taken for a separator.
 -- Returns {first (1|0), num, announced (1|0), roomName JSON}.
+-- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
+-- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
+local function render(template, user, room_id, room_name, num)
+  local values = {['\1'] = user, ['\2'] = room_id, ['\3'] = room_name, ['\4'] = tostring(num)}
+  return (string.gsub(template, '[\1-\4]', values))
+end
 -- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
 -- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
 local function may_announce(key, cap)
@@ -30,7 +37,6 @@ local num = redis.call('HLEN', KEYS[2])
 local announced = 0
 if first == 1 and num <= tonumber(ARGV[9]) and may_announce(KEYS[5], tonumber(ARGV[11])) then
   announced = 1
-  redis.call('PUBLISH', ARGV[7], ARGV[8] .. '{"event":"login",' .. ARGV[3] .. ',"roomId":'
-    .. ARGV[10] .. ',"roomName":' .. name .. ',"num":' .. num .. '}')
+  redis.call('PUBLISH', ARGV[7], ARGV[8] .. render(ARGV[12], ARGV[3], ARGV[10], name, num))
 end
 return {first, num, announced, name}

@@ -2,10 +2,16 @@
 -- last connection there.
 -- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] expiry zset, KEYS[4] rooms hash,
 -- KEYS[5] the room's announcement counter
--- ARGV[1] conn key, ARGV[2] encoded room key, ARGV[3] room fragment, ARGV[4] channel,
+-- ARGV[1] conn key, ARGV[2] encoded room key, ARGV[3] roomId JSON, ARGV[4] channel,
 -- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced,
--- ARGV[7] announcements per second
+-- ARGV[7] announcements per second, ARGV[8] roomName JSON, ARGV[9] the logout's template
 -- Returns {last (1|0), num}.
+-- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
+-- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
+local function render(template, user, room_id, room_name, num)
+  local values = {['\1'] = user, ['\2'] = room_id, ['\3'] = room_name, ['\4'] = tostring(num)}
+  return (string.gsub(template, '[\1-\4]', values))
+end
 -- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
 -- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
 local function may_announce(key, cap)
@@ -37,7 +43,6 @@ if num == 0 then
   redis.call('HDEL', KEYS[4], ARGV[2])
 end
 if last == 1 and num + 1 <= tonumber(ARGV[6]) and may_announce(KEYS[5], tonumber(ARGV[7])) then
-  redis.call('PUBLISH', ARGV[4], ARGV[5] .. '{"event":"logout",' .. fragment .. ','
-    .. ARGV[3] .. ',"num":' .. num .. '}')
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. render(ARGV[9], fragment, ARGV[3], ARGV[8], num))
 end
 return {last, num}

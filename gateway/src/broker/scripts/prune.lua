@@ -5,8 +5,15 @@
 -- Redis only.
 -- KEYS[1] expiry zset, KEYS[2] rooms hash
 -- ARGV[1] now (ms), ARGV[2] batch limit, ARGV[3] key prefix, ARGV[4] envelope header,
--- ARGV[5] largest room size whose logouts are announced, ARGV[6] announcements per second
+-- ARGV[5] largest room size whose logouts are announced, ARGV[6] announcements per second,
+-- ARGV[7] the logout announcement's template
 -- Returns the number of entries removed.
+-- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
+-- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
+local function render(template, user, room_id, room_name, num)
+  local values = {['\1'] = user, ['\2'] = room_id, ['\3'] = room_name, ['\4'] = tostring(num)}
+  return (string.gsub(template, '[\1-\4]', values))
+end
 -- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
 -- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
 local function may_announce(key, cap)
@@ -42,9 +49,8 @@ for _, member in ipairs(expired) do
         if room_record and num + 1 <= tonumber(ARGV[5])
             and may_announce(base .. 'an', tonumber(ARGV[6])) then
           local nl = string.find(room_record, '\n', 1, true)
-          redis.call('PUBLISH', base .. 'ch', ARGV[4] .. '{"event":"logout",' .. fragment
-            .. ',"roomId":' .. string.sub(room_record, 1, nl - 1) .. ',"roomName":'
-            .. string.sub(room_record, nl + 1) .. ',"num":' .. num .. '}')
+          redis.call('PUBLISH', base .. 'ch', ARGV[4] .. render(ARGV[7], fragment,
+            string.sub(room_record, 1, nl - 1), string.sub(room_record, nl + 1), num))
         end
       end
     end
