@@ -91,7 +91,7 @@ pub struct Metrics {
     pub ready: IntGauge,
     /// Seconds since presence was last pruned successfully (set when metrics are rendered).
     pub presence_prune_lag: prometheus::Gauge,
-    /// When presence was last pruned (ms since the epoch); `u64::MAX`: nothing to prune.
+    /// When presence was last pruned (ms since the epoch).
     pub presence_last_prune_ms: std::sync::atomic::AtomicU64,
 }
 
@@ -265,8 +265,7 @@ impl Metrics {
             )),
             presence_prune_lag: register!(prometheus::Gauge::new(
                 "gateway_presence_prune_lag_seconds",
-                "Seconds since this node last pruned expired presence entries (0 with the \
-                 embedded broker, where nothing expires)"
+                "Seconds since this node last pruned expired presence entries"
             )),
             presence_last_prune_ms: std::sync::atomic::AtomicU64::new(crate::broker::now_ms()),
             registry,
@@ -293,7 +292,7 @@ impl Metrics {
         metrics
     }
 
-    /// Records a successful presence prune (`u64::MAX`: this node never needs to prune).
+    /// Records a successful presence prune.
     pub fn presence_pruned(&self, at_ms: u64) {
         self.presence_last_prune_ms
             .store(at_ms, std::sync::atomic::Ordering::Relaxed);

@@ -88,6 +88,7 @@ impl Node {
             announce_max: config.announce_max_room_size,
             history_ttl_ms: config.history_ttl_ms,
             announces_per_sec: config.max_announces_per_room_per_sec as u64,
+            presence_ttl_ms: config.presence_ttl_ms,
         };
 
         // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted;

@@ -15,6 +15,8 @@ use crate::broker::{
 };
 use crate::metrics::Metrics;
 
+/// Failed joins remembered for cleanup at most (see `Presence::orphans`).
+const MAX_ORPHANS: usize = 10_000;
 /// Prune batches one tick may run (each removes up to the broker's batch size).
 const PRUNE_ROUNDS: usize = 50;
 
@@ -23,6 +25,9 @@ pub struct Presence {
     disturbed_at: Mutex<Option<std::time::Instant>>,
     /// Live entries of this node by (connection, room key).
     entries: Mutex<HashMap<(u64, String), PresenceEntry>>,
+    /// Entries whose join failed: the broker may have stored them all the same (its answer was
+    /// lost), so they are left again, at the next refresh, until that succeeds.
+    orphans: Mutex<Vec<(u64, PresenceEntry)>>,
     broker: Broker,
     node_id: String,
     ttl: Duration,
@@ -34,6 +39,7 @@ impl Presence {
         Presence {
             disturbed_at: Mutex::new(None),
             entries: Mutex::new(HashMap::new()),
+            orphans: Mutex::new(Vec::new()),
             broker,
             node_id,
             ttl,
@@ -67,10 +73,22 @@ impl Presence {
         entry: PresenceEntry,
     ) -> Result<JoinOutcome, BrokerError> {
         let mut entry = entry;
-        let outcome = self
+        let joined = self
             .broker
             .join(&entry, &self.announce_header(), self.expires_at())
-            .await?;
+            .await;
+        let outcome = match joined {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                let mut orphans = self.orphans.lock().expect("presence lock");
+                // Bounded (logins keep failing while the broker is down): beyond it, a stored
+                // orphan is still pruned once it expires.
+                if orphans.len() < MAX_ORPHANS {
+                    orphans.push((conn_id, entry));
+                }
+                return Err(e);
+            }
+        };
         // Refreshes must re-create the room under the name in effect, not the one proposed.
         entry.room_name = outcome.room_name.clone();
         let key = (conn_id, entry.room_key.clone());
@@ -93,6 +111,7 @@ impl Presence {
 
     /// Pushes every live entry's expiry forward (re-creating vanished ones).
     pub async fn refresh(&self) -> Result<u64, BrokerError> {
+        self.leave_orphans().await;
         let entries: Vec<PresenceEntry> = self.entries().values().cloned().collect();
         let restored = self
             .broker
@@ -105,6 +124,31 @@ impl Presence {
             );
         }
         Ok(restored)
+    }
+
+    /// Leaves the entries of failed joins (see `orphans`), unless the connection is in that
+    /// room now after all (a later join of it succeeded); those that fail stay for next time.
+    async fn leave_orphans(&self) {
+        let orphans = std::mem::take(&mut *self.orphans.lock().expect("presence lock"));
+        for (conn_id, entry) in orphans {
+            if self
+                .entries()
+                .contains_key(&(conn_id, entry.room_key.clone()))
+            {
+                continue;
+            }
+            if self
+                .broker
+                .leave(&entry, &self.announce_header())
+                .await
+                .is_err()
+            {
+                self.orphans
+                    .lock()
+                    .expect("presence lock")
+                    .push((conn_id, entry));
+            }
+        }
     }
 
     /// Refreshes well inside the TTL and prunes dead nodes' entries, until `shutdown`.

@@ -1692,10 +1692,11 @@ async fn wait_metric(node: &Gateway, metric: &str, ok: impl Fn(f64) -> bool) -> 
 
 #[tokio::test]
 async fn the_gauges_the_alerts_read_follow_a_live_node() -> Result<()> {
-    // Embedded broker: always ready, nothing to prune.
+    // Embedded broker: always ready, and it prunes on the same schedule as the others (its
+    // entries expire too, if this process stalls longer than the TTL).
     let single = Gateway::start(GatewayOpts::default()).await?;
     wait_metric(&single, "gateway_ready", |v| v == 1.0).await?;
-    wait_metric(&single, "gateway_presence_prune_lag_seconds", |v| v == 0.0).await?;
+    wait_metric(&single, "gateway_presence_prune_lag_seconds", |v| v < 2.0).await?;
 
     // Redis: ready and pruning every second while Redis is up; not ready, broker down and a
     // growing prune lag once it is gone (what GatewayNotReady, GatewayBrokerDown and

@@ -322,8 +322,12 @@ async fn a_node_back_from_a_stall_announces_its_users_again() -> anyhow::Result<
 async fn a_large_dead_node_is_pruned_in_one_go() -> anyhow::Result<()> {
     let redis = RedisServer::start().await?;
     let mut con = redis.connection().await?;
-    // 40,000 entries of a node that died long ago, in 40 rooms; written 5,000 per script so
-    // that no call outlasts the client's response timeout on a busy machine.
+    // 40,000 entries of a node that died two seconds ago, in 40 rooms, listed in the presence
+    // expiry index as that node listed them; written 5,000 per script so that no call
+    // outlasts the client's response timeout on a busy machine.
+    let keys = gateway::broker::keys::Keys::default();
+    let expired_at = gateway::broker::now_ms() - 2_000;
+    let bucket = expired_at / 1_000; // the index's bucket at the default 30-second TTL
     for chunk in 0..8 {
         let _: () = redis::cmd("EVAL")
             .arg(
@@ -334,11 +338,21 @@ async fn a_large_dead_node_is_pruned_in_one_go() -> anyhow::Result<()> {
                  redis.call('HSET', 'gw:{r:' .. room .. '}:pc', conn,
                    string.len(user) .. ':' .. user .. '"userId":"' .. user .. '","userName":"x"')
                  redis.call('HINCRBY', 'gw:{r:' .. room .. '}:pu', user, 1)
-                 redis.call('ZADD', 'gw:presence:exp', 1, room .. '\n' .. conn)
+                 redis.call('ZADD', 'gw:{r:' .. room .. '}:px', ARGV[2], conn)
                end"#,
             )
             .arg(0)
             .arg(chunk * 5000)
+            .arg(expired_at)
+            .query_async(&mut con)
+            .await?;
+    }
+    let rooms: Vec<String> = (0..40).map(|i| format!("dead{i}")).collect();
+    for room in &rooms {
+        let partition = gateway::broker::keys::presence_partition(room);
+        let _: () = redis::cmd("SADD")
+            .arg(keys.presence_index(partition, bucket))
+            .arg(room)
             .query_async(&mut con)
             .await?;
     }
@@ -348,13 +362,17 @@ async fn a_large_dead_node_is_pruned_in_one_go() -> anyhow::Result<()> {
         "every expired entry to be pruned",
         Duration::from_secs(60),
         || {
-            let mut con = con.clone();
+            let (mut con, keys, rooms) = (con.clone(), keys.clone(), rooms.clone());
             async move {
-                let left: u64 = redis::cmd("ZCARD")
-                    .arg("gw:presence:exp")
-                    .query_async(&mut con)
-                    .await
-                    .ok()?;
+                let mut left = 0;
+                for room in &rooms {
+                    let n: u64 = redis::cmd("ZCARD")
+                        .arg(keys.room_expiry(room))
+                        .query_async(&mut con)
+                        .await
+                        .ok()?;
+                    left += n;
+                }
                 (left == 0).then_some(())
             }
         },

@@ -7,8 +7,9 @@
 //! `{`, `}`, `:` or `%` followed by anything but its own escape. Hash tags therefore stay
 //! intact, and two distinct (room, user, clientMsgId) never share a key.
 //!
-//! The Lua scripts in `scripts/` build room key names from an *encoded* room key
-//! (`prefix{r:<encoded>}:pc`); keep them in step.
+//! No key is shared by every room or user: the presence expiry index is spread over
+//! `PRESENCE_PARTITIONS` hash slots and time buckets, so nothing here needs a script or a
+//! pipeline that crosses slots.
 
 use std::borrow::Cow;
 
@@ -148,15 +149,45 @@ impl Keys {
         self.user(user, "acks")
     }
 
-    /// Sorted set of every presence entry in the cluster (`<encoded room>\n<conn>`) by expiry.
-    pub fn presence_expiry(&self) -> String {
-        format!("{}presence:exp", self.prefix)
+    /// Presence: connection → when its entry expires (ms), for pruning.
+    pub fn room_expiry(&self, room: &str) -> String {
+        self.room(room, "px")
     }
 
-    /// Hash of rooms with someone present: encoded room key → room fragment.
-    pub fn rooms(&self) -> String {
-        format!("{}rooms", self.prefix)
+    /// The room's record while anyone is in it: `<roomId JSON>\n<roomName JSON>` of its first
+    /// joiner.
+    pub fn room_record(&self, room: &str) -> String {
+        self.room(room, "i")
     }
+
+    /// The four presence keys of a room plus its announcement counter, in the order the
+    /// presence scripts take them.
+    pub fn room_presence(&self, room: &str) -> [String; 5] {
+        [
+            self.room_conns(room),
+            self.room_users(room),
+            self.room_expiry(room),
+            self.room_record(room),
+            self.room_announces(room),
+        ]
+    }
+
+    /// The set of rooms (encoded keys) of `partition` with a presence entry expiring in time
+    /// bucket `bucket` (see `presence_partition`).
+    pub fn presence_index(&self, partition: u32, bucket: u64) -> String {
+        format!("{}{{px:{partition}}}:{bucket}", self.prefix)
+    }
+}
+
+/// Slots the presence expiry index is spread over.
+pub const PRESENCE_PARTITIONS: u32 = 16;
+
+/// The index partition of a room: FNV-1a of its key, the same on every node.
+pub fn presence_partition(room: &str) -> u32 {
+    let hash = room.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    (hash % u64::from(PRESENCE_PARTITIONS)) as u32
 }
 
 impl Keys {
@@ -205,7 +236,7 @@ pub fn position_field(topic: &Topic) -> String {
 
 /// The rooms-hash record of an entry's room: `<roomId JSON>\n<roomName JSON>` (JSON text never
 /// holds a raw newline, so the first one separates the two).
-pub fn room_record(entry: &PresenceEntry) -> String {
+pub fn room_record_of(entry: &PresenceEntry) -> String {
     format!(
         "{}\n{}",
         entry.room_json,

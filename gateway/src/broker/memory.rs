@@ -159,6 +159,7 @@ impl MemoryBroker {
             announce_max: 1000,
             history_ttl_ms: 60_000,
             announces_per_sec: 50,
+            presence_ttl_ms: 30_000,
         };
         MemoryBroker::new(limits, inbound)
     }

@@ -4,6 +4,7 @@
 //! Everything a client can observe as one step is one broker call (one Redis round trip):
 //! appending a message also publishes it, joining a room also announces the login.
 
+pub mod connection;
 pub mod envelope;
 pub mod keys;
 pub mod memory;
@@ -54,6 +55,8 @@ pub struct Limits {
     pub history_ttl_ms: u64,
     /// Login/logout broadcasts per room and second, at most.
     pub announces_per_sec: u64,
+    /// How long a presence entry lives without a refresh (the same on every node).
+    pub presence_ttl_ms: u64,
 }
 
 /// What the broker keeps messages for and publishes on: a room, or one user (its inbox of

@@ -13,25 +13,28 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{RedisError, Script, Value};
 use tokio_util::sync::CancellationToken;
 
+use super::connection::Commands;
 use super::keys::{
-    decode_part, encode_part, parse_presence_record, position_field, presence_record, room_record,
-    room_record_fragment, Keys,
+    decode_part, encode_part, parse_presence_record, position_field, presence_partition,
+    presence_record, room_record_fragment, room_record_of, Keys, PRESENCE_PARTITIONS,
 };
 use super::{
-    Appended, BrokerError, Inbound, InboundSender, JoinOutcome, LeaveOutcome, Limits, MemberPage,
-    Page, Position, Post, PresenceEntry, RoomSummary, Topic, WhenFull,
+    now_ms, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, LeaveOutcome, Limits,
+    MemberPage, Page, Position, Post, PresenceEntry, RoomSummary, Topic, WhenFull,
 };
 use crate::metrics::Metrics;
 use crate::protocol::{json_string, Announcement, StreamId};
 
-/// Entries per refresh script call (one pipelined batch holds all calls of a round).
-const REFRESH_BATCH: usize = 500;
+/// Presence script calls (one per room) in flight at once during a refresh or a prune.
+const PRESENCE_CALLS_IN_FLIGHT: usize = 64;
+/// Time buckets of the presence index one prune call works through at most.
+const PRUNE_BUCKETS_PER_CALL: u64 = 500;
 /// How long a subscribe waits for the pub/sub connection to come (back) up.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// How often, and how patiently, Redis is PINGed for `/readyz`.
 const PROBE_EVERY: Duration = Duration::from_millis(500);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// Rooms `rooms` reads at most (an admin listing of the most populated rooms).
+/// Live rooms `rooms` looks at most (an admin listing of the most populated rooms).
 const ROOMS_SCANNED: usize = 10_000;
 /// Expired entries removed per prune call.
 const PRUNE_BATCH: usize = 1000;
@@ -40,8 +43,8 @@ struct Scripts {
     append: Script,
     join: Script,
     leave: Script,
-    prune: Script,
-    refresh: Script,
+    prune_room: Script,
+    refresh_room: Script,
 }
 
 impl Scripts {
@@ -50,8 +53,8 @@ impl Scripts {
             append: Script::new(include_str!("scripts/append.lua")),
             join: Script::new(include_str!("scripts/join.lua")),
             leave: Script::new(include_str!("scripts/leave.lua")),
-            prune: Script::new(include_str!("scripts/prune.lua")),
-            refresh: Script::new(include_str!("scripts/refresh.lua")),
+            prune_room: Script::new(include_str!("scripts/prune_room.lua")),
+            refresh_room: Script::new(include_str!("scripts/refresh_room.lua")),
         }
     }
 }
@@ -66,11 +69,11 @@ struct Subscriptions {
 pub struct RedisBroker {
     keys: Keys,
     client: redis::Client,
-    commands: ConnectionManager,
+    commands: Commands,
     /// History reads (replays, gap repair) on a connection of their own: their replies can
     /// be megabytes, and a multiplexed connection answers in order — a publish must not wait
     /// behind someone's replay.
-    reads: ConnectionManager,
+    reads: Commands,
     /// History reads (`range`) in flight at once.
     reads_in_flight: tokio::sync::Semaphore,
     scripts: Scripts,
@@ -84,6 +87,8 @@ pub struct RedisBroker {
     responsive: AtomicBool,
     limits: Limits,
     metrics: Arc<Metrics>,
+    /// The newest presence index bucket this node has pruned (see `prune`).
+    pruned_through: Mutex<Option<u64>>,
 }
 
 /// History reads one node has in flight at once (see `range`).
@@ -125,8 +130,8 @@ impl RedisBroker {
         let broker = Arc::new(RedisBroker {
             keys: Keys::default(),
             client,
-            commands,
-            reads,
+            commands: Commands::Single(commands),
+            reads: Commands::Single(reads),
             reads_in_flight: tokio::sync::Semaphore::new(READS_IN_FLIGHT),
             scripts: Scripts::load(),
             subscriptions: Mutex::new(Subscriptions::default()),
@@ -135,6 +140,7 @@ impl RedisBroker {
             responsive: AtomicBool::new(true),
             limits,
             metrics,
+            pruned_through: Mutex::new(None),
         });
         tokio::spawn(Arc::clone(&broker).probe(shutdown.clone()));
         tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
@@ -420,46 +426,67 @@ impl RedisBroker {
         appended(result.map_err(|e| self.append_error(e))?)
     }
 
-    /// A connection's chat messages, in one pipelined round trip, stored in the order given:
-    /// each is stored or refused on its own. One that meets a NOSCRIPT is refused
-    /// (`Unavailable`, certainly not stored) rather than retried behind the later ones; the
-    /// script is loaded again for the next call.
-    pub async fn append_all(&self, reqs: &[Post]) -> Vec<Result<Appended, BrokerError>> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for req in reqs {
-            pipe.add_command(self.append_call(req));
+    /// A connection's chat messages, stored in the order given: one pipeline per topic (one
+    /// hash slot), all in flight together — one round trip. Each is stored or refused on its
+    /// own. One that meets a NOSCRIPT is refused (`Unavailable`, certainly not stored) rather
+    /// than retried behind the later ones; the script is loaded again for the next call.
+    pub async fn append_all(&self, posts: &[Post]) -> Vec<Result<Appended, BrokerError>> {
+        let mut by_topic: Vec<(&Topic, Vec<usize>)> = Vec::new();
+        for (i, post) in posts.iter().enumerate() {
+            match by_topic.iter_mut().find(|(topic, _)| **topic == post.topic) {
+                Some((_, indices)) => indices.push(i),
+                None => by_topic.push((&post.topic, vec![i])),
+            }
         }
-        let mut con = self.commands.clone();
         let started = Instant::now();
-        let replies: Result<Vec<Result<AppendReply, RedisError>>, RedisError> =
-            pipe.query_async(&mut con).await;
-        self.observe_append(started);
-        let replies = match replies {
-            Ok(replies) if replies.len() == reqs.len() => replies,
-            Ok(replies) => {
-                let e = BrokerError::Protocol(format!(
-                    "{} replies to {} appends",
-                    replies.len(),
-                    reqs.len()
-                ));
-                return reqs.iter().map(|_| Err(e.clone())).collect();
-            }
-            Err(e) => {
-                let e = self.append_error(e);
-                return reqs.iter().map(|_| Err(e.clone())).collect();
-            }
-        };
-        if replies
+        let batches: Vec<_> = by_topic
             .iter()
-            .any(|reply| reply.as_ref().is_err_and(is_noscript))
-        {
+            .map(|(_, indices)| {
+                let group: Vec<&Post> = indices.iter().map(|&i| &posts[i]).collect();
+                self.append_one_slot(group)
+            })
+            .collect();
+        let answered = futures_util::future::join_all(batches).await;
+        self.observe_append(started);
+        let mut results: Vec<Option<Result<Appended, BrokerError>>> = vec![None; posts.len()];
+        let mut noscript = false;
+        for ((_, indices), replies) in by_topic.iter().zip(answered) {
+            for (&i, reply) in indices.iter().zip(replies) {
+                noscript |= reply.as_ref().is_err_and(is_noscript);
+                results[i] = Some(reply.map_err(|e| self.append_error(e)).and_then(appended));
+            }
+        }
+        if noscript {
             let _ = self.load_append_script().await;
         }
-        replies
+        results
             .into_iter()
-            .map(|reply| appended(reply.map_err(|e| self.append_error(e))?))
+            .map(|r| r.unwrap_or_else(|| Err(BrokerError::Protocol("no reply".into()))))
             .collect()
+    }
+
+    /// One pipeline of appends to one topic; one reply per post.
+    async fn append_one_slot(&self, posts: Vec<&Post>) -> Vec<Result<AppendReply, RedisError>> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for post in &posts {
+            pipe.add_command(self.append_call(post));
+        }
+        let mut con = self.commands.clone();
+        let replies: Result<Vec<Result<AppendReply, RedisError>>, RedisError> =
+            pipe.query_async(&mut con).await;
+        match replies {
+            Ok(replies) if replies.len() == posts.len() => replies,
+            Ok(replies) => {
+                let e = RedisError::from((
+                    redis::ErrorKind::UnexpectedReturnType,
+                    "replies do not match the appends",
+                    format!("{} replies to {} appends", replies.len(), posts.len()),
+                ));
+                posts.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => posts.iter().map(|_| Err(e.clone())).collect(),
+        }
     }
 
     async fn load_append_script(&self) -> Result<(), RedisError> {
@@ -481,8 +508,8 @@ impl RedisBroker {
             &scripts.append,
             &scripts.join,
             &scripts.leave,
-            &scripts.prune,
-            &scripts.refresh,
+            &scripts.prune_room,
+            &scripts.refresh_room,
         ] {
             if let Err(e) = script.prepare_invoke().load_async(&mut con).await {
                 tracing::debug!("loading a script failed: {e}");
@@ -491,20 +518,59 @@ impl RedisBroker {
         }
     }
 
-    /// A join or leave script call with the room's presence keys (the scripts share them).
+    /// A presence script call on a room's keys (every presence script takes the same five).
     fn presence_invocation<'a>(
         &self,
         script: &'a Script,
-        entry: &PresenceEntry,
+        room: &str,
     ) -> redis::ScriptInvocation<'a> {
         let mut invocation = script.prepare_invoke();
+        for key in self.keys.room_presence(room) {
+            invocation.key(key);
+        }
         invocation
-            .key(self.keys.room_conns(&entry.room_key))
-            .key(self.keys.room_users(&entry.room_key))
-            .key(self.keys.presence_expiry())
-            .key(self.keys.rooms())
-            .key(self.keys.room_announces(&entry.room_key));
-        invocation
+    }
+
+    /// The width of a presence index time bucket: the prune interval (`Presence::retry_every`
+    /// — every node derives it from the same TTL).
+    fn bucket_ms(&self) -> u64 {
+        (self.limits.presence_ttl_ms / 10).clamp(50, 1000)
+    }
+
+    /// Lists `rooms` in the presence index under the bucket of `expires_at_ms`: a prune after
+    /// that bucket has passed looks at them. One command pair per index partition.
+    async fn index_rooms<'a>(
+        &self,
+        rooms: impl IntoIterator<Item = &'a str>,
+        expires_at_ms: u64,
+    ) -> Result<(), BrokerError> {
+        let bucket_ms = self.bucket_ms();
+        let bucket = expires_at_ms / bucket_ms;
+        let mut by_partition: HashMap<u32, Vec<String>> = HashMap::new();
+        for room in rooms {
+            by_partition
+                .entry(presence_partition(room))
+                .or_default()
+                .push(encode_part(room).into_owned());
+        }
+        // Kept for three TTLs after the bucket ends: time for a paused pruner to catch up.
+        let keep_ms =
+            ((bucket + 1) * bucket_ms).saturating_sub(now_ms()) + 3 * self.limits.presence_ttl_ms;
+        let writes = by_partition.into_iter().map(|(partition, rooms)| {
+            let key = self.keys.presence_index(partition, bucket);
+            let mut pipe = redis::pipe();
+            pipe.sadd(&key, rooms).ignore();
+            pipe.pexpire(&key, keep_ms as i64).ignore();
+            let mut con = self.commands.clone();
+            async move { pipe.query_async::<()>(&mut con).await }
+        });
+        self.timed("presence_index", async {
+            for result in futures_util::future::join_all(writes).await {
+                result?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     pub async fn join(
@@ -513,24 +579,30 @@ impl RedisBroker {
         announce_header: &str,
         expires_at_ms: u64,
     ) -> Result<JoinOutcome, BrokerError> {
-        let mut invocation = self.presence_invocation(&self.scripts.join, entry);
+        let mut invocation = self.presence_invocation(&self.scripts.join, &entry.room_key);
         invocation
             .arg(&entry.conn_key)
             .arg(&entry.user_id)
             .arg(&entry.user_fragment)
             .arg(expires_at_ms)
-            .arg(encode_part(&entry.room_key).as_ref())
-            .arg(room_record(entry))
+            .arg(room_record_of(entry))
             .arg(self.keys.room_channel(&entry.room_key))
             .arg(announce_header)
             .arg(self.limits.announce_max)
             .arg(&entry.room_json)
             .arg(self.limits.announces_per_sec)
-            .arg(Announcement::Login.template());
+            .arg(Announcement::Login.template())
+            .arg(now_ms())
+            .arg(Announcement::Logout.template());
         let mut con = self.commands.clone();
-        let (first, num, announced, name_json): (i64, u64, i64, String) = self
-            .timed("join", invocation.invoke_async(&mut con))
-            .await?;
+        // Indexed first (both are sent at once): an entry is never stored where no prune
+        // would look for it.
+        let (indexed, joined) = tokio::join!(
+            self.index_rooms([entry.room_key.as_str()], expires_at_ms),
+            self.timed("join", invocation.invoke_async(&mut con))
+        );
+        let (first, num, announced, name_json): (i64, u64, i64, String) = joined?;
+        indexed?;
         let room_name = serde_json::from_str(&name_json)
             .map_err(|_| BrokerError::Protocol(format!("bad room name record {name_json:?}")))?;
         Ok(JoinOutcome {
@@ -546,16 +618,15 @@ impl RedisBroker {
         entry: &PresenceEntry,
         announce_header: &str,
     ) -> Result<LeaveOutcome, BrokerError> {
-        let mut invocation = self.presence_invocation(&self.scripts.leave, entry);
+        let mut invocation = self.presence_invocation(&self.scripts.leave, &entry.room_key);
         invocation
             .arg(&entry.conn_key)
-            .arg(encode_part(&entry.room_key).as_ref())
             .arg(&entry.room_json)
+            .arg(json_string(&entry.room_name))
             .arg(self.keys.room_channel(&entry.room_key))
             .arg(announce_header)
             .arg(self.limits.announce_max)
             .arg(self.limits.announces_per_sec)
-            .arg(json_string(&entry.room_name))
             .arg(Announcement::Logout.template());
         let mut con = self.commands.clone();
         let (last, num): (i64, u64) = self
@@ -567,6 +638,8 @@ impl RedisBroker {
         })
     }
 
+    /// One script call per room (each on its room's slot, all in flight together), and the
+    /// rooms listed in the index under the new expiry.
     pub async fn refresh(
         &self,
         entries: &[PresenceEntry],
@@ -576,75 +649,201 @@ impl RedisBroker {
         if entries.is_empty() {
             return Ok(0);
         }
-        // One pipelined round trip for all batches.
-        let mut pipe = redis::pipe();
-        for batch in entries.chunks(REFRESH_BATCH) {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.scripts.refresh.get_hash())
-                .arg(2)
-                .arg(self.keys.presence_expiry())
-                .arg(self.keys.rooms())
+        let mut by_room: HashMap<&str, Vec<&PresenceEntry>> = HashMap::new();
+        for e in entries {
+            by_room.entry(e.room_key.as_str()).or_default().push(e);
+        }
+        self.index_rooms(by_room.keys().copied(), expires_at_ms)
+            .await?;
+        let calls = by_room.into_iter().map(|(room, entries)| {
+            let mut invocation = self.presence_invocation(&self.scripts.refresh_room, room);
+            invocation
                 .arg(expires_at_ms)
-                .arg(&self.keys.prefix)
+                .arg(self.keys.room_channel(room))
                 .arg(announce_header)
                 .arg(self.limits.announce_max)
                 .arg(self.limits.announces_per_sec)
-                .arg(Announcement::Login.template());
-            for e in batch {
-                cmd.arg(encode_part(&e.room_key).as_ref())
+                .arg(Announcement::Login.template())
+                .arg(room_record_of(entries[0]));
+            for e in entries {
+                invocation
                     .arg(&e.conn_key)
                     .arg(&e.user_id)
-                    .arg(presence_record(&e.user_id, &e.user_fragment))
-                    .arg(room_record(e));
+                    .arg(presence_record(&e.user_id, &e.user_fragment));
             }
-            pipe.add_command(cmd);
-        }
-        let mut con = self.commands.clone();
-        let started = Instant::now();
-        let result: Result<Vec<u64>, RedisError> = pipe.query_async(&mut con).await;
-        let restored = match result {
-            Ok(counts) => {
-                self.metrics
-                    .redis_command_duration
-                    .with_label_values(&["refresh"])
-                    .observe(started.elapsed().as_secs_f64());
-                counts
+            let mut con = self.commands.clone();
+            async move { invocation.invoke_async::<u64>(&mut con).await }
+        });
+        let calls: Vec<_> = calls.collect();
+        let results: Vec<Result<u64, RedisError>> = futures_util::stream::iter(calls)
+            .buffer_unordered(PRESENCE_CALLS_IN_FLIGHT)
+            .collect()
+            .await;
+        self.timed("refresh", async {
+            let mut restored = 0;
+            for result in results {
+                restored += result?;
             }
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                // Redis restarted and forgot the script: load it, then go again.
-                self.timed(
-                    "script_load",
-                    self.scripts.refresh.prepare_invoke().load_async(&mut con),
-                )
-                .await?;
-                self.timed("refresh", pipe.query_async::<Vec<u64>>(&mut con))
-                    .await?
-            }
-            Err(e) => {
-                self.metrics
-                    .redis_errors
-                    .with_label_values(&["refresh"])
-                    .inc();
-                return Err(unavailable(e));
-            }
-        };
-        Ok(restored.iter().sum())
+            Ok(restored)
+        })
+        .await
     }
 
+    /// Works through the presence index's time buckets that ended since the last call (from
+    /// three TTLs back on this node's first call), pruning each listed room's expired entries.
+    /// A bucket gets no new rooms once it has passed (entries expire in the future), so no
+    /// room can slip in behind the pruner.
     pub async fn prune(&self, now_ms: u64, announce_header: &str) -> Result<u64, BrokerError> {
-        let mut invocation = self.scripts.prune.prepare_invoke();
-        invocation
-            .key(self.keys.presence_expiry())
-            .key(self.keys.rooms())
-            .arg(now_ms)
-            .arg(PRUNE_BATCH)
-            .arg(&self.keys.prefix)
-            .arg(announce_header)
-            .arg(self.limits.announce_max)
-            .arg(self.limits.announces_per_sec)
-            .arg(Announcement::Logout.template());
-        let mut con = self.commands.clone();
-        self.timed("prune", invocation.invoke_async(&mut con)).await
+        let bucket_ms = self.bucket_ms();
+        let newest_ended = (now_ms / bucket_ms).saturating_sub(1);
+        let from = {
+            let done = *self.pruned_through.lock().expect("prune lock");
+            let lookback = 3 * self.limits.presence_ttl_ms / bucket_ms + 1;
+            done.map_or(newest_ended.saturating_sub(lookback), |d| d + 1)
+        };
+        let mut removed = 0;
+        for bucket in (from..=newest_ended).take(PRUNE_BUCKETS_PER_CALL as usize) {
+            removed += self.prune_bucket(bucket, now_ms, announce_header).await?;
+            *self.pruned_through.lock().expect("prune lock") = Some(bucket);
+        }
+        Ok(removed)
+    }
+
+    /// Prunes every room the index lists under `bucket`.
+    async fn prune_bucket(
+        &self,
+        bucket: u64,
+        now_ms: u64,
+        announce_header: &str,
+    ) -> Result<u64, BrokerError> {
+        let reads = (0..PRESENCE_PARTITIONS).map(|partition| {
+            let key = self.keys.presence_index(partition, bucket);
+            let mut con = self.commands.clone();
+            async move {
+                redis::cmd("SMEMBERS")
+                    .arg(key)
+                    .query_async::<Vec<String>>(&mut con)
+                    .await
+            }
+        });
+        let mut rooms = HashSet::new();
+        for listed in futures_util::future::join_all(reads).await {
+            let listed = listed.map_err(unavailable)?;
+            rooms.extend(listed.iter().filter_map(|r| decode_part(r)));
+        }
+        let calls = rooms
+            .iter()
+            .map(|room| self.prune_room(room, now_ms, announce_header));
+        let calls: Vec<_> = calls.collect();
+        let results: Vec<Result<u64, BrokerError>> = futures_util::stream::iter(calls)
+            .buffer_unordered(PRESENCE_CALLS_IN_FLIGHT)
+            .collect()
+            .await;
+        results.into_iter().sum()
+    }
+
+    /// Removes a room's expired entries, a batch per call, until none is left.
+    async fn prune_room(
+        &self,
+        room: &str,
+        now_ms: u64,
+        announce_header: &str,
+    ) -> Result<u64, BrokerError> {
+        let mut removed = 0;
+        loop {
+            let mut invocation = self.presence_invocation(&self.scripts.prune_room, room);
+            invocation
+                .arg(now_ms)
+                .arg(PRUNE_BATCH)
+                .arg(self.keys.room_channel(room))
+                .arg(announce_header)
+                .arg(self.limits.announce_max)
+                .arg(self.limits.announces_per_sec)
+                .arg(Announcement::Logout.template());
+            let mut con = self.commands.clone();
+            let batch: u64 = self
+                .timed("prune", invocation.invoke_async(&mut con))
+                .await?;
+            removed += batch;
+            if batch < PRUNE_BATCH as u64 {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Every room with someone present: the index's buckets from now until a TTL ahead hold
+    /// each live entry's room (refreshes move them forward).
+    async fn live_rooms(&self) -> Result<Vec<String>, BrokerError> {
+        let bucket_ms = self.bucket_ms();
+        let now = now_ms();
+        let first = now / bucket_ms;
+        let last = (now + self.limits.presence_ttl_ms) / bucket_ms + 1;
+        let reads = (first..=last).flat_map(|bucket| {
+            (0..PRESENCE_PARTITIONS).map(move |partition| {
+                let key = self.keys.presence_index(partition, bucket);
+                let mut con = self.commands.clone();
+                async move {
+                    redis::cmd("SMEMBERS")
+                        .arg(key)
+                        .query_async::<Vec<String>>(&mut con)
+                        .await
+                }
+            })
+        });
+        let reads: Vec<_> = reads.collect();
+        let results: Vec<Result<Vec<String>, RedisError>> = futures_util::stream::iter(reads)
+            .buffer_unordered(PRESENCE_CALLS_IN_FLIGHT)
+            .collect()
+            .await;
+        let mut rooms = HashSet::new();
+        for listed in results {
+            let listed = listed.map_err(unavailable)?;
+            rooms.extend(listed.iter().filter_map(|r| decode_part(r)));
+            if rooms.len() >= ROOMS_SCANNED {
+                break;
+            }
+        }
+        Ok(rooms.into_iter().collect())
+    }
+
+    /// Counts every live room's users and keeps the `limit` most populated (the same listing
+    /// as the embedded broker's).
+    pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
+        let rooms = self.live_rooms().await?;
+        let reads = rooms.into_iter().map(|room| {
+            let mut pipe = redis::pipe();
+            pipe.hlen(self.keys.room_users(&room));
+            pipe.get(self.keys.room_record(&room));
+            let mut con = self.commands.clone();
+            async move {
+                let read: Result<RoomRead, RedisError> = pipe.query_async(&mut con).await;
+                (room, read)
+            }
+        });
+        let reads: Vec<_> = reads.collect();
+        let results: Vec<(String, Result<RoomRead, RedisError>)> =
+            futures_util::stream::iter(reads)
+                .buffer_unordered(PRESENCE_CALLS_IN_FLIGHT)
+                .collect()
+                .await;
+        let mut listed = Vec::new();
+        for (room_key, read) in results {
+            let (num, record) = read.map_err(unavailable)?;
+            // A record that is not ours is skipped rather than failing the listing.
+            let Some(room_fragment) = record.as_deref().and_then(room_record_fragment) else {
+                continue;
+            };
+            if num > 0 {
+                listed.push(RoomSummary {
+                    room_key,
+                    room_fragment,
+                    num,
+                });
+            }
+        }
+        listed.sort_by(|a, b| b.num.cmp(&a.num).then(a.room_key.cmp(&b.room_key)));
+        listed.truncate(limit);
+        Ok(listed)
     }
 
     pub async fn range(
@@ -719,22 +918,32 @@ impl RedisBroker {
         if positions.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
+        // One pipeline per user (one hash slot), all in flight together.
+        let mut by_user: HashMap<&str, Vec<&Position>> = HashMap::new();
         for position in positions {
-            let key = self.keys.acks(&position.user);
-            pipe.hset(
-                &key,
-                position_field(&position.topic),
-                position.id.to_string(),
-            )
-            .ignore();
-            // Positions of users who stay away expire with their history.
-            pipe.pexpire(&key, self.limits.history_ttl_ms as i64)
-                .ignore();
+            by_user.entry(&position.user).or_default().push(position);
         }
-        let mut con = self.commands.clone();
-        self.timed("save_acks", pipe.query_async::<()>(&mut con))
-            .await
+        let writes: Vec<_> = by_user
+            .into_iter()
+            .map(|(user, positions)| {
+                let key = self.keys.acks(user);
+                let mut pipe = redis::pipe();
+                for position in positions {
+                    pipe.hset(
+                        &key,
+                        position_field(&position.topic),
+                        position.id.to_string(),
+                    )
+                    .ignore();
+                }
+                // Positions of users who stay away expire with their history.
+                pipe.pexpire(&key, self.limits.history_ttl_ms as i64)
+                    .ignore();
+                let mut con = self.commands.clone();
+                async move { pipe.query_async::<()>(&mut con).await }
+            })
+            .collect();
+        self.timed("save_acks", all_ok(writes)).await
     }
 
     pub async fn mark_seen(&self, user: &str, ttl_ms: u64) -> Result<(), BrokerError> {
@@ -755,18 +964,20 @@ impl RedisBroker {
         if read.is_empty() {
             return Ok(());
         }
-        let mut pipe = redis::pipe();
-        for (user, id) in read {
-            // MINID removes the entries below it: everything up to and including `id`.
-            pipe.cmd("XTRIM")
-                .arg(self.keys.inbox_stream(user))
-                .arg("MINID")
-                .arg(id.next().to_string())
-                .ignore();
-        }
-        let mut con = self.commands.clone();
-        self.timed("trim_read", pipe.query_async::<()>(&mut con))
-            .await
+        // One command per inbox (one hash slot each), all in flight together.
+        let trims: Vec<_> = read
+            .iter()
+            .map(|(user, id)| {
+                // MINID removes the entries below it: everything up to and including `id`.
+                let mut cmd = redis::cmd("XTRIM");
+                cmd.arg(self.keys.inbox_stream(user))
+                    .arg("MINID")
+                    .arg(id.next().to_string());
+                let mut con = self.commands.clone();
+                async move { cmd.query_async::<()>(&mut con).await }
+            })
+            .collect();
+        self.timed("trim_read", all_ok(trims)).await
     }
 
     pub async fn load_position(
@@ -799,60 +1010,6 @@ impl RedisBroker {
                 None
             }
         }))
-    }
-
-    /// Reads the whole rooms hash (up to `ROOMS_SCANNED` rooms), counts each room's users and
-    /// keeps the `limit` most populated: the same listing as the embedded broker's.
-    pub async fn rooms(&self, limit: usize) -> Result<Vec<RoomSummary>, BrokerError> {
-        let mut con = self.commands.clone();
-        let mut cursor = "0".to_string();
-        let mut rooms: HashMap<String, String> = HashMap::new();
-        loop {
-            let (next, flat): (String, Vec<String>) = self
-                .timed(
-                    "rooms",
-                    redis::cmd("HSCAN")
-                        .arg(self.keys.rooms())
-                        .arg(&cursor)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .query_async(&mut con),
-                )
-                .await?;
-            // Fields are encoded room keys, values room records; anything else is skipped.
-            for pair in flat.chunks_exact(2) {
-                if let (Some(room), Some(fragment)) =
-                    (decode_part(&pair[0]), room_record_fragment(&pair[1]))
-                {
-                    rooms.insert(room, fragment);
-                }
-            }
-            if next == "0" || rooms.len() >= ROOMS_SCANNED {
-                break;
-            }
-            cursor = next;
-        }
-        let rooms: Vec<(String, String)> = rooms.into_iter().collect();
-        let mut listed = Vec::with_capacity(rooms.len());
-        for chunk in rooms.chunks(1000) {
-            let mut pipe = redis::pipe();
-            for (room, _) in chunk {
-                pipe.hlen(self.keys.room_users(room));
-            }
-            let counts: Vec<u64> = self.timed("rooms", pipe.query_async(&mut con)).await?;
-            for ((room_key, room_fragment), num) in chunk.iter().cloned().zip(counts) {
-                if num > 0 {
-                    listed.push(RoomSummary {
-                        room_key,
-                        room_fragment,
-                        num,
-                    });
-                }
-            }
-        }
-        listed.sort_by(|a, b| b.num.cmp(&a.num).then(a.room_key.cmp(&b.room_key)));
-        listed.truncate(limit);
-        Ok(listed)
     }
 
     pub async fn room_count(&self, room_key: &str) -> Result<u64, BrokerError> {
@@ -924,6 +1081,20 @@ impl RedisBroker {
 fn trim_marker(stream_key: &str) -> String {
     format!("{stream_key}:t")
 }
+
+/// Runs requests together; the first error, if any.
+async fn all_ok<F>(requests: Vec<F>) -> Result<(), RedisError>
+where
+    F: std::future::Future<Output = Result<(), RedisError>>,
+{
+    for result in futures_util::future::join_all(requests).await {
+        result?;
+    }
+    Ok(())
+}
+
+/// A room's user count and record.
+type RoomRead = (u64, Option<String>);
 
 /// A raw stream entry: id and field/value pairs.
 type StreamEntry = (String, Vec<(String, String)>);

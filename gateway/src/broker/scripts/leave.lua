@@ -1,10 +1,10 @@
 -- Remove one connection's presence in a room; announce the user's logout if it was the user's
--- last connection there.
--- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] expiry zset, KEYS[4] rooms hash,
--- KEYS[5] the room's announcement counter
--- ARGV[1] conn key, ARGV[2] encoded room key, ARGV[3] roomId JSON, ARGV[4] channel,
+-- last connection there. Every key is the room's (one hash slot).
+-- KEYS[1] room conns hash, KEYS[2] room users hash, KEYS[3] room expiry zset, KEYS[4] room
+-- record, KEYS[5] the room's announcement counter
+-- ARGV[1] conn key, ARGV[2] roomId JSON, ARGV[3] roomName JSON, ARGV[4] channel,
 -- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced,
--- ARGV[7] announcements per second, ARGV[8] roomName JSON, ARGV[9] the logout's template
+-- ARGV[7] announcements per second, ARGV[8] the logout's template
 -- Returns {last (1|0), num}.
 -- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
 -- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
@@ -19,7 +19,7 @@ local function may_announce(key, cap)
   if n == 1 then redis.call('PEXPIRE', key, 1000) end
   return n <= cap
 end
-redis.call('ZREM', KEYS[3], ARGV[2] .. '\n' .. ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if not entry then
   return {0, redis.call('HLEN', KEYS[2])}
@@ -40,9 +40,9 @@ if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
 end
 local num = redis.call('HLEN', KEYS[2])
 if num == 0 then
-  redis.call('HDEL', KEYS[4], ARGV[2])
+  redis.call('DEL', KEYS[4]) -- nobody left: the next first joiner names the room
 end
 if last == 1 and num + 1 <= tonumber(ARGV[6]) and may_announce(KEYS[5], tonumber(ARGV[7])) then
-  redis.call('PUBLISH', ARGV[4], ARGV[5] .. render(ARGV[9], fragment, ARGV[3], ARGV[8], num))
+  redis.call('PUBLISH', ARGV[4], ARGV[5] .. render(ARGV[8], fragment, ARGV[2], ARGV[3], num))
 end
 return {last, num}
