@@ -302,6 +302,8 @@ struct Setup {
 }
 
 async fn setup() -> Result<Setup> {
+    // The subscriber's own account of its rebuilds (warn/info lines), beside the test's.
+    std::mem::forget(gateway::telemetry::init(false, "sharded-pubsub-test"));
     let started = Instant::now();
     let mut cluster = RedisCluster::start(ClusterOpts::default()).await?;
     let shards = channels_by_master(&mut cluster).await?;

@@ -926,6 +926,11 @@ impl Actor {
             return;
         }
         let ep = self.episodes.remove(&episode).expect("present above");
+        if self.episodes.is_empty() && self.homeless.is_empty() {
+            // Every rebuild is done: the next loss (another shard's failover) starts without
+            // the backoff this one built up.
+            self.refresh.last = None;
+        }
         if ep.recovered.is_empty() {
             return;
         }
