@@ -375,6 +375,7 @@ async fn sharded_subscriptions_survive_failovers_and_follow_unsubscribes() -> Re
     sigkill_a_master(&mut s).await?;
     manual_failover(&mut s).await?;
     unsubscribing_stops_delivery(&s).await?;
+    sigstop_a_master(&s).await?;
 
     for channel in &all {
         ensure!(
@@ -506,5 +507,41 @@ async fn unsubscribing_stops_delivery(s: &Setup) -> Result<()> {
             bail!("{channel} received {after} messages after its unsubscribe");
         }
     }
+    Ok(())
+}
+
+/// SIGSTOP the third shard's master: its subscribers see neither EOF nor `sunsubscribe` while its
+/// replica takes over; the subscriber's periodic topology check moves the channels.
+async fn sigstop_a_master(s: &Setup) -> Result<()> {
+    let (master, channels) = s.shards[2].clone();
+    let kept = channels[1..].to_vec(); // [0] was unsubscribed
+    let replica = replica_of(master).await?;
+    let info = command(master, &["INFO", "server"]).await?;
+    let pid = info
+        .lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .context("no process_id in INFO")?
+        .trim()
+        .to_string();
+    // The cluster is dropped with a SIGKILL by pid, which ends a stopped process too.
+    let status = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()?;
+    ensure!(status.success(), "kill -STOP {pid}");
+    let stopped = Instant::now();
+    wait_for("the replica to be promoted", WAIT, || async {
+        let info = command(replica, &["INFO", "replication"]).await.ok()?;
+        info.contains("role:master").then_some(())
+    })
+    .await?;
+    let promoted = stopped.elapsed();
+    let (event, reported) = s.events.wait_for_shard(&kept).await?;
+    wait_flowing(&s.received, &kept, reported, 3).await?;
+    println!(
+        "SIGSTOP of master :{master}: promoted after {promoted:?}; resubscribed report after \
+         {:?} (cause {:?})",
+        reported - stopped,
+        event.cause
+    );
     Ok(())
 }

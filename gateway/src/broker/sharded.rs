@@ -11,6 +11,11 @@
 //! a connection carries nothing but `SSUBSCRIBE`/`SUNSUBSCRIBE` and their confirmations, the
 //! messages, and error replies, so every frame can be told apart without guessing.
 //!
+//! A connection is given up, and its channels rebuilt on the master the topology names, on: EOF
+//! or a socket error (all a SIGKILLed master shows), an unrequested `sunsubscribe` (graceful
+//! failover, slot migration), an error reply such as MOVED, and a periodic topology read that
+//! puts one of its slots on another master (a frozen or cut-off master shows nothing at all).
+//!
 //! The shape: one actor task owns all state (no locks); one task per master connection reads
 //! and writes its socket, hands messages straight to `inbound` and everything else to the actor;
 //! topology reads (`CLUSTER SLOTS`) run in tasks of their own so a slow or dead node never stalls
@@ -48,6 +53,10 @@ const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_millis(300);
 /// Topology reads further apart than this start again without backoff.
 const BACKOFF_RESET: Duration = Duration::from_secs(1);
+/// How often the topology is read even when nothing was noticed: a master that froze or was cut
+/// off (no EOF, no `sunsubscribe`) while its replica took over is caught by comparing the map
+/// with where the connections are.
+const VERIFY_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -672,6 +681,8 @@ impl Actor {
         mut internal: mpsc::UnboundedReceiver<Internal>,
     ) {
         self.request_refresh();
+        let mut verify = tokio::time::interval(VERIFY_EVERY);
+        verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let due = self.refresh.due;
             let refresh_at = due.map_or_else(tokio::time::Instant::now, Into::into);
@@ -690,6 +701,7 @@ impl Actor {
                     }
                 }
                 _ = tokio::time::sleep_until(refresh_at), if due.is_some() => self.start_refresh(),
+                _ = verify.tick() => self.request_refresh(),
             }
             self.flush();
         }
@@ -1060,6 +1072,7 @@ impl Actor {
             Ok((topology, from)) => {
                 self.topology = Some(topology);
                 self.last_good = Some(from);
+                self.drop_stale_connections();
                 let homeless: Vec<String> = self.homeless.drain().collect();
                 for channel in homeless {
                     if !self.place(&channel) {
@@ -1071,6 +1084,53 @@ impl Actor {
         }
         if std::mem::take(&mut self.refresh.again) || !self.homeless.is_empty() {
             self.request_refresh();
+        }
+    }
+
+    /// Against a fresh topology: a connection holding a channel whose slot another master
+    /// serves now is lost (its channels are rebuilt where they belong); one holding nothing
+    /// is closed.
+    fn drop_stale_connections(&mut self) {
+        let Some(topology) = &self.topology else {
+            return;
+        };
+        let mut busy = HashSet::new();
+        let mut stale: HashMap<u64, String> = HashMap::new();
+        for want in self.wanted.values() {
+            let Some(id) = want.conn else { continue };
+            busy.insert(id);
+            let Some(conn) = self.conns.get(&id) else {
+                continue;
+            };
+            match topology.master_of(want.slot) {
+                Some(master) if *master == conn.addr => {}
+                master => {
+                    let now = master.map_or_else(|| "no master".to_string(), Addr::to_string);
+                    stale
+                        .entry(id)
+                        .or_insert_with(|| format!("topology: slot {} is on {now}", want.slot));
+                }
+            }
+        }
+        for (id, cause) in stale {
+            self.lose(id, &cause);
+        }
+        let idle: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(id, c)| {
+                !busy.contains(*id) && c.unsent.is_empty() && c.unsubscribing.is_empty()
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(conn) = self.conns.remove(&id) {
+                tracing::debug!(node = %conn.addr, "sharded pub/sub: closing an idle connection");
+                if self.by_addr.get(&conn.addr) == Some(&id) {
+                    self.by_addr.remove(&conn.addr);
+                }
+                conn.cancel.cancel();
+            }
         }
     }
 }
