@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod keys;
 pub mod memory;
 pub mod redis;
+pub mod sharded;
 
 use std::sync::Arc;
 
