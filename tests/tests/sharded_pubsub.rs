@@ -119,41 +119,42 @@ impl Publisher {
         }
     }
 
-    async fn try_on(&mut self, port: u16, channel: &str, payload: &str) -> Result<(), Option<u16>> {
+    async fn try_on(&mut self, port: u16, channel: &str, payload: &str) -> Result<(), Retry> {
         let short = Duration::from_millis(300);
         let con = match self.conns.entry(port) {
             Entry::Occupied(con) => con.into_mut(),
             Entry::Vacant(vacant) => {
-                let client =
-                    redis::Client::open(format!("redis://127.0.0.1:{port}/")).map_err(|_| None)?;
+                let url = format!("redis://127.0.0.1:{port}/");
+                let client = redis::Client::open(url).map_err(|_| Retry::Elsewhere)?;
                 let connect = client.get_multiplexed_async_connection();
                 let con = tokio::time::timeout(short, connect)
                     .await
-                    .map_err(|_| None)?
-                    .map_err(|_| None)?;
+                    .map_err(|_| Retry::Elsewhere)?
+                    .map_err(|_| Retry::Elsewhere)?;
                 vacant.insert(con)
             }
         };
         let mut cmd = redis::cmd("SPUBLISH");
         cmd.arg(channel).arg(payload);
-        match tokio::time::timeout(short, cmd.query_async::<i64>(con)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => {
-                let moved = e
-                    .redirect_node()
-                    .and_then(|(addr, _)| addr.rsplit(':').next()?.parse().ok());
-                if moved.is_none() {
-                    self.conns.remove(&port);
-                }
-                Err(moved)
-            }
-            Err(_) => {
-                self.conns.remove(&port);
-                Err(None)
+        let result = tokio::time::timeout(short, cmd.query_async::<i64>(con)).await;
+        if let Ok(Err(e)) = &result {
+            if let Some(port) = e
+                .redirect_node()
+                .and_then(|(addr, _)| addr.rsplit(':').next()?.parse().ok())
+            {
+                return Err(Retry::Moved(port));
             }
         }
+        if matches!(result, Ok(Ok(_))) {
+            return Ok(());
+        }
+        // Sent, but no answer: it may have been published. Not retried (the test counts
+        // duplicates, so the publisher must not make any).
+        self.conns.remove(&port);
+        Err(Retry::Unknown)
     }
 
+    /// Publishes once at most; false if it failed or may have failed.
     async fn publish(&mut self, channel: &str, payload: &str) -> bool {
         let mut port = self.current;
         for attempt in 0..self.ports.len() + 2 {
@@ -162,12 +163,26 @@ impl Publisher {
                     self.current = port;
                     return true;
                 }
-                Err(Some(moved)) => port = moved,
-                Err(None) => port = self.ports[attempt % self.ports.len()],
+                Err(Retry::Moved(moved)) => port = moved,
+                Err(Retry::Elsewhere) => port = self.ports[attempt % self.ports.len()],
+                Err(Retry::Unknown) => {
+                    self.current = self.ports[attempt % self.ports.len()];
+                    return false;
+                }
             }
         }
         false
     }
+}
+
+/// Whether, and where, a failed `SPUBLISH` may be tried again.
+enum Retry {
+    /// Refused with MOVED: not published.
+    Moved(u16),
+    /// Never sent (no connection): try another node.
+    Elsewhere,
+    /// The outcome is unknown.
+    Unknown,
 }
 
 /// Publishes `channel:<n>` to `channel` every `PUBLISH_EVERY` until `stop`.

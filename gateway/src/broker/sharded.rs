@@ -61,7 +61,8 @@ const VERIFY_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// No confirmation in time: the channel's shard is unreachable or still being rebuilt. The
-    /// channel is no longer wanted (it will not be subscribed behind the caller's back).
+    /// channel is no longer wanted (it will not be subscribed behind the caller's back) unless
+    /// another `subscribe` of it is still waiting.
     #[error(
         "SSUBSCRIBE {channel} not confirmed within {waited:?} (its shard is down or being rebuilt)"
     )]
@@ -164,8 +165,8 @@ impl ShardedSubscriber {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(Error::Shutdown),
             Err(_) => {
-                // The caller gives the channel up: drop it unless it got confirmed meanwhile
-                // or someone else still waits for it.
+                // The caller gives the channel up: drop it unless another caller still waits
+                // for it.
                 let _ = self.requests.send(Request::GiveUp {
                     channel: channel.clone(),
                 });
@@ -716,8 +717,10 @@ impl Actor {
                 let Some(want) = self.wanted.get_mut(&channel) else {
                     return;
                 };
+                // Dropped even if the confirmation raced the timeout: the caller was told it
+                // failed and will not unsubscribe. Kept while another `subscribe` still waits.
                 want.waiters.retain(|w| !w.is_closed());
-                if !want.confirmed && want.waiters.is_empty() {
+                if want.waiters.is_empty() {
                     tracing::debug!(channel, "sharded pub/sub: subscribe given up");
                     self.unsubscribe(&channel, None);
                 }
