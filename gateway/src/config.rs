@@ -30,6 +30,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Redis Cluster seed nodes, comma-separated `redis://host:port` URLs (any of its nodes;
+    /// the rest is discovered). Exclusive with GATEWAY_REDIS_URL.
+    #[arg(long, env = "GATEWAY_REDIS_CLUSTER_URLS", value_delimiter = ',')]
+    pub redis_cluster_urls: Vec<String>,
+
     /// This node's id in logs, metrics and presence. Default: host name plus a random suffix.
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,
@@ -330,6 +335,21 @@ impl Config {
 
     /// Cross-field checks that clap cannot express.
     pub fn validate(&self) -> Result<(), String> {
+        if self.redis_url.is_some() && !self.redis_cluster_urls.is_empty() {
+            return Err(
+                "set GATEWAY_REDIS_URL (one Redis) or GATEWAY_REDIS_CLUSTER_URLS (a Redis \
+                 Cluster), not both"
+                    .into(),
+            );
+        }
+        for url in &self.redis_cluster_urls {
+            let valid = url.starts_with("redis://") || url.starts_with("rediss://");
+            if !valid || redis::Client::open(url.as_str()).is_err() {
+                return Err(format!(
+                    "GATEWAY_REDIS_CLUSTER_URLS holds {url:?}, not a redis://host:port URL"
+                ));
+            }
+        }
         if let Some(url) = &self.redis_url {
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(format!(
@@ -484,6 +504,18 @@ mod tests {
         assert!(parse(&["--api-key", "0123456789abcdef"]).is_ok());
         assert_eq!(parse(&["--api-key", ""]).unwrap().api_key(), None);
         assert!(parse(&["--api-user-id", ""]).is_err());
+        let both = [
+            "--redis-url",
+            "redis://a:1",
+            "--redis-cluster-urls",
+            "redis://b:1",
+        ];
+        assert!(parse(&both).unwrap_err().contains("not both"));
+        assert!(parse(&["--redis-cluster-urls", "redis://b:1,http://c:1"])
+            .unwrap_err()
+            .contains("GATEWAY_REDIS_CLUSTER_URLS"));
+        let cluster = parse(&["--redis-cluster-urls", "redis://b:1,redis://c:2"]).unwrap();
+        assert_eq!(cluster.redis_cluster_urls, ["redis://b:1", "redis://c:2"]);
     }
 
     #[test]

@@ -91,46 +91,29 @@ impl Node {
             presence_ttl_ms: config.presence_ttl_ms,
         };
 
-        // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted;
-        // the presence object does not exist yet, so the callback looks it up lazily.
+        // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted.
         let presence_slot: Arc<std::sync::OnceLock<Arc<Presence>>> = Arc::default();
-        let broker = match &config.redis_url {
-            None => {
-                metrics.broker_up.set(1);
-                Broker::Memory(Arc::new(MemoryBroker::new(limits, inbound_tx)))
-            }
-            Some(url) => {
-                let slot = presence_slot.clone();
-                let on_reconnect = Arc::new(move || {
-                    if let Some(presence) = slot.get().cloned() {
-                        // Others could not refresh through the outage either.
-                        presence.disturbed("the broker connection was lost");
-                        tokio::spawn(async move {
-                            // The command connection may still be reconnecting: retry a while.
-                            let mut delay = std::time::Duration::from_millis(50);
-                            for attempt in 1..=10 {
-                                match presence.refresh().await {
-                                    Ok(_) => return,
-                                    Err(e) if attempt == 10 => {
-                                        tracing::warn!("re-asserting presence failed: {e}")
-                                    }
-                                    Err(_) => {}
-                                }
-                                tokio::time::sleep(delay).await;
-                                delay = (delay * 2).min(std::time::Duration::from_secs(1));
-                            }
-                        });
-                    }
-                });
-                Broker::Redis(RedisBroker::start(
-                    url,
-                    limits,
-                    metrics.clone(),
-                    inbound_tx,
-                    background_stop.clone(),
-                    on_reconnect,
-                )?)
-            }
+        let broker = if let Some(url) = &config.redis_url {
+            Broker::Redis(RedisBroker::start(
+                url,
+                limits,
+                metrics.clone(),
+                inbound_tx,
+                background_stop.clone(),
+                reassert_presence(presence_slot.clone()),
+            )?)
+        } else if !config.redis_cluster_urls.is_empty() {
+            Broker::Redis(RedisBroker::start_cluster(
+                &config.redis_cluster_urls,
+                limits,
+                metrics.clone(),
+                inbound_tx,
+                background_stop.clone(),
+                reassert_presence(presence_slot.clone()),
+            )?)
+        } else {
+            metrics.broker_up.set(1);
+            Broker::Memory(Arc::new(MemoryBroker::new(limits, inbound_tx)))
         };
         let hub = Arc::new(Hub::new(
             node_id.clone(),
@@ -226,4 +209,32 @@ impl Drop for ConnectionSlot {
         self.node.open_connections.fetch_sub(1, Ordering::AcqRel);
         self.node.metrics.connections_open.dec();
     }
+}
+
+/// What the Redis broker calls after its pub/sub connection (or a cluster shard's) came back:
+/// refresh presence at once, retrying a while — the command connection may still be
+/// reconnecting. The presence object does not exist yet when the broker is made, so the
+/// callback looks it up in `slot`.
+fn reassert_presence(slot: Arc<std::sync::OnceLock<Arc<Presence>>>) -> Arc<dyn Fn() + Send + Sync> {
+    Arc::new(move || {
+        let Some(presence) = slot.get().cloned() else {
+            return;
+        };
+        // Others could not refresh through the outage either.
+        presence.disturbed("the broker connection was lost");
+        tokio::spawn(async move {
+            let mut delay = std::time::Duration::from_millis(50);
+            for attempt in 1..=10 {
+                match presence.refresh().await {
+                    Ok(_) => return,
+                    Err(e) if attempt == 10 => {
+                        tracing::warn!("re-asserting presence failed: {e}")
+                    }
+                    Err(_) => {}
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
+            }
+        });
+    })
 }

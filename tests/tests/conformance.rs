@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
+use e2e::redis_cluster::{ClusterOpts, RedisCluster};
 use e2e::RedisServer;
 use gateway::broker::memory::MemoryBroker;
 use gateway::broker::redis::RedisBroker;
@@ -36,6 +37,7 @@ struct Under {
     shutdown: CancellationToken,
     /// Kept alive for the scenario (stopped on drop).
     _redis: Option<RedisServer>,
+    _cluster: Option<RedisCluster>,
 }
 
 impl Drop for Under {
@@ -55,7 +57,8 @@ fn limits() -> Limits {
     }
 }
 
-/// Every backend, fresh: embedded, and a single Redis of this test's own.
+/// Every backend, fresh: embedded, a single Redis and a Redis Cluster (3 masters; its
+/// failover is tested elsewhere) of this test's own.
 async fn backends() -> Result<Vec<Under>> {
     let (tx, rx) = mpsc::unbounded_channel();
     let embedded = Under {
@@ -64,6 +67,7 @@ async fn backends() -> Result<Vec<Under>> {
         inbound: rx,
         shutdown: CancellationToken::new(),
         _redis: None,
+        _cluster: None,
     };
     let redis = RedisServer::start().await?;
     let (tx, rx) = mpsc::unbounded_channel();
@@ -83,8 +87,33 @@ async fn backends() -> Result<Vec<Under>> {
         inbound: rx,
         shutdown,
         _redis: Some(redis),
+        _cluster: None,
     };
-    Ok(vec![embedded, redis])
+    let cluster = RedisCluster::start(ClusterOpts {
+        replicas_per_master: 0,
+        ..ClusterOpts::default()
+    })
+    .await?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shutdown = CancellationToken::new();
+    let seeds: Vec<String> = cluster.urls().split(',').map(str::to_string).collect();
+    let broker = RedisBroker::start_cluster(
+        &seeds,
+        limits(),
+        Arc::new(gateway::metrics::Metrics::new("conformance")),
+        tx,
+        shutdown.clone(),
+        Arc::new(|| {}),
+    )?;
+    let cluster = Under {
+        name: "redis cluster",
+        broker: Broker::Redis(broker),
+        inbound: rx,
+        shutdown,
+        _redis: None,
+        _cluster: Some(cluster),
+    };
+    Ok(vec![embedded, redis, cluster])
 }
 
 /// Runs each named scenario (a function of `scenarios`) on every backend.

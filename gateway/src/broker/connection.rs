@@ -7,15 +7,44 @@
 //! `{u:…}`, one index partition's `{px:…}`); work on several slots goes out as separate
 //! requests in flight together.
 
+use std::sync::Arc;
+
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
 
+use super::sharded::slot_of;
+
 #[derive(Clone)]
 pub enum Commands {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(Arc<LazyCluster>),
+}
+
+/// A cluster connection made on first use (a node starts before its cluster answers, as it
+/// does before a single Redis answers); a failed attempt is tried again by the next command.
+/// Once made, redis-rs follows MOVED and reconnects to the nodes by itself.
+pub struct LazyCluster {
+    client: ClusterClient,
+    connection: tokio::sync::OnceCell<ClusterConnection>,
+}
+
+impl LazyCluster {
+    pub fn new(client: ClusterClient) -> LazyCluster {
+        LazyCluster {
+            client,
+            connection: tokio::sync::OnceCell::new(),
+        }
+    }
+
+    async fn get(&self) -> RedisResult<ClusterConnection> {
+        self.connection
+            .get_or_try_init(|| self.client.get_async_connection())
+            .await
+            .cloned()
+    }
 }
 
 impl Commands {
@@ -25,11 +54,11 @@ impl Commands {
     pub async fn on_master_of(&mut self, slot_key: &str, cmd: Cmd) -> RedisResult<Value> {
         match self {
             Commands::Single(con) => cmd.query_async(con).await,
-            Commands::Cluster(con) => {
+            Commands::Cluster(lazy) => {
                 let slot = slot_of(slot_key);
                 let route = Route::new(slot, SlotAddr::Master);
                 let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                con.route_command(cmd, routing).await
+                lazy.get().await?.route_command(cmd, routing).await
             }
         }
     }
@@ -39,7 +68,10 @@ impl ConnectionLike for Commands {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Commands::Single(con) => con.req_packed_command(cmd),
-            Commands::Cluster(con) => con.req_packed_command(cmd),
+            Commands::Cluster(lazy) => {
+                let lazy = lazy.clone();
+                Box::pin(async move { lazy.get().await?.req_packed_command(cmd).await })
+            }
         }
     }
 
@@ -51,61 +83,20 @@ impl ConnectionLike for Commands {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Commands::Single(con) => con.req_packed_commands(pipeline, offset, count),
-            Commands::Cluster(con) => con.req_packed_commands(pipeline, offset, count),
+            Commands::Cluster(lazy) => {
+                let lazy = lazy.clone();
+                Box::pin(async move {
+                    let mut con = lazy.get().await?;
+                    con.req_packed_commands(pipeline, offset, count).await
+                })
+            }
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Commands::Single(con) => con.get_db(),
-            Commands::Cluster(con) => con.get_db(),
+            Commands::Cluster(_) => 0, // a cluster has database 0 only
         }
-    }
-}
-
-/// The hash slot of a key (CRC16 of its `{hash tag}`, or of the whole key), as Redis Cluster
-/// computes it.
-pub fn slot_of(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let tagged = bytes.iter().position(|&b| b == b'{').and_then(|open| {
-        let rest = &bytes[open + 1..];
-        let close = rest.iter().position(|&b| b == b'}')?;
-        (close > 0).then(|| &rest[..close])
-    });
-    crc16_xmodem(tagged.unwrap_or(bytes)) % 16384
-}
-
-/// CRC16-CCITT (XMODEM), the checksum Redis Cluster hashes keys with.
-fn crc16_xmodem(data: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in data {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn slots_are_the_ones_redis_computes() {
-        // `CLUSTER KEYSLOT` answers of Redis 7.0.
-        assert_eq!(slot_of("foo"), 12182);
-        assert_eq!(slot_of("123456789"), 12739);
-        assert_eq!(
-            slot_of("{user1000}.following"),
-            slot_of("{user1000}.followers")
-        );
-        assert_eq!(slot_of("gw:{r:lobby}:s"), slot_of("r:lobby"));
-        // An empty tag does not count: the whole key is hashed.
-        assert_eq!(slot_of("foo{}{bar}"), crc16_xmodem(b"foo{}{bar}") % 16384);
     }
 }

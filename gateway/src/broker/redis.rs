@@ -13,11 +13,12 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use redis::{RedisError, Script, Value};
 use tokio_util::sync::CancellationToken;
 
-use super::connection::Commands;
+use super::connection::{Commands, LazyCluster};
 use super::keys::{
     decode_part, encode_part, parse_presence_record, position_field, presence_partition,
     presence_record, room_record_fragment, room_record_of, Keys, PRESENCE_PARTITIONS,
 };
+use super::sharded::{Resubscribed, ShardedSubscriber};
 use super::{
     now_ms, Appended, BrokerError, Inbound, InboundSender, JoinOutcome, LeaveOutcome, Limits,
     MemberPage, Page, Position, Post, PresenceEntry, RoomSummary, Topic, WhenFull,
@@ -48,15 +49,33 @@ struct Scripts {
 }
 
 impl Scripts {
-    fn load() -> Scripts {
+    /// The scripts; `sharded`: they publish with `SPUBLISH` (Redis Cluster, where a classic
+    /// `PUBLISH` goes to every node of the cluster and never reaches a sharded subscriber).
+    fn load(sharded: bool) -> Scripts {
+        let script = |text: &str| {
+            if sharded {
+                Script::new(&text.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'"))
+            } else {
+                Script::new(text)
+            }
+        };
         Scripts {
-            append: Script::new(include_str!("scripts/append.lua")),
-            join: Script::new(include_str!("scripts/join.lua")),
-            leave: Script::new(include_str!("scripts/leave.lua")),
-            prune_room: Script::new(include_str!("scripts/prune_room.lua")),
-            refresh_room: Script::new(include_str!("scripts/refresh_room.lua")),
+            append: script(include_str!("scripts/append.lua")),
+            join: script(include_str!("scripts/join.lua")),
+            leave: script(include_str!("scripts/leave.lua")),
+            prune_room: script(include_str!("scripts/prune_room.lua")),
+            refresh_room: script(include_str!("scripts/refresh_room.lua")),
         }
     }
+}
+
+/// How this node receives what is published.
+enum Receiving {
+    /// Classic pub/sub on one connection to a single Redis, kept by `supervise_pubsub`.
+    Classic(redis::Client),
+    /// Sharded pub/sub on a Redis Cluster: one connection per master, owned by the
+    /// `ShardedSubscriber` (redis-rs's own resubscription is not safe under failover).
+    Sharded(Arc<ShardedSubscriber>),
 }
 
 /// The subscriptions this node wants, and the live pub/sub connection's sink if there is one.
@@ -68,7 +87,7 @@ struct Subscriptions {
 
 pub struct RedisBroker {
     keys: Keys,
-    client: redis::Client,
+    receiving: Receiving,
     commands: Commands,
     /// History reads (replays, gap repair) on a connection of their own: their replies can
     /// be megabytes, and a multiplexed connection answers in order — a publish must not wait
@@ -78,7 +97,8 @@ pub struct RedisBroker {
     reads_in_flight: tokio::sync::Semaphore,
     scripts: Scripts,
     subscriptions: Mutex<Subscriptions>,
-    /// True while the pub/sub connection is up (commands reconnect by themselves).
+    /// True while the pub/sub connection is up (commands reconnect by themselves); always on a
+    /// cluster, whose shards come and go one by one.
     up: AtomicBool,
     /// Follows `up`, for subscribers waiting out a (re)connection.
     connected: tokio::sync::watch::Sender<bool>,
@@ -127,23 +147,87 @@ impl RedisBroker {
             .map_err(unavailable)?;
         let reads =
             ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(unavailable)?;
-        let broker = Arc::new(RedisBroker {
+        let broker = Arc::new(RedisBroker::new(
+            Receiving::Classic(client),
+            Commands::Single(commands),
+            Commands::Single(reads),
+            limits,
+            metrics,
+        ));
+        tokio::spawn(Arc::clone(&broker).probe(shutdown.clone()));
+        tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
+        Ok(broker)
+    }
+
+    fn new(
+        receiving: Receiving,
+        commands: Commands,
+        reads: Commands,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> RedisBroker {
+        let sharded = matches!(receiving, Receiving::Sharded(_));
+        RedisBroker {
             keys: Keys::default(),
-            client,
-            commands: Commands::Single(commands),
-            reads: Commands::Single(reads),
+            receiving,
+            commands,
+            reads,
             reads_in_flight: tokio::sync::Semaphore::new(READS_IN_FLIGHT),
-            scripts: Scripts::load(),
+            scripts: Scripts::load(sharded),
             subscriptions: Mutex::new(Subscriptions::default()),
-            up: AtomicBool::new(false),
-            connected: tokio::sync::watch::Sender::new(false),
+            up: AtomicBool::new(sharded),
+            connected: tokio::sync::watch::Sender::new(sharded),
             responsive: AtomicBool::new(true),
             limits,
             metrics,
             pruned_through: Mutex::new(None),
-        });
+        }
+    }
+
+    /// The broker on a Redis Cluster reached through `seed_urls` (any of its nodes): commands
+    /// routed to the master of their key's slot, sharded pub/sub, scripts that `SPUBLISH`.
+    /// Connected lazily, like `start`; `on_reconnect` runs after every rebuilt shard.
+    pub fn start_cluster(
+        seed_urls: &[String],
+        limits: Limits,
+        metrics: Arc<Metrics>,
+        inbound: InboundSender,
+        shutdown: CancellationToken,
+        on_reconnect: Arc<dyn Fn() + Send + Sync>,
+    ) -> Result<Arc<RedisBroker>, BrokerError> {
+        let connect = || {
+            redis::cluster::ClusterClient::builder(seed_urls.to_vec())
+                .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+                .connection_timeout(Duration::from_secs(2))
+                .response_timeout(Duration::from_secs(5))
+                .retries(3)
+                .build()
+                .map(|client| Commands::Cluster(Arc::new(LazyCluster::new(client))))
+                .map_err(unavailable)
+        };
+        let (commands, reads) = (connect()?, connect()?);
+        let (messages_tx, messages) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let subscriber =
+            ShardedSubscriber::start(seed_urls.to_vec(), messages_tx, events_tx, shutdown.clone());
+        let broker = Arc::new(RedisBroker::new(
+            Receiving::Sharded(subscriber),
+            commands,
+            reads,
+            limits,
+            metrics,
+        ));
+        broker.metrics.broker_up.set(1);
         tokio::spawn(Arc::clone(&broker).probe(shutdown.clone()));
-        tokio::spawn(Arc::clone(&broker).supervise_pubsub(inbound, shutdown, on_reconnect));
+        let keys = broker.keys.clone();
+        tokio::spawn(forward_sharded(
+            keys,
+            messages,
+            events,
+            inbound,
+            shutdown,
+            on_reconnect,
+        ));
         Ok(broker)
     }
 
@@ -185,11 +269,14 @@ impl RedisBroker {
         shutdown: CancellationToken,
         on_reconnect: Arc<dyn Fn() + Send + Sync>,
     ) {
+        let Receiving::Classic(client) = &self.receiving else {
+            return; // sharded: the ShardedSubscriber keeps its own connections
+        };
         let mut backoff = Duration::from_millis(50);
         let mut connected_before = false;
         loop {
             let attempt = async {
-                let pubsub = self.client.get_async_pubsub().await?;
+                let pubsub = client.get_async_pubsub().await?;
                 let (mut sink, stream) = pubsub.split();
                 let wanted: Vec<String> = {
                     let mut subs = self.subscriptions.lock().expect("subscriptions lock");
@@ -268,6 +355,16 @@ impl RedisBroker {
     pub async fn subscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
         let channel = self.keys.channel(topic);
         let channel = channel.as_str();
+        if let Receiving::Sharded(subscriber) = &self.receiving {
+            return self
+                .timed_broker("subscribe", async {
+                    subscriber
+                        .subscribe(channel)
+                        .await
+                        .map_err(|e| BrokerError::Unavailable(e.to_string()))
+                })
+                .await;
+        }
         let mut sink = {
             let mut subs = self.subscriptions.lock().expect("subscriptions lock");
             subs.wanted.insert(channel.to_string());
@@ -313,6 +410,10 @@ impl RedisBroker {
     pub async fn unsubscribe(&self, topic: &Topic) -> Result<(), BrokerError> {
         let channel = self.keys.channel(topic);
         let channel = channel.as_str();
+        if let Receiving::Sharded(subscriber) = &self.receiving {
+            subscriber.unsubscribe(channel).await;
+            return Ok(());
+        }
         let sink = {
             let mut subs = self.subscriptions.lock().expect("subscriptions lock");
             subs.wanted.remove(channel);
@@ -323,6 +424,24 @@ impl RedisBroker {
             // Not connected: the channel is no longer wanted, so it won't be re-subscribed.
             None => Ok(()),
         }
+    }
+
+    /// Runs a broker future, recording its latency and errors under `op`.
+    async fn timed_broker<T>(
+        &self,
+        op: &'static str,
+        fut: impl std::future::Future<Output = Result<T, BrokerError>>,
+    ) -> Result<T, BrokerError> {
+        let started = Instant::now();
+        let result = fut.await;
+        self.metrics
+            .redis_command_duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        if result.is_err() {
+            self.metrics.redis_errors.with_label_values(&[op]).inc();
+        }
+        result
     }
 
     /// Runs a Redis future, recording its latency and errors under `op`.
@@ -350,18 +469,30 @@ impl RedisBroker {
     fn append_call(&self, post: &Post) -> redis::Cmd {
         let stream = self.keys.stream(&post.topic);
         let marker = trim_marker(&stream);
-        let (count_key, seen_key) = match &post.topic {
-            Topic::Room(room) => (self.keys.room_users(room), String::new()),
-            Topic::User(user) if post.recipient_must_exist => {
-                (String::new(), self.keys.user_seen(user))
+        // Unused optional keys are the stream's own name: one hash slot for the whole call.
+        let mut used = String::new();
+        let mut optional = |key: Option<String>, flag: char| match key {
+            Some(key) => {
+                used.push(flag);
+                key
             }
-            Topic::User(_) => (String::new(), String::new()),
+            None => stream.clone(),
         };
-        let dedup = post
-            .dedup_id
-            .as_deref()
-            .map(|id| self.keys.dedup(&post.topic, &post.sender, id))
-            .unwrap_or_default();
+        let dedup = optional(
+            post.dedup_id
+                .as_deref()
+                .map(|id| self.keys.dedup(&post.topic, &post.sender, id)),
+            'd',
+        );
+        let (count_key, seen_key) = match &post.topic {
+            Topic::Room(room) => (Some(self.keys.room_users(room)), None),
+            Topic::User(user) => (
+                None,
+                post.recipient_must_exist.then(|| self.keys.user_seen(user)),
+            ),
+        };
+        let count_key = optional(count_key, 'c');
+        let seen_key = optional(seen_key, 'r');
         let mut call = redis::cmd("EVALSHA");
         call.arg(self.scripts.append.get_hash())
             .arg(5)
@@ -382,7 +513,8 @@ impl RedisBroker {
                 WhenFull::Refuse => "refuse",
                 WhenFull::Trim => "trim",
             })
-            .arg(self.limits.history_ttl_ms);
+            .arg(self.limits.history_ttl_ms)
+            .arg(used);
         call
     }
 
@@ -1067,10 +1199,13 @@ impl RedisBroker {
         let mut con = self.commands.clone();
         self.timed(
             "publish",
-            redis::cmd("PUBLISH")
-                .arg(self.keys.channel(topic))
-                .arg(payload)
-                .query_async::<u64>(&mut con),
+            redis::cmd(match self.receiving {
+                Receiving::Classic(_) => "PUBLISH",
+                Receiving::Sharded(_) => "SPUBLISH",
+            })
+            .arg(self.keys.channel(topic))
+            .arg(payload)
+            .query_async::<u64>(&mut con),
         )
         .await
         .map(drop)
@@ -1080,6 +1215,51 @@ impl RedisBroker {
 /// The key holding the id of the newest entry trimmed from `stream_key`.
 fn trim_marker(stream_key: &str) -> String {
     format!("{stream_key}:t")
+}
+
+/// Hands the sharded subscriber's messages to the hub as topics, and each rebuilt shard as a
+/// `Resubscribed` (the hub reads the gap back from the streams; presence is re-asserted).
+async fn forward_sharded(
+    keys: Keys,
+    mut messages: tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
+    mut events: tokio::sync::mpsc::UnboundedReceiver<Resubscribed>,
+    inbound: InboundSender,
+    shutdown: CancellationToken,
+    on_reconnect: Arc<dyn Fn() + Send + Sync>,
+) {
+    loop {
+        let forwarded = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            message = messages.recv() => match message {
+                None => return,
+                Some((channel, payload)) => match keys.topic_of_channel(&channel) {
+                    Some(topic) => inbound.send(Inbound::Message { topic, payload }),
+                    None => {
+                        tracing::warn!(channel, "message on a channel this node never subscribed to");
+                        Ok(())
+                    }
+                },
+            },
+            event = events.recv() => match event {
+                None => return,
+                Some(event) => {
+                    tracing::info!(
+                        node = event.node,
+                        cause = event.cause,
+                        channels = event.channels.len(),
+                        lost_for = ?event.lost_for,
+                        "redis cluster shard resubscribed"
+                    );
+                    let sent = inbound.send(Inbound::Resubscribed);
+                    on_reconnect();
+                    sent
+                }
+            },
+        };
+        if forwarded.is_err() {
+            return; // the hub is gone: shutting down
+        }
+    }
 }
 
 /// Runs requests together; the first error, if any.
