@@ -72,6 +72,10 @@ pub struct SuiteArgs {
     /// Idle logged-in connections per system in the peers phase.
     #[arg(long, default_value_t = 5_000)]
     pub peer_idle: usize,
+    /// Connect rate of the peers phase's big-room runs: every login is announced to the whole
+    /// room by the tutorial's protocol, so a room of 1000 costs ~500k frames to fill.
+    #[arg(long, default_value_t = 250.0)]
+    pub peer_connect_rate: f64,
     /// Messages/s into the big room in the peers phase's chat-rate runs.
     #[arg(long, default_value_t = 20.0)]
     pub peer_rate: f64,
@@ -1145,7 +1149,7 @@ fn write_reports(
     let settings = serde_json::json!({
         "nodes": a.nodes, "duration_s": a.duration, "members": a.members, "window": a.window,
         "idle_per_node": a.idle_per_node, "idle_nginx": a.idle_nginx, "frame_bytes": suite.frame_bytes,
-        "peer_idle": a.peer_idle, "peer_rate": a.peer_rate,
+        "peer_idle": a.peer_idle, "peer_rate": a.peer_rate, "peer_connect_rate": a.peer_connect_rate,
         "gateway_bin": gateway_bin.display().to_string(),
         "gateway_env": "GATEWAY_MAX_CONNECTIONS=19500, GATEWAY_TRUSTED_PROXIES=127.0.0.1, others default",
         "nginx": "deploy/nginx/nginx.conf.template, worker_connections 19000, worker_rlimit_nofile 20000",

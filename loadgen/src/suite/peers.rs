@@ -269,7 +269,7 @@ impl Suite<'_> {
             let servers = self.start_system(system)?;
             self.peer_idle(system, &servers)?;
             let a = self.a;
-            let chat = bigroom_args(&servers, a.members, a.duration, a.peer_rate, None);
+            let chat = bigroom_args(a, &servers, a.peer_rate, None);
             self.runner.run(
                 &system.chat_run(),
                 "direct",
@@ -277,7 +277,7 @@ impl Suite<'_> {
                 &servers.groups,
                 no_during,
             )?;
-            let max = bigroom_args(&servers, a.members, a.duration, 0.0, Some(a.window));
+            let max = bigroom_args(a, &servers, 0.0, Some(a.window));
             let run = self.runner.run(
                 &system.max_run(),
                 "direct",
@@ -368,13 +368,7 @@ impl Suite<'_> {
 }
 
 /// `bigroom` against a system: `rate` messages/s (0 = closed loop with `window`).
-fn bigroom_args(
-    servers: &Servers,
-    members: usize,
-    duration: f64,
-    rate: f64,
-    window: Option<u64>,
-) -> Vec<String> {
+fn bigroom_args(a: &SuiteArgs, servers: &Servers, rate: f64, window: Option<u64>) -> Vec<String> {
     let mut args = vec![
         s("bigroom"),
         s("--url"),
@@ -382,9 +376,11 @@ fn bigroom_args(
         s("--proto"),
         s(servers.proto),
         s("-c"),
-        s(members),
+        s(a.members),
         s("-d"),
-        s(duration),
+        s(a.duration),
+        s("--connect-rate"),
+        s(a.peer_connect_rate),
         s("--rate"),
         s(rate),
         s("--senders"),
