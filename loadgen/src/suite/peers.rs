@@ -17,8 +17,8 @@ use e2e::{free_port, Proc};
 use serde::Serialize;
 
 use super::{
-    ceiling_run, cmd_out, find, no_during, rss_of, s, spawn_graceful, wait_for, Groups, Run, Stack,
-    Suite, SuiteArgs,
+    ceiling_run, cmd_out, cpu_of, find, no_during, rss_of, s, spawn_graceful, wait_for, Groups,
+    Run, Stack, Suite, SuiteArgs,
 };
 
 /// A system under test.
@@ -270,6 +270,7 @@ impl Suite<'_> {
             self.peer_idle(system, &servers)?;
             let a = self.a;
             let chat = bigroom_args(a, &servers, a.peer_rate, None);
+            settle(&servers.pids);
             self.runner.run(
                 &system.chat_run(),
                 "direct",
@@ -278,6 +279,7 @@ impl Suite<'_> {
                 no_during,
             )?;
             let max = bigroom_args(a, &servers, 0.0, Some(a.window));
+            settle(&servers.pids);
             let run = self.runner.run(
                 &system.max_run(),
                 "direct",
@@ -365,6 +367,23 @@ impl Suite<'_> {
         });
         Ok(())
     }
+}
+
+/// Waits (at most 60 s) until the servers are quiet (under 5% of a core for half a second):
+/// a closed run's leave broadcasts (~500k frames for a room of 1000 in the tutorial's protocol)
+/// must not fall into the next run's connect phase.
+fn settle(pids: &[u32]) {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let mut last = cpu_of(pids);
+    while std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = cpu_of(pids);
+        if now - last < 0.025 {
+            return;
+        }
+        last = now;
+    }
+    eprintln!("suite: the servers did not go quiet within 60 s");
 }
 
 /// `bigroom` against a system: `rate` messages/s (0 = closed loop with `window`).
