@@ -74,8 +74,9 @@ pub struct SuiteArgs {
     pub peer_idle: usize,
     /// Connect rate of the peers phase's big-room runs: every login is announced to the whole
     /// room by the tutorial's protocol, so a room of 1000 costs ~500k frames to fill (at 250/s
-    /// Socket.IO let 35-92 of 1000 connections time out on this machine while it was shared).
-    #[arg(long, default_value_t = 100.0)]
+    /// and 100/s the Node servers let up to 92 of 1000 connections time out on this machine
+    /// while it was shared).
+    #[arg(long, default_value_t = 50.0)]
     pub peer_connect_rate: f64,
     /// Messages/s into the big room in the peers phase's chat-rate runs.
     #[arg(long, default_value_t = 20.0)]
