@@ -1,15 +1,170 @@
 //! Targets (with the loopback safety check), connecting with a chosen source address (the
-//! upgrade is `e2e::wire`'s), the message `content` codec and per-sender sequence tracking.
+//! upgrade is `e2e::wire`'s), the connection in the protocol it speaks (the gateway's JSON
+//! frames, or those frames as Socket.IO events), the message `content` codec and per-sender
+//! sequence tracking.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs};
+use std::pin::Pin;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use e2e::wire;
+use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use serde::Serialize;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-pub type Ws = WebSocketStream<TcpStream>;
+use crate::socketio::{self, Packet};
+
+/// What the target speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// The gateway's JSON text frames (the tutorial's server speaks them too).
+    #[default]
+    Json,
+    /// Socket.IO v5 over Engine.IO v4, websocket transport only: every frame is the payload
+    /// of an event (`socketio.rs`); the URL is the server's `/socket.io/?EIO=4&transport=websocket`.
+    Socketio,
+}
+
+/// A connection: a WebSocket, read and written as gateway frames whatever the protocol.
+/// Over Socket.IO, a frame sent goes out as an event, an event received comes in as its
+/// payload, the server's pings are answered while reading, and its disconnect reads as a
+/// close.
+pub struct Ws {
+    inner: WebSocketStream<TcpStream>,
+    proto: Proto,
+    /// Pongs owed to the server (Socket.IO), and whether one is written but not flushed.
+    pongs_due: u32,
+    unflushed: bool,
+}
+
+impl Ws {
+    fn new(inner: WebSocketStream<TcpStream>, proto: Proto) -> Ws {
+        Ws {
+            inner,
+            proto,
+            pongs_due: 0,
+            unflushed: false,
+        }
+    }
+
+    /// Sends a close frame and flushes (the WebSocket close handshake's first half).
+    pub async fn close(&mut self, frame: Option<CloseFrame>) -> Result<(), WsError> {
+        self.inner.close(frame).await
+    }
+
+    /// Writes the pongs owed and flushes them, as far as the socket takes them now.
+    fn poll_pongs(&mut self, cx: &mut TaskContext<'_>) -> Result<(), WsError> {
+        while self.pongs_due > 0 {
+            match self.inner.poll_ready_unpin(cx) {
+                Poll::Ready(Ok(())) => {
+                    self.inner.start_send_unpin(Message::text(socketio::PONG))?;
+                    self.pongs_due -= 1;
+                    self.unflushed = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if self.unflushed {
+            if let Poll::Ready(r) = self.inner.poll_flush_unpin(cx) {
+                self.unflushed = false;
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Socket.IO's handshake after the upgrade: the server's open packet, our namespace
+    /// connect (`40`), its answer.
+    async fn socketio_handshake(&mut self) -> Result<()> {
+        let mut opened = false;
+        loop {
+            let text = match self.inner.next().await {
+                Some(Ok(Message::Text(t))) => t,
+                Some(Ok(Message::Close(c))) => {
+                    bail!("closed in the handshake: {}", wire::close_text(c.as_ref()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => bail!("connection ended in the handshake"),
+            };
+            match socketio::parse(&text)? {
+                Packet::Open(_) if !opened => {
+                    opened = true;
+                    self.inner.send(Message::text(socketio::CONNECT)).await?;
+                }
+                Packet::Ping => self.inner.send(Message::text(socketio::PONG)).await?,
+                Packet::Connect(_) if opened => return Ok(()),
+                Packet::ConnectError(e) => bail!("namespace refused: {e}"),
+                Packet::Close | Packet::Disconnect => bail!("disconnected in the handshake"),
+                other => bail!("unexpected packet in the handshake: {other:?}"),
+            }
+        }
+    }
+}
+
+impl Stream for Ws {
+    type Item = Result<Message, WsError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.proto == Proto::Json {
+            return this.inner.poll_next_unpin(cx);
+        }
+        loop {
+            if let Err(e) = this.poll_pongs(cx) {
+                return Poll::Ready(Some(Err(e)));
+            }
+            let text = match this.inner.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(Message::Text(t)))) => t,
+                other => return other,
+            };
+            match socketio::parse(&text) {
+                Ok(Packet::Event { payload, .. }) => {
+                    return Poll::Ready(Some(Ok(Message::text(payload))))
+                }
+                Ok(Packet::Ping) => this.pongs_due += 1,
+                Ok(Packet::Close | Packet::Disconnect | Packet::ConnectError(_)) => {
+                    return Poll::Ready(Some(Ok(Message::Close(None))))
+                }
+                // Not a frame of the protocol: handed on for the reader to count.
+                Err(_) => return Poll::Ready(Some(Ok(Message::Text(text)))),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+impl Sink<Message> for Ws {
+    type Error = WsError;
+
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), WsError>> {
+        self.get_mut().inner.poll_ready_unpin(cx)
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Message) -> Result<(), WsError> {
+        let this = self.get_mut();
+        let item = match (this.proto, item) {
+            (Proto::Socketio, Message::Text(t)) => Message::text(socketio::frame_as_event(&t)),
+            (_, item) => item,
+        };
+        this.inner.start_send_unpin(item)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), WsError>> {
+        self.get_mut().inner.poll_flush_unpin(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Result<(), WsError>> {
+        self.get_mut().inner.poll_close_unpin(cx)
+    }
+}
 
 /// One `ws://host:port/path` target, resolved.
 #[derive(Debug, Clone)]
@@ -81,9 +236,14 @@ pub fn source_addrs(first: usize, count: usize) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Opens a TCP connection (from `source` when the target is IPv4 loopback) and does the
-/// WebSocket handshake.
-pub async fn connect(target: &Target, source: Option<IpAddr>, timeout: Duration) -> Result<Ws> {
+/// Opens a TCP connection (from `source` when the target is IPv4 loopback), does the
+/// WebSocket handshake, and Socket.IO's when the target speaks it.
+pub async fn connect(
+    target: &Target,
+    proto: Proto,
+    source: Option<IpAddr>,
+    timeout: Duration,
+) -> Result<Ws> {
     let fut = async {
         let socket = if target.addr.is_ipv4() {
             TcpSocket::new_v4()?
@@ -106,7 +266,13 @@ pub async fn connect(target: &Target, source: Option<IpAddr>, timeout: Duration)
         }
         let stream = socket.connect(target.addr).await?;
         stream.set_nodelay(true)?;
-        wire::connect_over(&target.url, stream, &wire::Opts::default().small_buffers()).await
+        let ws =
+            wire::connect_over(&target.url, stream, &wire::Opts::default().small_buffers()).await?;
+        let mut ws = Ws::new(ws, proto);
+        if proto == Proto::Socketio {
+            ws.socketio_handshake().await?;
+        }
+        Ok(ws)
     };
     tokio::time::timeout(timeout, fut)
         .await

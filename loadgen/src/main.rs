@@ -8,6 +8,7 @@
 mod ceiling;
 mod conn;
 mod run;
+mod socketio;
 mod stats;
 mod suite;
 mod workers;
@@ -61,6 +62,10 @@ pub struct Common {
     /// over them round-robin.
     #[arg(long = "url", required = true)]
     pub urls: Vec<String>,
+    /// What the targets speak: the gateway's JSON frames (also the tutorial's server), or
+    /// Socket.IO (URLs `ws://host:port/socket.io/?EIO=4&transport=websocket`).
+    #[arg(long, value_enum, default_value_t = conn::Proto::Json)]
+    pub proto: conn::Proto,
     /// Allow a non-loopback host (by exact name); nothing else is ever loaded.
     #[arg(long)]
     pub allow_host: Vec<String>,
@@ -96,6 +101,10 @@ pub struct Common {
     /// Create this file once every connection is in (for the suite's memory sampling).
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
+    /// Create this file once the drain is over, before the connections close (one process
+    /// only: a run of several worker processes creates it when they have all exited).
+    #[arg(long)]
+    pub drained_file: Option<PathBuf>,
     /// No progress lines.
     #[arg(long)]
     pub quiet: bool,
@@ -200,6 +209,7 @@ struct CeilingArgs {
 fn base_spec(kind: Kind, c: &Common) -> Spec {
     Spec {
         kind,
+        proto: c.proto,
         connections: c.connections,
         duration_s: c.duration,
         connect_rate: c.connect_rate,

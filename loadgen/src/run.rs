@@ -46,6 +46,8 @@ impl Kind {
 #[derive(Debug, Clone, Serialize)]
 pub struct Spec {
     pub kind: Kind,
+    /// What the targets speak.
+    pub proto: conn::Proto,
     pub connections: usize,
     pub duration_s: f64,
     pub connect_rate: f64,
@@ -230,6 +232,8 @@ pub trait Control: Send + Sync {
     fn progress(&self, stats: &Stats, elapsed: f64);
     /// Called when every connection is in (or failed); returns when the run may start.
     fn ready(&self) -> impl std::future::Future<Output = ()> + Send;
+    /// Called when the drain is over, before the connections close.
+    fn drained(&self) {}
 }
 
 /// Runs this process's share; returns its report.
@@ -259,6 +263,7 @@ pub async fn run(
     let cpu_at_run = e2e::procfs::cpu_seconds("self");
     let phase_s = run_phase(&ctx, &phase_tx, control, &mut clock).await;
     drain_phase(&ctx, &phase_tx).await;
+    control.drained();
     control.progress(&ctx.stats, t0.elapsed().as_secs_f64());
     stop(&phase_tx, &mut tasks).await;
 
@@ -536,7 +541,14 @@ async fn conn_task(
     loop {
         let t = Instant::now();
         let source = (!ctx.sources.is_empty()).then(|| ctx.sources[spec.index % ctx.sources.len()]);
-        let ws = match conn::connect(&ctx.targets[target], source, Duration::from_secs(15)).await {
+        let ws = match conn::connect(
+            &ctx.targets[target],
+            ctx.spec.proto,
+            source,
+            Duration::from_secs(15),
+        )
+        .await
+        {
             Ok(ws) => ws,
             Err(e) => {
                 Stats::add(&ctx.stats.connect_errors, 1);
@@ -1114,16 +1126,22 @@ async fn churn_slot(ctx: Arc<Ctx>, spec: ConnSpec) {
         let source = (!ctx.sources.is_empty())
             .then(|| ctx.sources[(spec.index + cycle) % ctx.sources.len()]);
         cycle += 1;
-        let mut ws =
-            match conn::connect(&ctx.targets[target], source, Duration::from_secs(15)).await {
-                Ok(ws) => ws,
-                Err(e) => {
-                    Stats::add(&ctx.stats.connect_errors, 1);
-                    ctx.stats.error(&format!("connect: {}", short_err(&e)));
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    continue;
-                }
-            };
+        let mut ws = match conn::connect(
+            &ctx.targets[target],
+            ctx.spec.proto,
+            source,
+            Duration::from_secs(15),
+        )
+        .await
+        {
+            Ok(ws) => ws,
+            Err(e) => {
+                Stats::add(&ctx.stats.connect_errors, 1);
+                ctx.stats.error(&format!("connect: {}", short_err(&e)));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
         target = (target + 1) % ctx.targets.len();
         ctx.stats.opened(t.elapsed().as_micros() as u64);
         let room = format!(

@@ -16,6 +16,8 @@ use serde::Serialize;
 
 use crate::stats::Report;
 
+mod peers;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct SuiteArgs {
     /// The gateway binary (default: $GATEWAY_BIN, else <root>/target/release/gateway).
@@ -58,7 +60,28 @@ pub struct SuiteArgs {
     pub stretch: usize,
     #[arg(long, default_value_t = 6)]
     pub stretch_nodes: usize,
-    /// Scenarios to run (default all): ceiling,bigroom,latency,rooms,churn,reliable,idle.
+    /// Node.js, for the peers (the tutorial's server and Socket.IO).
+    #[arg(long, default_value = "node")]
+    pub node_bin: PathBuf,
+    /// npm, to install a peer's locked dependencies when its node_modules is missing.
+    #[arg(long, default_value = "npm")]
+    pub npm_bin: PathBuf,
+    /// The peers' sources (default: <root>/peers).
+    #[arg(long)]
+    pub peers_dir: Option<PathBuf>,
+    /// Idle logged-in connections per system in the peers phase.
+    #[arg(long, default_value_t = 5_000)]
+    pub peer_idle: usize,
+    /// Connect rate of the peers phase's big-room runs: every login is announced to the whole
+    /// room by the tutorial's protocol, so a room of 1000 costs ~500k frames to fill (at 250/s
+    /// and 100/s the Node servers let up to 92 of 1000 connections time out on this machine
+    /// while it was shared).
+    #[arg(long, default_value_t = 50.0)]
+    pub peer_connect_rate: f64,
+    /// Messages/s into the big room in the peers phase's chat-rate runs.
+    #[arg(long, default_value_t = 20.0)]
+    pub peer_rate: f64,
+    /// Scenarios to run (default all): ceiling,bigroom,latency,rooms,churn,reliable,idle,peers.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<String>,
     /// Profile the gateways with `perf` during the big-room run through nginx.
@@ -294,12 +317,14 @@ struct Cpu {
     nginx: f64,
     redis: f64,
     ceiling_server: f64,
+    /// The peers' Node processes (the tutorial's server, Socket.IO).
+    peers: f64,
     generator: f64,
 }
 
 impl Cpu {
     fn total(&self) -> f64 {
-        self.gateways + self.nginx + self.redis + self.ceiling_server + self.generator
+        self.gateways + self.nginx + self.redis + self.ceiling_server + self.peers + self.generator
     }
 }
 
@@ -320,6 +345,7 @@ struct Groups {
     nginx: Option<u32>,
     redis: Option<u32>,
     ceiling: Option<u32>,
+    peers: Vec<u32>,
 }
 
 impl Groups {
@@ -329,6 +355,7 @@ impl Groups {
             nginx: self.nginx.map(|p| cpu_of(&with_children(p))).unwrap_or(0.0),
             redis: self.redis.map(|p| cpu_of(&[p])).unwrap_or(0.0),
             ceiling_server: self.ceiling.map(|p| cpu_of(&[p])).unwrap_or(0.0),
+            peers: cpu_of(&self.peers),
             generator: 0.0,
         }
     }
@@ -338,6 +365,9 @@ struct Runner {
     exe: PathBuf,
     work: PathBuf,
     runs: Vec<Run>,
+    /// Sample the servers' CPU when the generator's drain ends (`--drained-file`) instead of
+    /// when it exits (the peers phase).
+    until_drained: bool,
 }
 
 impl Runner {
@@ -352,8 +382,10 @@ impl Runner {
     ) -> Result<Run> {
         let json = self.work.join(format!("{name}.json"));
         let ready = self.work.join(format!("{name}.ready"));
+        let drained = self.work.join(format!("{name}.drained"));
         let _ = std::fs::remove_file(&json);
         let _ = std::fs::remove_file(&ready);
+        let _ = std::fs::remove_file(&drained);
         let log = std::fs::File::create(self.work.join(format!("{name}.log")))?;
         let mut full: Vec<String> = args.to_vec();
         full.extend([
@@ -362,6 +394,9 @@ impl Runner {
             "--ready-file".into(),
             ready.display().to_string(),
         ]);
+        if self.until_drained {
+            full.extend(["--drained-file".into(), drained.display().to_string()]);
+        }
         let command = format!("loadgen {}", args.join(" "));
         eprintln!("suite: {name}: {command}");
         let mut p = spawn_graceful(
@@ -382,12 +417,18 @@ impl Runner {
         let jiffies = machine_jiffies();
         let t = Instant::now();
         during(&ready, &mut p)?;
-        let status = p
-            .wait_blocking()
-            .with_context(|| format!("waiting for {}", p.name))?;
+        if self.until_drained {
+            // Up to the end of the drain: not the closes (and the leave broadcasts they cause).
+            wait_for(&format!("{name} drained"), Duration::from_secs(900), || {
+                drained.exists() || !p.is_running()
+            })?;
+        }
         let wall_s = t.elapsed().as_secs_f64();
         let after = groups.sample();
         let jiffies_after = machine_jiffies();
+        let status = p
+            .wait_blocking()
+            .with_context(|| format!("waiting for {}", p.name))?;
         let busy = jiffies_after.0.saturating_sub(jiffies.0) as f64;
         let machine_busy_cores = busy / clock_ticks() / wall_s.max(1e-3);
         if !status.success() {
@@ -402,6 +443,7 @@ impl Runner {
             nginx: after.nginx - before.nginx,
             redis: after.redis - before.redis,
             ceiling_server: after.ceiling_server - before.ceiling_server,
+            peers: after.peers - before.peers,
             generator: report.cpu_s,
         };
         eprintln!(
@@ -544,6 +586,7 @@ struct SuiteJson<'a> {
     settings: serde_json::Value,
     runs: &'a [Run],
     idle: &'a [Idle],
+    peer_idle: &'a [peers::PeerIdle],
     profile: &'a str,
 }
 
@@ -573,11 +616,16 @@ pub fn main(a: SuiteArgs) -> Result<()> {
         redis_port: 0,
         nodes: Vec::new(),
     };
-    stack.start_redis(&a.redis_bin)?;
-    stack.start_nodes(a.nodes)?;
-    let node_ports: Vec<u16> = stack.nodes.iter().map(|n| n.1).collect();
-    let (nginx, nginx_port) = stack.start_nginx("main", &node_ports, 2)?;
-    let mut suite = Suite::new(&a, stack, &nginx, nginx_port, work)?;
+    // The peers phase starts stacks of its own: alone, it needs neither the main stack nor nginx.
+    let peers_only = a.only.iter().all(|o| o == "peers") && !a.only.is_empty();
+    let mut nginx = None;
+    if !peers_only {
+        stack.start_redis(&a.redis_bin)?;
+        stack.start_nodes(a.nodes)?;
+        let node_ports: Vec<u16> = stack.nodes.iter().map(|n| n.1).collect();
+        nginx = Some(stack.start_nginx("main", &node_ports, 2)?);
+    }
+    let mut suite = Suite::new(&a, stack, nginx.as_ref(), work)?;
     suite.bigroom_max()?;
     suite.ceiling_max()?;
     suite.latency_fractions()?;
@@ -585,6 +633,7 @@ pub fn main(a: SuiteArgs) -> Result<()> {
     suite.rooms()?;
     suite.churn()?;
     suite.reliable()?;
+    suite.peers()?;
     drop(nginx);
     let idles = suite.idle()?;
     write_reports(&a, &root, &gateway_bin, &command, &machine, &suite, &idles)
@@ -628,21 +677,24 @@ struct Suite<'a> {
     max_rate: std::collections::HashMap<&'static str, f64>,
     /// The gateways' `perf report` during the big room through nginx (`--perf`).
     profile: String,
+    /// The peers phase's idle runs.
+    peer_idles: Vec<peers::PeerIdle>,
 }
 
 impl<'a> Suite<'a> {
     fn new(
         a: &'a SuiteArgs,
         stack: Stack,
-        nginx: &Proc,
-        nginx_port: u16,
+        nginx: Option<&(Proc, u16)>,
         work: PathBuf,
     ) -> Result<Suite<'a>> {
+        let nginx_port = nginx.map(|n| n.1).unwrap_or(0);
         let groups = Groups {
             gateways: stack.node_pids(),
-            nginx: Some(nginx.spawned_pid()),
+            nginx: nginx.map(|n| n.0.spawned_pid()),
             redis: stack.redis.as_ref().map(|r| r.spawned_pid()),
             ceiling: None,
+            peers: vec![],
         };
         Ok(Suite {
             a,
@@ -653,11 +705,13 @@ impl<'a> Suite<'a> {
                 exe: std::env::current_exe()?,
                 work,
                 runs: Vec::new(),
+                until_drained: false,
             },
             groups,
             frame_bytes: 260,
             max_rate: std::collections::HashMap::new(),
             profile: String::new(),
+            peer_idles: Vec::new(),
         })
     }
 
@@ -1097,12 +1151,26 @@ fn write_reports(
     let settings = serde_json::json!({
         "nodes": a.nodes, "duration_s": a.duration, "members": a.members, "window": a.window,
         "idle_per_node": a.idle_per_node, "idle_nginx": a.idle_nginx, "frame_bytes": suite.frame_bytes,
+        "peer_idle": a.peer_idle, "peer_rate": a.peer_rate, "peer_connect_rate": a.peer_connect_rate,
         "gateway_bin": gateway_bin.display().to_string(),
         "gateway_env": "GATEWAY_MAX_CONNECTIONS=19500, GATEWAY_TRUSTED_PROXIES=127.0.0.1, others default",
         "nginx": "deploy/nginx/nginx.conf.template, worker_connections 19000, worker_rlimit_nofile 20000",
     });
     let runs = &suite.runner.runs;
-    let doc = markdown(command, machine, &settings, runs, idles, &suite.profile);
+    let peers_md = if runs.iter().any(|r| r.name.starts_with("peer-")) {
+        peers::section(runs, &suite.peer_idles, a)
+    } else {
+        String::new()
+    };
+    let doc = markdown(
+        command,
+        machine,
+        &settings,
+        runs,
+        idles,
+        &suite.profile,
+        &peers_md,
+    );
     let out = root.join(&a.out);
     std::fs::write(&out, doc)?;
     let json = SuiteJson {
@@ -1111,6 +1179,7 @@ fn write_reports(
         settings,
         runs,
         idle: idles,
+        peer_idle: &suite.peer_idles,
         profile: &suite.profile,
     };
     let mut runs_json = serde_json::to_value(&json)?;
@@ -1196,6 +1265,7 @@ fn idle_run(
         nginx: nginx.map(|(p, _, _)| p.spawned_pid()),
         redis: None,
         ceiling: None,
+        peers: vec![],
     };
     let mut after = Vec::new();
     let mut nginx_rss = 0;
@@ -1264,6 +1334,7 @@ fn markdown(
     runs: &[Run],
     idles: &[Idle],
     profile: &str,
+    peers_md: &str,
 ) -> String {
     let mut o = String::new();
     o.push_str(&intro(command, m, settings));
@@ -1275,6 +1346,7 @@ fn markdown(
     if !idles.is_empty() {
         o.push_str(&idle_section(idles));
     }
+    o.push_str(peers_md);
     if !profile.is_empty() {
         o.push_str("## Where the gateways' time goes (perf, big room through nginx)\n\n```\n");
         o.push_str(profile);
@@ -1546,6 +1618,7 @@ fn cpu_section(runs: &[Run], cores: usize) -> String {
         "nginx",
         "Redis",
         "ceiling server",
+        "peer servers",
         "generator",
         "total",
         "cores busy: measured / whole machine",
@@ -1560,6 +1633,7 @@ fn cpu_section(runs: &[Run], cores: usize) -> String {
             us_per(c.nginx, d),
             us_per(c.redis, d),
             us_per(c.ceiling_server, d),
+            us_per(c.peers, d),
             us_per(c.generator, d),
             us_per(c.total(), d),
             format!(
@@ -1672,6 +1746,7 @@ fn ceiling_run(
         nginx: ng.as_ref().map(|n| n.spawned_pid()),
         redis: None,
         ceiling: Some(server.spawned_pid()),
+        peers: vec![],
     };
     let args = vec![
         s("ceiling"),

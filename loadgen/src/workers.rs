@@ -30,6 +30,7 @@ pub fn per_process_capacity(limit: u64) -> usize {
 struct LocalControl {
     quiet: bool,
     ready_file: Option<std::path::PathBuf>,
+    drained_file: Option<std::path::PathBuf>,
     last: Mutex<(Progress, Instant)>,
 }
 
@@ -48,6 +49,12 @@ impl Control for LocalControl {
     async fn ready(&self) {
         if let Some(f) = &self.ready_file {
             let _ = std::fs::write(f, b"ready\n");
+        }
+    }
+
+    fn drained(&self) {
+        if let Some(f) = &self.drained_file {
+            let _ = std::fs::write(f, b"drained\n");
         }
     }
 }
@@ -125,6 +132,7 @@ pub fn main(common: Common, spec: Spec, targets: Vec<Target>) -> Result<()> {
         let control = LocalControl {
             quiet: common.quiet,
             ready_file: common.ready_file.clone(),
+            drained_file: common.drained_file.clone(),
             last: Mutex::new((Progress::default(), Instant::now())),
         };
         rt.block_on(run::run(
@@ -198,6 +206,9 @@ async fn parent(common: &Common, spec: &Spec, n: usize) -> Result<Report> {
     })
     .await?;
     drop(workers.stdins);
+    if let Some(f) = &common.drained_file {
+        let _ = std::fs::write(f, b"drained\n");
+    }
     let mut parts = Vec::new();
     for f in &workers.files {
         let data = std::fs::read(f).with_context(|| format!("worker report {}", f.display()))?;
