@@ -35,6 +35,19 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_REDIS_CLUSTER_URLS", value_delimiter = ',')]
     pub redis_cluster_urls: Vec<String>,
 
+    /// Replicas that must have a message before it is confirmed (Redis `WAIT` after the
+    /// append, on the master that stored it). 0: confirmed once the master has it — a failover
+    /// right after can lose it (replication is asynchronous). When fewer replicas confirm in
+    /// time, the sender gets `outcome_unknown` and retries with the same clientMsgId.
+    #[arg(long, env = "GATEWAY_REDIS_WAIT_REPLICAS", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=16))]
+    pub redis_wait_replicas: u32,
+
+    /// How long a confirmation waits for GATEWAY_REDIS_WAIT_REPLICAS replicas.
+    #[arg(long, env = "GATEWAY_REDIS_WAIT_TIMEOUT_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub redis_wait_timeout_ms: u64,
+
     /// This node's id in logs, metrics and presence. Default: host name plus a random suffix.
     #[arg(long, env = "GATEWAY_NODE_ID")]
     pub node_id: Option<String>,

@@ -89,6 +89,8 @@ impl Node {
             history_ttl_ms: config.history_ttl_ms,
             announces_per_sec: config.max_announces_per_room_per_sec as u64,
             presence_ttl_ms: config.presence_ttl_ms,
+            wait_replicas: config.redis_wait_replicas,
+            wait_timeout_ms: config.redis_wait_timeout_ms,
         };
 
         // The Redis broker calls back after a pub/sub reconnect so presence is re-asserted.

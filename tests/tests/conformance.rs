@@ -54,6 +54,8 @@ fn limits() -> Limits {
         history_ttl_ms: 60_000,
         announces_per_sec: 1000,
         presence_ttl_ms: 60_000,
+        wait_replicas: 0,
+        wait_timeout_ms: 500,
     }
 }
 

@@ -160,6 +160,8 @@ impl MemoryBroker {
             history_ttl_ms: 60_000,
             announces_per_sec: 50,
             presence_ttl_ms: 30_000,
+            wait_replicas: 0,
+            wait_timeout_ms: 500,
         };
         MemoryBroker::new(limits, inbound)
     }

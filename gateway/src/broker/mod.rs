@@ -58,6 +58,10 @@ pub struct Limits {
     pub announces_per_sec: u64,
     /// How long a presence entry lives without a refresh (the same on every node).
     pub presence_ttl_ms: u64,
+    /// Replicas that must have an appended message before it is confirmed (0: none), and how
+    /// long to wait for them (Redis backends).
+    pub wait_replicas: u32,
+    pub wait_timeout_ms: u64,
 }
 
 /// What the broker keeps messages for and publishes on: a room, or one user (its inbox of

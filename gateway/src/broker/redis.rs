@@ -219,9 +219,8 @@ impl RedisBroker {
         ));
         broker.metrics.broker_up.set(1);
         tokio::spawn(Arc::clone(&broker).probe(shutdown.clone()));
-        let keys = broker.keys.clone();
         tokio::spawn(forward_sharded(
-            keys,
+            Arc::clone(&broker),
             messages,
             events,
             inbound,
@@ -555,7 +554,38 @@ impl RedisBroker {
             other => other,
         };
         self.observe_append(started);
-        appended(result.map_err(|e| self.append_error(e))?)
+        let appended = appended(result.map_err(|e| self.append_error(e))?)?;
+        self.confirm_replicated(&self.keys.stream(&post.topic))
+            .await?;
+        Ok(appended)
+    }
+
+    /// With `wait_replicas`: waits until that many replicas have the writes this node sent to
+    /// `slot_key`'s master (`WAIT` on the connection that carried them). Fewer in time: the
+    /// message is stored on the master but could vanish in a failover — `OutcomeUnknown`, so
+    /// the sender retries with the same clientMsgId and gets the same id.
+    async fn confirm_replicated(&self, slot_key: &str) -> Result<(), BrokerError> {
+        let wanted = self.limits.wait_replicas;
+        if wanted == 0 {
+            return Ok(());
+        }
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(wanted).arg(self.limits.wait_timeout_ms);
+        let mut con = self.commands.clone();
+        let reply = match self.timed("wait", con.on_master_of(slot_key, wait)).await {
+            Ok(reply) => reply,
+            Err(e) => return Err(BrokerError::OutcomeUnknown(e.to_string())),
+        };
+        let confirmed: u64 = redis::from_redis_value(reply)
+            .map_err(|e| BrokerError::Protocol(format!("WAIT answered {e}")))?;
+        if confirmed < u64::from(wanted) {
+            self.metrics.redis_errors.with_label_values(&["wait"]).inc();
+            return Err(BrokerError::OutcomeUnknown(format!(
+                "stored, but {confirmed} of {wanted} replicas confirmed it within {} ms",
+                self.limits.wait_timeout_ms
+            )));
+        }
+        Ok(())
     }
 
     /// A connection's chat messages, stored in the order given: one pipeline per topic (one
@@ -582,10 +612,35 @@ impl RedisBroker {
         self.observe_append(started);
         let mut results: Vec<Option<Result<Appended, BrokerError>>> = vec![None; posts.len()];
         let mut noscript = false;
-        for ((_, indices), replies) in by_topic.iter().zip(answered) {
+        let mut stored_in = Vec::new();
+        for ((topic, indices), replies) in by_topic.iter().zip(answered) {
             for (&i, reply) in indices.iter().zip(replies) {
                 noscript |= reply.as_ref().is_err_and(is_noscript);
-                results[i] = Some(reply.map_err(|e| self.append_error(e)).and_then(appended));
+                let result = reply.map_err(|e| self.append_error(e)).and_then(appended);
+                if result.is_ok() && !stored_in.contains(topic) {
+                    stored_in.push(*topic);
+                }
+                results[i] = Some(result);
+            }
+        }
+        // Replicas asked for: one WAIT per topic written, all in flight together.
+        if self.limits.wait_replicas > 0 {
+            let waits: Vec<_> = stored_in
+                .iter()
+                .map(|topic| async move {
+                    (
+                        *topic,
+                        self.confirm_replicated(&self.keys.stream(topic)).await,
+                    )
+                })
+                .collect();
+            for (topic, waited) in futures_util::future::join_all(waits).await {
+                let Err(e) = waited else { continue };
+                for (i, post) in posts.iter().enumerate() {
+                    if &post.topic == topic && results[i].as_ref().is_some_and(Result::is_ok) {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                }
             }
         }
         if noscript {
@@ -633,7 +688,7 @@ impl RedisBroker {
 
     /// Loads every script into Redis's script cache (errors are left to the calls: each one
     /// loads its script again when it meets a NOSCRIPT).
-    async fn load_scripts(&self) {
+    async fn load_scripts(&self) -> bool {
         let mut con = self.commands.clone();
         let scripts = &self.scripts;
         for script in [
@@ -643,11 +698,13 @@ impl RedisBroker {
             &scripts.prune_room,
             &scripts.refresh_room,
         ] {
+            // On a cluster, SCRIPT LOAD goes to every node.
             if let Err(e) = script.prepare_invoke().load_async(&mut con).await {
                 tracing::debug!("loading a script failed: {e}");
-                return;
+                return false;
             }
         }
+        true
     }
 
     /// A presence script call on a room's keys (every presence script takes the same five).
@@ -1220,13 +1277,24 @@ fn trim_marker(stream_key: &str) -> String {
 /// Hands the sharded subscriber's messages to the hub as topics, and each rebuilt shard as a
 /// `Resubscribed` (the hub reads the gap back from the streams; presence is re-asserted).
 async fn forward_sharded(
-    keys: Keys,
+    broker: Arc<RedisBroker>,
     mut messages: tokio::sync::mpsc::UnboundedReceiver<(String, Bytes)>,
     mut events: tokio::sync::mpsc::UnboundedReceiver<Resubscribed>,
     inbound: InboundSender,
     shutdown: CancellationToken,
     on_reconnect: Arc<dyn Fn() + Send + Sync>,
 ) {
+    // Scripts in every node's cache before the first append: a group commit refuses (rather
+    // than retries) an append that meets a NOSCRIPT. Tried until the cluster answers.
+    let mut delay = Duration::from_millis(50);
+    while !broker.load_scripts().await {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+    let keys = &broker.keys;
     loop {
         let forwarded = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -1250,6 +1318,8 @@ async fn forward_sharded(
                         lost_for = ?event.lost_for,
                         "redis cluster shard resubscribed"
                     );
+                    // A promoted replica may not have the scripts cached.
+                    broker.load_scripts().await;
                     let sent = inbound.send(Inbound::Resubscribed);
                     on_reconnect();
                     sent
