@@ -256,6 +256,97 @@ async fn ping(port: u16) -> Result<()> {
     Ok(())
 }
 
+impl RedisCluster {
+    /// The replica of the master on `master` (its port), as the master's view of the cluster
+    /// lists it (asked until it does: a view right after a change can lag).
+    pub async fn replica_of(&mut self, master: u16) -> Result<u16> {
+        let master_id = command(master, &["CLUSTER", "MYID"]).await?;
+        let master_id = master_id.as_str();
+        wait_for(
+            "the master's replica",
+            Duration::from_secs(5),
+            || async move {
+                let nodes = command(master, &["CLUSTER", "NODES"]).await.ok()?;
+                nodes
+                    .lines()
+                    .map(|line| line.split_whitespace().collect::<Vec<_>>())
+                    .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == master_id)
+                    .and_then(|f| f[1].split('@').next()?.rsplit(':').next()?.parse().ok())
+            },
+        )
+        .await
+    }
+
+    /// `CLUSTER FAILOVER` on the replica of `key`'s master (a graceful, coordinated switch);
+    /// returns once the replica serves the key's slot.
+    pub async fn manual_failover(&mut self, key: &str) -> Result<Duration> {
+        let master = self.master_of(key).await?;
+        let replica = self.replica_of(master).await?;
+        let started = Instant::now();
+        command(replica, &["CLUSTER", "FAILOVER"]).await?;
+        let deadline = started + Duration::from_secs(20);
+        loop {
+            if self.master_of(key).await.ok() == Some(replica) {
+                return Ok(started.elapsed());
+            }
+            if Instant::now() > deadline {
+                bail!("the replica {replica} did not take {key:?} over within 20 s");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Moves `key`'s slot to the master on `to` the way `redis-cli --cluster reshard` does:
+    /// IMPORTING / MIGRATING, `MIGRATE` of its keys in batches, then the new owner announced
+    /// to every master. Returns the number of keys moved.
+    pub async fn migrate_slot_of(&mut self, key: &str, to: u16) -> Result<usize> {
+        let from = self.master_of(key).await?;
+        let slot = slot_of(key).to_string();
+        let from_id = command(from, &["CLUSTER", "MYID"]).await?;
+        let to_id = command(to, &["CLUSTER", "MYID"]).await?;
+        command(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id]).await?;
+        command(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id]).await?;
+        let client = redis::Client::open(format!("redis://127.0.0.1:{from}/"))?;
+        let mut con = client.get_multiplexed_async_connection().await?;
+        let mut moved = 0;
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(&slot)
+                .arg(100)
+                .query_async(&mut con)
+                .await?;
+            if keys.is_empty() {
+                break;
+            }
+            moved += keys.len();
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut con)
+                .await?;
+        }
+        let masters: Vec<u16> = {
+            let nodes = command(to, &["CLUSTER", "NODES"]).await?;
+            masters_by_slot(&nodes)
+                .into_iter()
+                .map(|(_, port)| port)
+                .collect()
+        };
+        let mut told = std::collections::BTreeSet::from([to, from]);
+        told.extend(masters);
+        for port in told {
+            command(port, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]).await?;
+        }
+        Ok(moved)
+    }
+}
+
 /// One command to one node, its reply as text (bulk or status replies).
 pub async fn command(port: u16, args: &[&str]) -> Result<String> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?;

@@ -268,3 +268,91 @@ async fn a_killed_master_loses_no_confirmed_message_with_wait() -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Messages `from..to` of `room`, each sent until confirmed; returns every error code seen.
+async fn send_range(
+    client: &mut Client,
+    room: &str,
+    range: std::ops::Range<usize>,
+) -> anyhow::Result<Vec<String>> {
+    let mut errors = Vec::new();
+    for i in range {
+        errors.extend(send_until_confirmed(client, room, i).await?);
+    }
+    Ok(errors)
+}
+
+/// A manual `CLUSTER FAILOVER` and a migration of the room's slot to another master, both
+/// under traffic and without WAIT: the member on the other node hears every message, and the
+/// history holds each once, in order.
+#[tokio::test]
+async fn a_manual_failover_and_a_slot_migration_under_traffic_lose_nothing() -> anyhow::Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut cluster = RedisCluster::start(ClusterOpts::default()).await?;
+    let rooms = rooms_on_distinct_masters(&mut cluster, 2).await?;
+    let room = rooms[0].clone();
+    let key = format!("gw:{{r:{room}}}:s");
+    let other_master = cluster
+        .master_of(&format!("gw:{{r:{}}}:s", rooms[1]))
+        .await?;
+    let nodes = nodes_on(&cluster, 2, &[]).await?;
+    let mut sender = Client::connect(&nodes[0].ws_url()).await?;
+    sender.login("sender", json!(room)).await?;
+    let mut member = Client::connect(&nodes[1].ws_url()).await?;
+    member.login("member", json!(room)).await?;
+    let mut errors = send_range(&mut sender, &room, 0..20).await?;
+    let failover = cluster.manual_failover(&key).await?;
+    errors.extend(send_range(&mut sender, &room, 20..40).await?);
+    let migrating = Instant::now();
+    let moved = cluster.migrate_slot_of(&key, other_master).await?;
+    let migration = migrating.elapsed();
+    assert_eq!(cluster.master_of(&key).await?, other_master);
+    errors.extend(send_range(&mut sender, &room, 40..60).await?);
+    for code in &errors {
+        assert!(
+            ["unavailable", "outcome_unknown"].contains(&code.as_str()),
+            "untyped error {code}"
+        );
+    }
+    let mut heard = std::collections::HashSet::new();
+    while heard.len() < 60 {
+        let frame = member
+            .recv_until_timeout(Duration::from_secs(20), is("message"))
+            .await
+            .map_err(|e| anyhow::anyhow!("member heard {} of 60: {e}", heard.len()))?;
+        heard.insert(
+            frame["clientMsgId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    member
+        .send(json!({"event":"sync","roomId": room,"since":"0","limit":1000}))
+        .await?;
+    let mut stored = Vec::new();
+    loop {
+        let frame = member
+            .recv_until(|f| f["event"] == "message" || f["event"] == "synced")
+            .await?;
+        if frame["event"] == "synced" {
+            break;
+        }
+        stored.push(
+            frame["clientMsgId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    let expected: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
+    assert_eq!(
+        stored, expected,
+        "history after the failover and the migration"
+    );
+    println!(
+        "manual failover took {failover:?}; the slot's {moved} keys migrated in {migration:?}; \
+         errors seen by the sender: {errors:?}"
+    );
+    Ok(())
+}
