@@ -180,3 +180,184 @@ async fn sigterm_closes_with_1012_and_others_see_the_logouts() -> anyhow::Result
     gws.remove(0);
     Ok(())
 }
+
+/// `gateway_connections_open` of the node whose admin listener is `admin`.
+async fn open_connections(admin: &str) -> Option<f64> {
+    let (status, text) = e2e::http_get(admin, "/metrics").await.ok()?;
+    (status == 200).then_some(())?;
+    text.lines()
+        .find(|l| l.starts_with("gateway_connections_open"))?
+        .rsplit(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Kills (SIGKILL, by pid) whatever of the runner's gateway nodes is left, if a check failed.
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}
+
+/// Starts the runner (`cluster --port 0 --ready-json` plus `args`) and waits for its READY
+/// line; its stdout is read to the end on a thread of its own (it prints after READY too).
+async fn start_runner(args: &[&str]) -> anyhow::Result<(e2e::Proc, serde_json::Value)> {
+    use anyhow::Context;
+    use std::io::BufRead;
+
+    let mut runner = e2e::Proc::spawn(
+        "cluster runner",
+        std::process::Command::new(env!("CARGO_BIN_EXE_cluster"))
+            .args(args)
+            .args(["--port", "0"])
+            .args(["--ready-json", "--log", "warn"])
+            .stdout(std::process::Stdio::piped()),
+    )?
+    .graceful();
+    let stdout = runner.take_stdout().context("the runner's stdout")?;
+    // The runner prints after READY too: keep reading its stdout to the end.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(json) = line.strip_prefix("READY ") {
+                if let Some(tx) = ready_tx.take() {
+                    let _ = tx.send(json.to_owned());
+                }
+            }
+        }
+    });
+    let ready = tokio::time::timeout(Duration::from_secs(25), ready_rx)
+        .await
+        .context("the runner printed no READY line within 25 s")?
+        .context("the runner exited before READY")?;
+    Ok((runner, serde_json::from_str(&ready)?))
+}
+
+/// The local runner on a Redis Cluster (`cluster --redis-cluster`): two gateway nodes on a
+/// 3 + 3 cluster of its own, chat across them through its nginx, and SIGINT (Ctrl-C) stops the
+/// nodes and the cluster.
+///
+/// Ignored for now: the runner starts the cluster and both nodes, logins succeed, but the
+/// first chat message is refused with `unavailable` ("the message broker is unreachable") by a
+/// gateway process on the cluster backend — a gateway finding (gateway/src), not the runner's.
+/// Run it with `cargo test -p e2e --test cluster -- --ignored runner` once that is fixed.
+#[tokio::test]
+#[ignore = "gateway on Redis Cluster refuses the first message with `unavailable` (issue 15)"]
+async fn the_runner_on_a_redis_cluster_chats_across_nodes_and_stops_on_sigint() -> anyhow::Result<()>
+{
+    use anyhow::Context;
+
+    let started = std::time::Instant::now();
+    let (mut runner, ready) = start_runner(&["--redis-cluster", "--nodes", "2"]).await?;
+    assert_eq!(ready["redisCluster"], true, "{ready}");
+    let pids: Vec<u32> = ready["nodes"]
+        .as_array()
+        .context("no nodes")?
+        .iter()
+        .filter_map(|n| n["pid"].as_u64().and_then(|p| u32::try_from(p).ok()))
+        .collect();
+    let _guard = KillOnDrop(pids.clone());
+    assert_eq!(pids.len(), 2, "{ready}");
+    let redis_urls: Vec<String> = ready["redisUrl"]
+        .as_str()
+        .context("no redisUrl")?
+        .split(',')
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        redis_urls.len(),
+        6,
+        "3 masters + 3 replicas: {redis_urls:?}"
+    );
+    let admins: Vec<String> = ready["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| format!("127.0.0.1:{}", n["adminPort"]))
+        .collect();
+    let ws = format!(
+        "{}/ws",
+        ready["url"]
+            .as_str()
+            .context("no url")?
+            .trim_end_matches('/')
+            .replacen("http://", "ws://", 1)
+    );
+
+    // Two users through nginx; least_conn puts the second on the other node.
+    let mut a = Client::connect(&ws).await?;
+    a.login("a", json!(1)).await?;
+    wait_for("a's connection on one node", WAIT, || async {
+        let mut open = 0.0;
+        for admin in &admins {
+            open += open_connections(admin).await?;
+        }
+        (open == 1.0).then_some(())
+    })
+    .await?;
+    let mut b = Client::connect(&ws).await?;
+    b.login("b", json!(1)).await?;
+    wait_for("one connection on each node", WAIT, || async {
+        for admin in &admins {
+            let open = open_connections(admin).await?;
+            (open == 1.0).then_some(())?;
+        }
+        Some(())
+    })
+    .await?;
+    a.send(json!({"roomId":1,"content":"over the cluster"}))
+        .await?;
+    let own = a
+        .recv_until(|f| f["event"] == "message" || f["event"] == "error")
+        .await
+        .context("the sender's own copy")?;
+    assert_eq!(own["content"], "over the cluster", "{own}");
+    let got = b
+        .recv_until(|f| f["event"] == "message" && f["content"] == "over the cluster")
+        .await?;
+    assert_eq!(
+        (got["userId"].as_str(), got["num"].as_u64()),
+        (Some("a"), Some(2))
+    );
+    b.send(json!({"roomId":1,"content":"and back"})).await?;
+    a.recv_until(|f| f["event"] == "message" && f["content"] == "and back")
+        .await?;
+    a.close().await?;
+    b.close().await?;
+
+    // Ctrl-C: the runner exits 0 and leaves no gateway node or Redis node behind.
+    runner.signal(2);
+    assert_eq!(runner.wait_exit(Duration::from_secs(20)).await?, Some(0));
+    for pid in &pids {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "gateway pid {pid} survived the runner"
+        );
+    }
+    for url in &redis_urls {
+        let addr = url.trim_start_matches("redis://").trim_end_matches('/');
+        assert!(
+            std::net::TcpStream::connect(addr).is_err(),
+            "redis node {addr} survived the runner"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

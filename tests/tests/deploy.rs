@@ -19,10 +19,11 @@ use e2e::{gateway_bin, http_get, workspace_root, Client, Gateway, GatewayOpts, R
 use serde_json::{json, Value};
 
 /// The `GATEWAY_*` variables the gateway accepts.
-const ACCEPTED_GATEWAY_ENV: [&str; 28] = [
+const ACCEPTED_GATEWAY_ENV: [&str; 29] = [
     "GATEWAY_LISTEN",
     "GATEWAY_ADMIN_LISTEN",
     "GATEWAY_REDIS_URL",
+    "GATEWAY_REDIS_CLUSTER_URLS",
     "GATEWAY_NODE_ID",
     "GATEWAY_HEARTBEAT_TIMEOUT_MS",
     "GATEWAY_PRESENCE_TTL_MS",
@@ -751,6 +752,556 @@ fn gateway_help_lists_every_env_name_the_deployment_uses() -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// (a') docker-compose.cluster.yml: the stack on a Redis Cluster (an override of the base file)
+
+const CLUSTER_OVERRIDE: &str = "docker-compose.cluster.yml";
+const CLUSTER_INIT: &str = "redis-cluster-init";
+const CLUSTER_CONF: &str = "deploy/redis-cluster/redis.conf";
+const CLUSTER_SCRIPT: &str = "deploy/redis-cluster/init.sh";
+
+/// A compose file as YAML with its merge keys (`<<: *anchor`) applied and its tags kept.
+fn compose_yaml(rel: &str) -> Result<serde_yaml::Value> {
+    let mut doc: serde_yaml::Value =
+        serde_yaml::from_str(&read(rel)?).with_context(|| format!("parsing {rel} as YAML"))?;
+    doc.apply_merge()
+        .with_context(|| format!("{rel}: merge keys"))?;
+    Ok(doc)
+}
+
+/// `value` without YAML tags (what compose sees once its tags have been acted on).
+fn untagged(value: serde_yaml::Value) -> serde_yaml::Value {
+    use serde_yaml::Value as Y;
+    match value {
+        Y::Tagged(tagged) => untagged(tagged.value),
+        Y::Mapping(map) => Y::Mapping(map.into_iter().map(|(k, v)| (k, untagged(v))).collect()),
+        Y::Sequence(seq) => Y::Sequence(seq.into_iter().map(untagged).collect()),
+        other => other,
+    }
+}
+
+fn has_tag(value: &serde_yaml::Value, tag: &str) -> bool {
+    matches!(value, serde_yaml::Value::Tagged(t) if t.tag == tag)
+}
+
+/// Merges an override file into `base` like `docker compose -f base -f override` does, by the
+/// rules of the compose spec's merge chapter that these files use: mappings merge key by key;
+/// sequences are appended (without repeating an equal entry), except `command`, `entrypoint`
+/// and `healthcheck.test`, which are replaced; scalars are replaced; `!reset` removes the key,
+/// `!override` replaces the value without merging. Environments must be in map form (checked
+/// by the callers), so they merge by variable.
+fn compose_merge(base: &mut serde_yaml::Value, over: serde_yaml::Value, key: &str) {
+    use serde_yaml::Value as Y;
+    if has_tag(&over, "!override") {
+        *base = untagged(over);
+        return;
+    }
+    match (base, untagged_shallow(over)) {
+        (Y::Mapping(base_map), Y::Mapping(over_map)) => {
+            for (k, v) in over_map {
+                if has_tag(&v, "!reset") {
+                    base_map.remove(&k);
+                    continue;
+                }
+                let name = k.as_str().unwrap_or_default().to_owned();
+                match base_map.get_mut(&k) {
+                    Some(existing) => compose_merge(existing, v, &name),
+                    None => {
+                        base_map.insert(k, untagged(v));
+                    }
+                }
+            }
+        }
+        (Y::Sequence(base_seq), Y::Sequence(over_seq))
+            if !["command", "entrypoint", "test"].contains(&key) =>
+        {
+            for item in over_seq.into_iter().map(untagged) {
+                if !base_seq.contains(&item) {
+                    base_seq.push(item);
+                }
+            }
+        }
+        (base, over) => *base = untagged(over),
+    }
+}
+
+/// A value with the tag of its top node (other than `!override`) dropped.
+fn untagged_shallow(value: serde_yaml::Value) -> serde_yaml::Value {
+    match value {
+        serde_yaml::Value::Tagged(tagged) => tagged.value,
+        other => other,
+    }
+}
+
+/// docker-compose.yml with docker-compose.cluster.yml merged over it, as JSON.
+fn cluster_compose() -> Result<Value> {
+    let mut doc = compose_yaml("docker-compose.yml")?;
+    compose_merge(&mut doc, compose_yaml(CLUSTER_OVERRIDE)?, "");
+    serde_json::to_value(&doc).context("the merged compose model as JSON")
+}
+
+/// Whether a service runs on a plain `up` (no profile named).
+fn active(svc: &Value) -> bool {
+    svc["profiles"].as_array().is_none_or(Vec::is_empty)
+}
+
+/// The command of a service as a list of strings.
+fn command_of(svc: &Value) -> Vec<String> {
+    svc["command"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(text)
+        .collect()
+}
+
+/// The value after `flag` in a command.
+fn arg_after(command: &[String], flag: &str) -> Option<String> {
+    command
+        .windows(2)
+        .find(|w| w[0] == flag)
+        .map(|w| w[1].clone())
+}
+
+/// A directive of the cluster nodes' redis.conf (`name value`).
+fn conf_directive(conf: &str, name: &str) -> Option<String> {
+    conf.lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (k, v) = l.split_once(char::is_whitespace)?;
+            (k == name).then(|| v.trim().to_owned())
+        })
+}
+
+/// The Redis Cluster nodes of the merged stack: every active service running `redis-server`
+/// on the cluster config, with its announced name, by service name.
+fn cluster_nodes(doc: &Value) -> Result<BTreeMap<String, String>> {
+    let conf_target = "/usr/local/etc/redis/redis.conf";
+    let mut nodes = BTreeMap::new();
+    for (name, svc) in services(doc)? {
+        let command = command_of(svc);
+        if !active(svc) || command.first().map(String::as_str) != Some("redis-server") {
+            continue;
+        }
+        ensure!(
+            command.get(1).map(String::as_str) == Some(conf_target),
+            "{name}: redis-server without {conf_target} ({command:?})"
+        );
+        let source = mount_source(svc, conf_target)?;
+        ensure!(
+            source == CLUSTER_CONF,
+            "{name}: {conf_target} from {source}"
+        );
+        let announced = arg_after(&command, "--cluster-announce-hostname")
+            .ok_or_else(|| anyhow!("{name}: no --cluster-announce-hostname"))?;
+        nodes.insert(name.clone(), announced);
+    }
+    Ok(nodes)
+}
+
+#[test]
+fn compose_merge_follows_the_compose_spec_rules_these_files_use() -> Result<()> {
+    let mut base: serde_yaml::Value = serde_yaml::from_str(
+        "a: {command: [x, y], env: {K: '1', L: '2'}, dns: [d1], deps: {r: {c: h}}, keep: 1}",
+    )?;
+    let over: serde_yaml::Value = serde_yaml::from_str(
+        "a: {command: [z], env: {K: !reset null, M: '3'}, dns: [d1, d2], \
+         deps: !override {i: {c: done}}, new: n}",
+    )?;
+    compose_merge(&mut base, over, "");
+    let got = serde_json::to_value(&base)?;
+    let expected = json!({"a": {"command": ["z"], "env": {"L": "2", "M": "3"},
+        "dns": ["d1", "d2"], "deps": {"i": {"c": "done"}}, "keep": 1, "new": "n"}});
+    ensure!(got == expected, "merged {got}, expected {expected}");
+    Ok(())
+}
+
+#[test]
+fn compose_cluster_variant_merges_into_a_schema_valid_stack() -> Result<()> {
+    let schema: Value = serde_json::from_str(&read("tests/schemas/compose-spec.json")?)?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| anyhow!("compose schema does not compile: {e}"))?;
+    let doc = cluster_compose()?;
+    let errors: Vec<String> = validator
+        .iter_errors(&doc)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect();
+    ensure!(
+        errors.is_empty(),
+        "docker-compose.yml + {CLUSTER_OVERRIDE} break the compose spec:\n{}",
+        errors.join("\n")
+    );
+    let services = services(&doc)?;
+    let active_names: BTreeSet<&str> = services
+        .iter()
+        .filter(|(_, svc)| active(svc))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let mut expected: BTreeSet<&str> =
+        ["gateway", "nginx", "prometheus", "grafana", CLUSTER_INIT].into();
+    let node_names: Vec<String> = (1..=6).map(|i| format!("redis-{i}")).collect();
+    expected.extend(node_names.iter().map(String::as_str));
+    ensure!(
+        active_names == expected,
+        "services run by `up`: {active_names:?}, expected {expected:?}"
+    );
+    ensure!(
+        !active(service(&doc, "redis")?),
+        "the single redis still runs beside the cluster"
+    );
+    // nginx, Prometheus and Grafana are exactly the base file's.
+    let base = compose()?;
+    for name in ["nginx", "prometheus", "grafana"] {
+        ensure!(
+            service(&doc, name)? == service(&base, name)?,
+            "{CLUSTER_OVERRIDE} changes {name}"
+        );
+    }
+    // The environments merge by variable only in map form.
+    for (name, svc) in services {
+        ensure!(
+            svc["environment"].is_null() || svc["environment"].is_object(),
+            "{name}: environment must be a map for the override to merge by variable"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_cluster_gateways_name_every_node_and_no_single_redis() -> Result<()> {
+    let doc = cluster_compose()?;
+    let nodes = cluster_nodes(&doc)?;
+    ensure!(nodes.len() == 6, "cluster nodes {nodes:?}, expected six");
+    let port = conf_directive(&read(CLUSTER_CONF)?, "port")
+        .ok_or_else(|| anyhow!("{CLUSTER_CONF}: no port"))?;
+    let gateway = service(&doc, "gateway")?;
+    let (env, _, _) = gateway_env(&doc)?;
+    ensure!(
+        !env.contains_key("GATEWAY_REDIS_URL"),
+        "gateway: GATEWAY_REDIS_URL is still set (the gateway refuses both, exit 64)"
+    );
+    let urls = env
+        .get("GATEWAY_REDIS_CLUSTER_URLS")
+        .ok_or_else(|| anyhow!("gateway: no GATEWAY_REDIS_CLUSTER_URLS"))?;
+    let named: BTreeSet<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let expected: BTreeSet<String> = nodes
+        .keys()
+        .map(|name| format!("redis://{name}:{port}"))
+        .collect();
+    ensure!(
+        named == expected,
+        "GATEWAY_REDIS_CLUSTER_URLS names {named:?}, expected every node {expected:?}"
+    );
+    // The rest of the gateway is the base file's.
+    let (base_env, _, _) = gateway_env(&compose()?)?;
+    for (key, value) in &base_env {
+        if key != "GATEWAY_REDIS_URL" {
+            ensure!(
+                env.get(key) == Some(value),
+                "gateway: {key} differs from the base file"
+            );
+        }
+    }
+    ensure!(
+        gateway["deploy"]["replicas"].as_u64().unwrap_or(1) >= 3,
+        "gateway: fewer than three replicas"
+    );
+    for (name, svc) in services(&doc)? {
+        for key in environment(svc)?.keys() {
+            ensure!(
+                !key.starts_with("GATEWAY_") || ACCEPTED_GATEWAY_ENV.contains(&key.as_str()),
+                "{name}: {key} is not a gateway setting"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn compose_cluster_nodes_persist_on_their_own_volumes_and_announce_their_names() -> Result<()> {
+    let doc = cluster_compose()?;
+    let conf = read(CLUSTER_CONF)?;
+    for (name, value) in [
+        ("cluster-enabled", "yes"),
+        ("appendonly", "yes"),
+        ("cluster-config-file", "nodes.conf"),
+        ("cluster-preferred-endpoint-type", "hostname"),
+    ] {
+        let got = conf_directive(&conf, name);
+        ensure!(
+            got.as_deref() == Some(value),
+            "{CLUSTER_CONF}: {name} is {got:?}"
+        );
+    }
+    let named_volumes = named_volumes(&doc);
+    let mut data_volumes = BTreeSet::new();
+    for (name, announced) in cluster_nodes(&doc)? {
+        let svc = service(&doc, &name)?;
+        ensure!(
+            announced == name,
+            "{name} announces {announced}, not its service name"
+        );
+        ensure!(
+            arg_after(&command_of(svc), "--dir").as_deref() == Some("/data"),
+            "{name}: not --dir /data"
+        );
+        let data = mount_source(svc, "/data")?;
+        ensure!(
+            named_volumes.contains(&data),
+            "{name}: /data is not a named volume"
+        );
+        ensure!(
+            data_volumes.insert(data.clone()),
+            "{name}: shares its volume {data}"
+        );
+        let check = healthcheck_test(svc).unwrap_or_default();
+        ensure!(
+            check.contains("redis-cli ping"),
+            "{name}: healthcheck {check:?}"
+        );
+        ensure!(
+            svc["restart"] == "unless-stopped",
+            "{name}: restart {}",
+            svc["restart"]
+        );
+    }
+    Ok(())
+}
+
+/// The init service's `REDIS_CLUSTER_NODES` and replicas per master.
+fn init_settings(doc: &Value) -> Result<(Vec<String>, usize)> {
+    let env = environment(service(doc, CLUSTER_INIT)?)?;
+    let nodes: Vec<String> = env
+        .get("REDIS_CLUSTER_NODES")
+        .ok_or_else(|| anyhow!("{CLUSTER_INIT}: no REDIS_CLUSTER_NODES"))?
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    let replicas = env
+        .get("REDIS_CLUSTER_REPLICAS")
+        .ok_or_else(|| anyhow!("{CLUSTER_INIT}: no REDIS_CLUSTER_REPLICAS"))?
+        .parse()?;
+    Ok((nodes, replicas))
+}
+
+#[test]
+fn compose_cluster_init_creates_three_masters_with_one_replica_each() -> Result<()> {
+    let doc = cluster_compose()?;
+    let init = service(&doc, CLUSTER_INIT)?;
+    let (listed, replicas) = init_settings(&doc)?;
+    let port = conf_directive(&read(CLUSTER_CONF)?, "port").unwrap_or_default();
+    let listed_set: BTreeSet<String> = listed.iter().cloned().collect();
+    let nodes: BTreeSet<String> = cluster_nodes(&doc)?
+        .keys()
+        .map(|n| format!("{n}:{port}"))
+        .collect();
+    ensure!(
+        listed_set.len() == listed.len() && listed_set == nodes,
+        "{CLUSTER_INIT} creates the cluster over {listed:?}, expected every node once {nodes:?}"
+    );
+    ensure!(replicas == 1, "{replicas} replicas per master");
+    ensure!(
+        listed.len() / (1 + replicas) == 3 && listed.len() % (1 + replicas) == 0,
+        "{} nodes with {replicas} replica(s) each are not 3 masters",
+        listed.len()
+    );
+    let script_target = "/usr/local/bin/redis-cluster-init.sh";
+    ensure!(
+        mount_source(init, script_target)? == CLUSTER_SCRIPT,
+        "{CLUSTER_INIT}: {script_target} is not {CLUSTER_SCRIPT}"
+    );
+    ensure!(
+        command_of(init) == ["sh", script_target],
+        "{CLUSTER_INIT}: command {:?}",
+        command_of(init)
+    );
+    let script = read(CLUSTER_SCRIPT)?;
+    for needle in [
+        "redis-cli --cluster create",
+        "--cluster-replicas \"$replicas\"",
+        "--cluster-yes",
+    ] {
+        ensure!(script.contains(needle), "{CLUSTER_SCRIPT}: no {needle}");
+    }
+    ensure!(
+        init["restart"] == "no",
+        "{CLUSTER_INIT}: a one-shot must not restart"
+    );
+    Ok(())
+}
+
+#[test]
+fn compose_cluster_starts_nodes_then_init_then_gateways_then_nginx() -> Result<()> {
+    let doc = cluster_compose()?;
+    let services = services(&doc)?;
+    let condition = |from: &str, to: &str| -> Option<String> {
+        services.get(from)?["depends_on"][to]["condition"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    for node in cluster_nodes(&doc)?.keys() {
+        ensure!(
+            condition(CLUSTER_INIT, node).as_deref() == Some("service_healthy"),
+            "{CLUSTER_INIT} does not wait for {node} to be healthy"
+        );
+    }
+    let gateway_deps: Vec<&String> = services["gateway"]["depends_on"]
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    ensure!(
+        gateway_deps == [CLUSTER_INIT],
+        "gateway depends on {gateway_deps:?}, expected {CLUSTER_INIT} only"
+    );
+    ensure!(
+        condition("gateway", CLUSTER_INIT).as_deref() == Some("service_completed_successfully"),
+        "gateway does not wait for the cluster to be created"
+    );
+    ensure!(
+        condition("nginx", "gateway").as_deref() == Some("service_healthy"),
+        "nginx does not wait for healthy gateways"
+    );
+    // Every dependency of a service `up` runs is itself run, with a condition it can meet,
+    // and the order has no cycle.
+    let mut order: Vec<&str> = Vec::new();
+    while order.len() < services.values().filter(|s| active(s)).count() {
+        let before = order.len();
+        for (name, svc) in services.iter().filter(|(_, s)| active(s)) {
+            if order.contains(&name.as_str()) {
+                continue;
+            }
+            let deps = svc["depends_on"].as_object().cloned().unwrap_or_default();
+            for (dep, spec) in &deps {
+                let target = services
+                    .get(dep)
+                    .ok_or_else(|| anyhow!("{name} depends on unknown {dep}"))?;
+                ensure!(active(target), "{name} depends on {dep}, which `up` skips");
+                match spec["condition"].as_str().unwrap_or("service_started") {
+                    "service_healthy" => ensure!(
+                        healthcheck_test(target).is_some(),
+                        "{name} waits for {dep} healthy; it has no healthcheck"
+                    ),
+                    "service_completed_successfully" => ensure!(
+                        target["restart"] == "no",
+                        "{name} waits for {dep} to complete; it restarts"
+                    ),
+                    other => ensure!(other == "service_started", "{name}: condition {other}"),
+                }
+            }
+            if deps.keys().all(|d| order.contains(&d.as_str())) {
+                order.push(name);
+            }
+        }
+        ensure!(
+            order.len() > before,
+            "a dependency cycle among {services:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A free port whose cluster bus port (+10000) is free too, both below the ephemeral range.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = e2e::free_port();
+        let bus = u32::from(port) + 10_000;
+        if bus < 32_768 && std::net::TcpListener::bind(("127.0.0.1", bus as u16)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Six local redis-servers from the compose nodes' config (port, directory and announced name
+/// changed to local ones), in `dir`.
+fn start_conf_nodes(dir: &Path, ports: &[u16]) -> Result<Vec<e2e::Proc>> {
+    ports
+        .iter()
+        .map(|port| {
+            let data = dir.join(port.to_string());
+            std::fs::create_dir_all(&data)?;
+            e2e::Proc::spawn(
+                "redis-server (compose cluster config)",
+                Command::new("redis-server")
+                    .arg(path(CLUSTER_CONF))
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .arg("--dir")
+                    .arg(&data)
+                    .args(["--cluster-announce-hostname", "localhost"])
+                    .args(["--loglevel", "warning"])
+                    .stdout(Stdio::null()),
+            )
+        })
+        .collect()
+}
+
+/// Runs the init script against `nodes`; its output.
+fn run_init(nodes: &str, replicas: usize) -> Result<String> {
+    run(Command::new("sh")
+        .arg(path(CLUSTER_SCRIPT))
+        .env("REDIS_CLUSTER_NODES", nodes)
+        .env("REDIS_CLUSTER_REPLICAS", replicas.to_string())
+        .env("REDIS_CLUSTER_TIMEOUT", "30"))
+}
+
+/// `(masters with slots, replicas)` in a `CLUSTER NODES` reply, and every node's id.
+fn cluster_shape(nodes: &str) -> (usize, usize, BTreeSet<String>) {
+    let lines: Vec<Vec<&str>> = nodes
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .filter(|f: &Vec<&str>| f.len() >= 8)
+        .collect();
+    let masters = lines
+        .iter()
+        .filter(|f| f[2].contains("master") && f.len() > 8)
+        .count();
+    let replicas = lines.iter().filter(|f| f[2].contains("slave")).count();
+    let ids = lines.iter().map(|f| f[0].to_owned()).collect();
+    (masters, replicas, ids)
+}
+
+#[tokio::test]
+async fn compose_cluster_init_script_creates_the_cluster_once_and_heals_a_restart() -> Result<()> {
+    let doc = cluster_compose()?;
+    let (_, replicas) = init_settings(&doc)?;
+    let dir = tempfile::tempdir()?;
+    let ports: Vec<u16> = (0..6).map(|_| free_cluster_port()).collect();
+    let nodes = ports
+        .iter()
+        .map(|p| format!("localhost:{p}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut procs = start_conf_nodes(dir.path(), &ports)?;
+    let first = run_init(&nodes, replicas)?;
+    ensure!(first.contains("creating the cluster"), "{first}");
+    let shape = cluster_shape(&e2e::redis_cluster::command(ports[0], &["CLUSTER", "NODES"]).await?);
+    ensure!(
+        (shape.0, shape.1, shape.2.len()) == (3, 3, 6),
+        "after the init: {shape:?}"
+    );
+    let info = e2e::redis_cluster::command(ports[0], &["CLUSTER", "INFO"]).await?;
+    ensure!(info.contains("cluster_slots_assigned:16384"), "{info}");
+
+    // A second `up`: nothing is created again.
+    let second = run_init(&nodes, replicas)?;
+    ensure!(second.contains("the cluster exists"), "{second}");
+    ensure!(!second.contains("creating"), "{second}");
+
+    // Every node restarted from its directory (nodes.conf, the append-only file): the same
+    // cluster comes back whole.
+    drop(procs.drain(..));
+    procs = start_conf_nodes(dir.path(), &ports)?;
+    let third = run_init(&nodes, replicas)?;
+    ensure!(third.contains("the cluster exists"), "{third}");
+    let again = cluster_shape(&e2e::redis_cluster::command(ports[0], &["CLUSTER", "NODES"]).await?);
+    ensure!(
+        again.2 == shape.2 && (again.0, again.1) == (3, 3),
+        "after a restart: {again:?}, before {shape:?}"
+    );
+    drop(procs);
     Ok(())
 }
 

@@ -2,10 +2,12 @@
 //!
 //! ```text
 //! cargo build -p gateway
-//! cargo run -p e2e --bin cluster -- --nodes 3 [--port 18080] [--prometheus]
+//! cargo run -p e2e --bin cluster -- --nodes 3 [--port 18080] [--prometheus] [--redis-cluster]
 //! ```
 //!
-//! Starts redis-server (free port, or `--redis-port`), N gateway nodes on free loopback ports,
+//! Starts redis-server (free port, or `--redis-port`) — or with `--redis-cluster` a Redis
+//! Cluster of 3 masters and 3 replicas on free ports, the gateways on
+//! `GATEWAY_REDIS_CLUSTER_URLS` —, N gateway nodes on free loopback ports,
 //! and nginx from `deploy/nginx/nginx.conf.template` on 127.0.0.1:18080 (not 8080, which the
 //! compose stack and a lone gateway use). With `--prometheus`, also a local Prometheus scraping
 //! every node's admin port (127.0.0.1:19090 by default). Prints the URLs, then runs until
@@ -13,9 +15,11 @@
 
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Parser;
-use e2e::nginx::{Cluster, ClusterOpts, NginxOpts, Prometheus};
+use e2e::nginx::{Cluster, ClusterOpts, Nginx, NginxOpts, Prometheus};
+use e2e::redis_cluster::{self, RedisCluster};
+use e2e::{Gateway, GatewayOpts, RedisServer};
 use tokio::signal::unix::{signal, SignalKind};
 
 #[derive(Parser, Debug)]
@@ -40,6 +44,11 @@ struct Args {
     /// Redis port on 127.0.0.1 (default: a free port; never the machine's 6379 unless asked).
     #[arg(long)]
     redis_port: Option<u16>,
+
+    /// A local Redis Cluster (3 masters + 3 replicas, free ports) instead of one Redis; the
+    /// gateways get every node in GATEWAY_REDIS_CLUSTER_URLS.
+    #[arg(long, conflicts_with = "redis_port")]
+    redis_cluster: bool,
 
     /// Also run Prometheus scraping every node's /metrics.
     #[arg(long)]
@@ -96,11 +105,20 @@ async fn main() -> Result<()> {
         },
     };
     eprintln!(
-        "starting redis, {} gateway node(s) ({}) and nginx ...",
+        "starting {}, {} gateway node(s) ({}) and nginx ...",
+        if args.redis_cluster {
+            "a redis cluster (3 masters + 3 replicas)"
+        } else {
+            "redis"
+        },
         args.nodes,
         e2e::gateway_bin().display()
     );
-    let mut cluster = Cluster::start_with(opts).await?;
+    let mut cluster = if args.redis_cluster {
+        Local::start_on_redis_cluster(opts).await?
+    } else {
+        Local::start(opts).await?
+    };
     let prometheus = if args.prometheus {
         Some(
             Prometheus::start(
@@ -128,32 +146,13 @@ async fn main() -> Result<()> {
             .collect();
         let ready = serde_json::json!({
             "url": cluster.nginx.http_url(),
-            "redisUrl": cluster.redis.url(),
+            "redisUrl": cluster.broker.url(),
+            "redisCluster": matches!(cluster.broker, Broker::Cluster(_)),
             "nodes": nodes,
         });
         println!("READY {ready}");
     }
-    println!();
-    println!("chat page (via nginx):  {}", cluster.nginx.http_url());
-    println!("websocket (via nginx):  {}", cluster.ws_url());
-    for node in &cluster.nodes {
-        println!(
-            "{:<8} public http://{}/   ws {}   metrics http://{}/metrics",
-            node.node_id,
-            node.addr(),
-            node.ws_url(),
-            node.admin_addr()
-        );
-    }
-    println!("redis:                  {}", cluster.redis.url());
-    println!(
-        "nginx config:           {}",
-        cluster.nginx.conf_path().display()
-    );
-    if let Some(p) = &prometheus {
-        println!("prometheus:             {}", p.url());
-        println!("prometheus config:      {}", p.config_path().display());
-    }
+    print_urls(&cluster, prometheus.as_ref());
     println!("Ctrl-C stops everything.");
 
     let mut sigterm = signal(SignalKind::terminate())?;
@@ -188,4 +187,140 @@ async fn main() -> Result<()> {
         eprintln!("{e:#}");
     }
     Ok(())
+}
+
+/// What runs where.
+fn print_urls(cluster: &Local, prometheus: Option<&Prometheus>) {
+    println!();
+    println!("chat page (via nginx):  {}", cluster.nginx.http_url());
+    println!("websocket (via nginx):  {}", cluster.ws_url());
+    for node in &cluster.nodes {
+        println!(
+            "{:<8} public http://{}/   ws {}   metrics http://{}/metrics",
+            node.node_id,
+            node.addr(),
+            node.ws_url(),
+            node.admin_addr()
+        );
+    }
+    match &cluster.broker {
+        Broker::Single(redis) => println!("redis:                  {}", redis.url()),
+        Broker::Cluster(rc) => {
+            println!(
+                "redis cluster:          GATEWAY_REDIS_CLUSTER_URLS={}",
+                rc.urls()
+            );
+            for node in &rc.nodes {
+                println!("  redis node            {}", node.url());
+            }
+        }
+    }
+    println!(
+        "nginx config:           {}",
+        cluster.nginx.conf_path().display()
+    );
+    if let Some(p) = prometheus {
+        println!("prometheus:             {}", p.url());
+        println!("prometheus config:      {}", p.config_path().display());
+    }
+}
+
+/// The broker the nodes share.
+enum Broker {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Broker {
+    /// The single Redis's URL, or the cluster's seed URLs (comma-separated).
+    fn url(&self) -> String {
+        match self {
+            Broker::Single(redis) => redis.url(),
+            Broker::Cluster(rc) => rc.urls(),
+        }
+    }
+}
+
+/// What the runner started. Dropped in field order: nginx, the nodes, the broker last.
+struct Local {
+    nginx: Nginx,
+    nodes: Vec<Gateway>,
+    broker: Broker,
+}
+
+impl Local {
+    /// One Redis: the harness's cluster.
+    async fn start(opts: ClusterOpts) -> Result<Local> {
+        let Cluster {
+            nginx,
+            nodes,
+            redis,
+        } = Cluster::start_with(opts).await?;
+        Ok(Local {
+            nginx,
+            nodes,
+            broker: Broker::Single(redis),
+        })
+    }
+
+    /// A local Redis Cluster (3 masters + 3 replicas), then the nodes on it (`node-1` ...
+    /// `node-N`, each ready, with the same settings as on one Redis), then nginx.
+    async fn start_on_redis_cluster(opts: ClusterOpts) -> Result<Local> {
+        let gateway = e2e::gateway_bin();
+        if !gateway.is_file() {
+            bail!(
+                "gateway binary {} not found: build it first (cargo build -p gateway) or set \
+                 GATEWAY_BIN",
+                gateway.display()
+            );
+        }
+        let rc = RedisCluster::start(redis_cluster::ClusterOpts::default())
+            .await
+            .context("starting the redis cluster")?;
+        let mut nodes = Vec::with_capacity(opts.nodes);
+        for i in 1..=opts.nodes {
+            let mut node_opts = GatewayOpts::default()
+                .node(&format!("node-{i}"))
+                .env("GATEWAY_REDIS_CLUSTER_URLS", rc.urls())
+                .env("GATEWAY_TRUSTED_PROXIES", "127.0.0.1");
+            node_opts.env.extend(opts.gateway_env.iter().cloned());
+            let node = Gateway::start(node_opts)
+                .await
+                .with_context(|| format!("starting gateway node-{i}"))?;
+            node.wait_ready(200)
+                .await
+                .with_context(|| format!("gateway node-{i} never became ready"))?;
+            nodes.push(node);
+        }
+        let upstreams: Vec<String> = nodes.iter().map(Gateway::addr).collect();
+        let nginx = Nginx::start_with(&upstreams, opts.nginx.clone()).await?;
+        Ok(Local {
+            nginx,
+            nodes,
+            broker: Broker::Cluster(rc),
+        })
+    }
+
+    fn ws_url(&self) -> String {
+        self.nginx.ws_url()
+    }
+
+    fn admin_addrs(&self) -> Vec<String> {
+        self.nodes.iter().map(Gateway::admin_addr).collect()
+    }
+
+    /// Graceful stop: SIGTERM to every node, waits for them (up to `grace`), then drops the
+    /// rest (nginx, the broker, any node still running: killed).
+    async fn stop(mut self, grace: Duration) -> Result<()> {
+        for node in &self.nodes {
+            node.proc.signal(15);
+        }
+        let mut result = Ok(());
+        for node in &mut self.nodes {
+            if let Err(e) = node.proc.wait_exit(grace).await {
+                result = Err(e);
+            }
+        }
+        result
+    }
 }
