@@ -249,13 +249,7 @@ async fn start_runner(args: &[&str]) -> anyhow::Result<(e2e::Proc, serde_json::V
 /// The local runner on a Redis Cluster (`cluster --redis-cluster`): two gateway nodes on a
 /// 3 + 3 cluster of its own, chat across them through its nginx, and SIGINT (Ctrl-C) stops the
 /// nodes and the cluster.
-///
-/// Ignored for now: the runner starts the cluster and both nodes, logins succeed, but the
-/// first chat message is refused with `unavailable` ("the message broker is unreachable") by a
-/// gateway process on the cluster backend — a gateway finding (gateway/src), not the runner's.
-/// Run it with `cargo test -p e2e --test cluster -- --ignored runner` once that is fixed.
 #[tokio::test]
-#[ignore = "gateway on Redis Cluster refuses the first message with `unavailable` (issue 15)"]
 async fn the_runner_on_a_redis_cluster_chats_across_nodes_and_stops_on_sigint() -> anyhow::Result<()>
 {
     use anyhow::Context;
