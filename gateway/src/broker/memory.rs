@@ -166,6 +166,15 @@ impl MemoryBroker {
         MemoryBroker::new(limits, inbound)
     }
 
+    pub fn name(&self) -> &'static str {
+        "embedded"
+    }
+
+    /// In process: always reachable.
+    pub fn is_up(&self) -> bool {
+        true
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().expect("memory broker lock")
     }

@@ -334,15 +334,15 @@ impl Broker {
     /// The backend's name, for logs and metrics.
     pub fn backend(&self) -> &'static str {
         match self {
-            Broker::Memory(_) => "embedded",
-            Broker::Redis(_) => "redis",
+            Broker::Memory(b) => b.name(),
+            Broker::Redis(b) => b.name(),
         }
     }
 
     /// True while the broker is reachable (drives `/readyz`).
     pub fn is_up(&self) -> bool {
         match self {
-            Broker::Memory(_) => true,
+            Broker::Memory(b) => b.is_up(),
             Broker::Redis(b) => b.is_up(),
         }
     }

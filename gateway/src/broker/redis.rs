@@ -230,6 +230,13 @@ impl RedisBroker {
         Ok(broker)
     }
 
+    pub fn name(&self) -> &'static str {
+        match self.receiving {
+            Receiving::Classic(_) => "redis",
+            Receiving::Sharded(_) => "redis-cluster",
+        }
+    }
+
     /// Up: pub/sub connected and Redis answering in time.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed) && self.responsive.load(Ordering::Relaxed)
