@@ -1,5 +1,7 @@
 //! The broker: pub/sub between nodes, presence storage, message history and inboxes behind one
-//! interface with two implementations — embedded (in-process, single node) and Redis.
+//! contract in the domain's words (topics, posts, presence entries, positions) with two
+//! implementations — embedded (in-process, single node) and Redis (one Redis or a Redis
+//! Cluster). `tests/tests/conformance.rs` holds every backend to the same results.
 //!
 //! Everything a client can observe as one step is one broker call (one Redis round trip):
 //! appending a message also publishes it, joining a room also announces the login.

@@ -1,6 +1,8 @@
-//! Redis broker: commands and Lua scripts over one multiplexed (pipelining, auto-reconnecting)
-//! connection; pub/sub over a dedicated connection that a supervisor task keeps alive,
-//! re-subscribing every channel this node needs after Redis comes back.
+//! Redis broker, on one Redis or a Redis Cluster: commands and Lua scripts over one multiplexed
+//! (pipelining, auto-reconnecting) connection, or a cluster connection routing by slot; pub/sub
+//! over a dedicated connection that a supervisor task keeps alive, re-subscribing every channel
+//! this node needs after Redis comes back — or, on a cluster, sharded pub/sub through the
+//! `ShardedSubscriber`.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1325,6 +1327,7 @@ async fn forward_sharded(
                         lost_for = ?event.lost_for,
                         "redis cluster shard resubscribed"
                     );
+                    broker.metrics.pubsub_reconnects.inc();
                     // A promoted replica may not have the scripts cached.
                     broker.load_scripts().await;
                     let sent = inbound.send(Inbound::Resubscribed);
