@@ -44,6 +44,11 @@ pub const SLOTS: u16 = 16384;
 
 /// A master that does not accept a connection within this is treated as gone.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// A subscriber connection PINGs this often; one that has read nothing (no message, no pong)
+/// for `SILENCE_LIMIT` is taken for lost. That catches a half-open connection to a master that
+/// stays master, which neither EOF nor the topology check would.
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(5);
+const SILENCE_LIMIT: Duration = Duration::from_secs(12);
 /// How long one node may take to answer `CLUSTER SLOTS` before the next one is asked.
 const TOPOLOGY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Backoff between topology reads that follow each other closely (a master SIGKILLed stays
@@ -536,8 +541,19 @@ async fn connection(
         }
     }
     let mut buf = BytesMut::with_capacity(16 * 1024);
+    let mut keepalive = tokio::time::interval(KEEPALIVE_EVERY);
+    keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_read = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = keepalive.tick() => {
+                if last_read.elapsed() > SILENCE_LIMIT {
+                    return format!("no answer to PING for {SILENCE_LIMIT:?}");
+                }
+                if let Err(e) = write.write_all(&encode(&[b"PING"])).await {
+                    return format!("write: {e}");
+                }
+            }
             bytes = writes.recv() => {
                 let Some(bytes) = bytes else { return "dropped by the subscriber".into() };
                 if let Err(e) = write.write_all(&bytes).await {
@@ -547,7 +563,7 @@ async fn connection(
             got = read.read_buf(&mut buf) => {
                 match got {
                     Ok(0) => return "EOF".into(),
-                    Ok(_) => {}
+                    Ok(_) => last_read = tokio::time::Instant::now(),
                     Err(e) => return format!("read: {e}"),
                 }
                 loop {
@@ -556,6 +572,9 @@ async fn connection(
                         Ok(None) => break,
                         Err(e) => return format!("protocol error: {e}"),
                     };
+                    if is_pong(&frame) {
+                        continue; // the keepalive's answer: reading it was the point
+                    }
                     if let Some(message) = as_message(&frame) {
                         // Straight to the caller, in the connection's order: a confirmation
                         // that follows (of an unsubscribe) reaches the actor after it.
@@ -569,6 +588,11 @@ async fn connection(
             }
         }
     }
+}
+
+/// A `PING`'s answer on a subscribed RESP2 connection: `pong` and an empty payload.
+fn is_pong(frame: &Frame) -> bool {
+    matches!(frame, Frame::Array(Some(items)) if items.first().and_then(Frame::bulk_str) == Some("pong"))
 }
 
 /// `smessage <channel> <payload>` as `(channel, payload)`.
@@ -1161,6 +1185,16 @@ mod tests {
         for (key, slot) in known {
             assert_eq!(slot_of(key), slot, "{key}");
         }
+    }
+
+    #[test]
+    fn a_pong_is_no_message_and_no_confirmation() {
+        let mut buf = BytesMut::from(&b"*2\r\n$4\r\npong\r\n$0\r\n\r\n"[..]);
+        let frame = parse_frame(&mut buf).unwrap().unwrap();
+        assert!(is_pong(&frame));
+        assert!(as_message(&frame).is_none() && as_confirmation(&frame).is_none());
+        let mut buf = BytesMut::from(&b"*3\r\n$8\r\nsmessage\r\n$2\r\nch\r\n$1\r\nx\r\n"[..]);
+        assert!(!is_pong(&parse_frame(&mut buf).unwrap().unwrap()));
     }
 
     #[test]
