@@ -75,7 +75,12 @@ impl Presence {
         let mut entry = entry;
         let joined = self
             .broker
-            .join(&entry, &self.announce_header(), self.expires_at())
+            .join(
+                &entry,
+                &self.announce_header(),
+                self.expires_at(),
+                self.may_prune(),
+            )
             .await;
         let outcome = match joined {
             Ok(outcome) => outcome,

@@ -269,7 +269,9 @@ mod scenarios {
         let h = announce_header();
         let expires = now_ms() + 60_000;
         b.subscribe(&room("r")).await?;
-        let first = b.join(&entry("r", 1, "ann", "R"), &h, expires).await?;
+        let first = b
+            .join(&entry("r", 1, "ann", "R"), &h, expires, true)
+            .await?;
         ensure!(
             first.first && first.announced && first.num == 1,
             "{first:?}"
@@ -284,9 +286,13 @@ mod scenarios {
             login.text()
         );
         // A second tab of the same user: counted once, not announced.
-        let tab = b.join(&entry("r", 2, "ann", "R"), &h, expires).await?;
+        let tab = b
+            .join(&entry("r", 2, "ann", "R"), &h, expires, true)
+            .await?;
         ensure!(!tab.first && !tab.announced && tab.num == 1, "{tab:?}");
-        let bob = b.join(&entry("r", 3, "bob", "R"), &h, expires).await?;
+        let bob = b
+            .join(&entry("r", 3, "bob", "R"), &h, expires, true)
+            .await?;
         ensure!(bob.first && bob.announced && bob.num == 2, "{bob:?}");
         ensure!(u.next().await?.frame()?["num"] == 2);
         ensure!(b.room_count("r").await? == 2);
@@ -316,14 +322,20 @@ mod scenarios {
         let b = u.broker.clone();
         let h = announce_header();
         let expires = now_ms() + 60_000;
-        let first = b.join(&entry("n", 1, "a", "Lobby"), &h, expires).await?;
+        let first = b
+            .join(&entry("n", 1, "a", "Lobby"), &h, expires, true)
+            .await?;
         ensure!(first.room_name == "Lobby");
-        let later = b.join(&entry("n", 2, "b", "Hijacked"), &h, expires).await?;
+        let later = b
+            .join(&entry("n", 2, "b", "Hijacked"), &h, expires, true)
+            .await?;
         ensure!(later.room_name == "Lobby", "renamed to {}", later.room_name);
         // Once everyone left, the next first joiner names it again.
         b.leave(&entry("n", 1, "a", "Lobby"), &h).await?;
         b.leave(&entry("n", 2, "b", "Lobby"), &h).await?;
-        let next = b.join(&entry("n", 3, "c", "Fresh"), &h, expires).await?;
+        let next = b
+            .join(&entry("n", 3, "c", "Fresh"), &h, expires, true)
+            .await?;
         ensure!(next.room_name == "Fresh" && next.num == 1, "{next:?}");
         Ok(())
     }
@@ -336,8 +348,10 @@ mod scenarios {
         let now = now_ms();
         b.subscribe(&room("p")).await?;
         // ann's node stops refreshing (it died); bob's keeps going.
-        b.join(&entry("p", 1, "ann", "P"), &h, now + 100).await?;
-        b.join(&entry("p", 2, "bob", "P"), &h, now + 60_000).await?;
+        b.join(&entry("p", 1, "ann", "P"), &h, now + 100, true)
+            .await?;
+        b.join(&entry("p", 2, "bob", "P"), &h, now + 60_000, true)
+            .await?;
         u.next().await?;
         u.next().await?;
         // (Prune times are in the future: a backend may look at expiries in buckets of up to
@@ -374,7 +388,7 @@ mod scenarios {
     pub async fn ids_increase_and_messages_arrive_in_order(u: &mut Under) -> Result<()> {
         let b = u.broker.clone();
         let h = announce_header();
-        b.join(&entry("o", 1, "ann", "O"), &h, now_ms() + 60_000)
+        b.join(&entry("o", 1, "ann", "O"), &h, now_ms() + 60_000, true)
             .await?;
         b.subscribe(&room("o")).await?;
         ensure!(b.newest_id(&room("o")).await?.is_none());
@@ -583,7 +597,7 @@ mod scenarios {
                 for _tab in 0..2 {
                     conn += 1;
                     let user = format!("{room_key}-u{i:02}");
-                    b.join(&entry(room_key, conn, &user, room_key), &h, expires)
+                    b.join(&entry(room_key, conn, &user, room_key), &h, expires, true)
                         .await?;
                 }
             }

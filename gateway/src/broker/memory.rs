@@ -312,7 +312,11 @@ impl MemoryBroker {
         entry: &PresenceEntry,
         announce_header: &str,
         expires_at_ms: u64,
+        prune_expired: bool,
     ) -> Result<JoinOutcome, BrokerError> {
+        if prune_expired {
+            self.prune_rooms(Some(&entry.room_key), now_ms(), announce_header);
+        }
         let mut state = self.state();
         let room = state.rooms.entry(entry.room_key.clone()).or_default();
         let first = room.add(entry, expires_at_ms);
@@ -417,10 +421,18 @@ impl MemoryBroker {
     /// Removes the entries whose expiry passed and announces each departed user's logout
     /// once (as prune.lua).
     pub async fn prune(&self, now_ms: u64, announce_header: &str) -> Result<u64, BrokerError> {
+        Ok(self.prune_rooms(None, now_ms, announce_header))
+    }
+
+    /// Prunes one room, or every room.
+    fn prune_rooms(&self, only: Option<&str>, now_ms: u64, announce_header: &str) -> u64 {
         let mut state = self.state();
         let mut removed = 0;
         let mut departures = Vec::new();
-        let room_keys: Vec<String> = state.rooms.keys().cloned().collect();
+        let room_keys: Vec<String> = match only {
+            Some(room) => vec![room.to_string()],
+            None => state.rooms.keys().cloned().collect(),
+        };
         for room_key in room_keys {
             let Some(room) = state.rooms.get_mut(&room_key) else {
                 continue;
@@ -454,7 +466,7 @@ impl MemoryBroker {
                 (Announcement::Logout, &fragment, announce_header, num),
             );
         }
-        Ok(removed)
+        removed
     }
 
     pub async fn range(

@@ -372,14 +372,17 @@ impl Broker {
 
     /// Records the entry and, if it is the user's first connection in the room (and the room
     /// is no bigger than the announce limit), publishes `announce_header` + the login frame
-    /// on the room.
+    /// on the room. `prune_expired`: first remove the room's entries whose expiry passed (and
+    /// announce those logouts) — false while the caller pauses pruning (after a broker outage
+    /// every node's entries may have expired without their nodes being dead).
     pub async fn join(
         &self,
         entry: &PresenceEntry,
         announce_header: &str,
         expires_at_ms: u64,
+        prune_expired: bool,
     ) -> Result<JoinOutcome, BrokerError> {
-        dispatch!(self.join(entry, announce_header, expires_at_ms))
+        dispatch!(self.join(entry, announce_header, expires_at_ms, prune_expired))
     }
 
     /// Removes the entry and, if it was the user's last connection in the room, publishes

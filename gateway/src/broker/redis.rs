@@ -776,6 +776,7 @@ impl RedisBroker {
         entry: &PresenceEntry,
         announce_header: &str,
         expires_at_ms: u64,
+        prune_expired: bool,
     ) -> Result<JoinOutcome, BrokerError> {
         let mut invocation = self.presence_invocation(&self.scripts.join, &entry.room_key);
         invocation
@@ -790,7 +791,8 @@ impl RedisBroker {
             .arg(&entry.room_json)
             .arg(self.limits.announces_per_sec)
             .arg(Announcement::Login.template())
-            .arg(now_ms())
+            // Nothing expired before 0: no pruning.
+            .arg(if prune_expired { now_ms() } else { 0 })
             .arg(Announcement::Logout.template());
         let mut con = self.commands.clone();
         // Indexed first (both are sent at once): an entry is never stored where no prune
