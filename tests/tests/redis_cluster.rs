@@ -157,6 +157,59 @@ async fn chat_crosses_nodes_in_rooms_on_every_shard() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The member hears each of the `count` messages `c0..` at least once (whatever a failover did
+/// to its subscription), and the room's history holds each exactly once, in order.
+async fn every_message_heard_and_stored_once(
+    member: &mut Client,
+    room: &str,
+    count: usize,
+) -> anyhow::Result<()> {
+    let mut heard = std::collections::HashSet::new();
+    while heard.len() < count {
+        let frame = member
+            .recv_until_timeout(Duration::from_secs(20), is("message"))
+            .await
+            .map_err(|e| anyhow::anyhow!("member heard {} of {count}: {e}", heard.len()))?;
+        heard.insert(
+            frame["clientMsgId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    member
+        .send(json!({"event":"sync","roomId": room,"since":"0","limit":1000}))
+        .await?;
+    let mut stored = Vec::new();
+    loop {
+        let frame = member
+            .recv_until(|f| f["event"] == "message" || f["event"] == "synced")
+            .await?;
+        if frame["event"] == "synced" {
+            break;
+        }
+        stored.push(
+            frame["clientMsgId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    let expected: Vec<String> = (0..count).map(|i| format!("c{i}")).collect();
+    anyhow::ensure!(stored == expected, "history: {stored:?}");
+    Ok(())
+}
+
+/// Every error a sender saw is a typed one a client can act on.
+fn only_typed(errors: &[String]) {
+    for code in errors {
+        assert!(
+            ["unavailable", "outcome_unknown"].contains(&code.as_str()),
+            "untyped error {code}"
+        );
+    }
+}
+
 /// A message sent until it is confirmed (its own copy, or `sent` for a retried clientMsgId),
 /// retried with the same clientMsgId after an `error`; returns the errors' codes.
 async fn send_until_confirmed(
@@ -220,47 +273,8 @@ async fn a_killed_master_loses_no_confirmed_message_with_wait() -> anyhow::Resul
         }
         errors.extend(seen);
     }
-    for code in &errors {
-        assert!(
-            ["unavailable", "outcome_unknown"].contains(&code.as_str()),
-            "untyped error {code}"
-        );
-    }
-    // The member hears every message, whatever the failover did to its subscription.
-    let mut heard = std::collections::HashSet::new();
-    while heard.len() < MESSAGES {
-        let frame = member
-            .recv_until_timeout(Duration::from_secs(20), is("message"))
-            .await
-            .map_err(|e| anyhow::anyhow!("member heard {} of {MESSAGES}: {e}", heard.len()))?;
-        heard.insert(
-            frame["clientMsgId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
-    // The history holds each confirmed message exactly once.
-    member
-        .send(json!({"event":"sync","roomId": room,"since":"0","limit":1000}))
-        .await?;
-    let mut stored = Vec::new();
-    loop {
-        let frame = member
-            .recv_until(|f| f["event"] == "message" || f["event"] == "synced")
-            .await?;
-        if frame["event"] == "synced" {
-            break;
-        }
-        stored.push(
-            frame["clientMsgId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
-    let expected: Vec<String> = (0..MESSAGES).map(|i| format!("c{i}")).collect();
-    assert_eq!(stored, expected, "history after the failover");
+    only_typed(&errors);
+    every_message_heard_and_stored_once(&mut member, &room, MESSAGES).await?;
     println!(
         "master SIGKILL under traffic with WAIT 1: the sender's message was confirmed {:?} after \
          the kill; errors while the shard was down: {errors:?}",
@@ -308,48 +322,8 @@ async fn a_manual_failover_and_a_slot_migration_under_traffic_lose_nothing() -> 
     let migration = migrating.elapsed();
     assert_eq!(cluster.master_of(&key).await?, other_master);
     errors.extend(send_range(&mut sender, &room, 40..60).await?);
-    for code in &errors {
-        assert!(
-            ["unavailable", "outcome_unknown"].contains(&code.as_str()),
-            "untyped error {code}"
-        );
-    }
-    let mut heard = std::collections::HashSet::new();
-    while heard.len() < 60 {
-        let frame = member
-            .recv_until_timeout(Duration::from_secs(20), is("message"))
-            .await
-            .map_err(|e| anyhow::anyhow!("member heard {} of 60: {e}", heard.len()))?;
-        heard.insert(
-            frame["clientMsgId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
-    member
-        .send(json!({"event":"sync","roomId": room,"since":"0","limit":1000}))
-        .await?;
-    let mut stored = Vec::new();
-    loop {
-        let frame = member
-            .recv_until(|f| f["event"] == "message" || f["event"] == "synced")
-            .await?;
-        if frame["event"] == "synced" {
-            break;
-        }
-        stored.push(
-            frame["clientMsgId"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-        );
-    }
-    let expected: Vec<String> = (0..60).map(|i| format!("c{i}")).collect();
-    assert_eq!(
-        stored, expected,
-        "history after the failover and the migration"
-    );
+    only_typed(&errors);
+    every_message_heard_and_stored_once(&mut member, &room, 60).await?;
     println!(
         "manual failover took {failover:?}; the slot's {moved} keys migrated in {migration:?}; \
          errors seen by the sender: {errors:?}"

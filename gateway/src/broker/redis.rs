@@ -61,12 +61,15 @@ impl Scripts {
                 Script::new(text)
             }
         };
+        // The presence scripts share their helpers (announcements, pruning) in one prelude.
+        let presence =
+            |text: &str| script(&format!("{}\n{text}", include_str!("scripts/presence.lua")));
         Scripts {
             append: script(include_str!("scripts/append.lua")),
-            join: script(include_str!("scripts/join.lua")),
-            leave: script(include_str!("scripts/leave.lua")),
-            prune_room: script(include_str!("scripts/prune_room.lua")),
-            refresh_room: script(include_str!("scripts/refresh_room.lua")),
+            join: presence(include_str!("scripts/join.lua")),
+            leave: presence(include_str!("scripts/leave.lua")),
+            prune_room: presence(include_str!("scripts/prune_room.lua")),
+            refresh_room: presence(include_str!("scripts/refresh_room.lua")),
         }
     }
 }
@@ -458,16 +461,8 @@ impl RedisBroker {
         op: &'static str,
         fut: impl std::future::Future<Output = Result<T, RedisError>>,
     ) -> Result<T, BrokerError> {
-        let started = Instant::now();
-        let result = fut.await;
-        self.metrics
-            .redis_command_duration
-            .with_label_values(&[op])
-            .observe(started.elapsed().as_secs_f64());
-        result.map_err(|e| {
-            self.metrics.redis_errors.with_label_values(&[op]).inc();
-            unavailable(e)
-        })
+        self.timed_broker(op, async { fut.await.map_err(unavailable) })
+            .await
     }
 
     /// The append script's call for `post`: EVALSHA by hand rather than `invoke_async`, which

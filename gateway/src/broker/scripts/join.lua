@@ -13,46 +13,7 @@
 -- Records are length-prefixed (`<len(userId)>:<userId><fragment>`): no byte of a client
 -- string can be taken for a separator.
 -- Returns {first (1|0), num, announced (1|0), roomName JSON}.
--- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
--- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
-local function render(template, user, room_id, room_name, num)
-  local values = {['\1'] = user, ['\2'] = room_id, ['\3'] = room_name, ['\4'] = tostring(num)}
-  return (string.gsub(template, '[\1-\4]', values))
-end
--- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
--- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
-local function may_announce(key, cap)
-  local n = redis.call('INCR', key)
-  if n == 1 then redis.call('PEXPIRE', key, 1000) end
-  return n <= cap
-end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', ARGV[12], 'LIMIT', 0, 100)
-for _, conn in ipairs(expired) do
-  redis.call('ZREM', KEYS[3], conn)
-  local entry = redis.call('HGET', KEYS[1], conn)
-  local colon = entry and string.find(entry, ':', 1, true)
-  local len = colon and tonumber(string.sub(entry, 1, colon - 1))
-  if entry then
-    redis.call('HDEL', KEYS[1], conn)
-  end
-  if len then
-    local user = string.sub(entry, colon + 1, colon + len)
-    if redis.call('HINCRBY', KEYS[2], user, -1) <= 0 then
-      redis.call('HDEL', KEYS[2], user)
-      local num = redis.call('HLEN', KEYS[2])
-      local room = redis.call('GET', KEYS[4])
-      if num == 0 then
-        redis.call('DEL', KEYS[4]) -- the joiner names the room afresh
-      end
-      if room and num + 1 <= tonumber(ARGV[8]) and may_announce(KEYS[5], tonumber(ARGV[10])) then
-        local nl = string.find(room, '\n', 1, true)
-        redis.call('PUBLISH', ARGV[6], ARGV[7] .. render(ARGV[13],
-          string.sub(entry, colon + len + 1), string.sub(room, 1, nl - 1),
-          string.sub(room, nl + 1), num))
-      end
-    end
-  end
-end
+prune_expired(ARGV[12], 100, {ARGV[6], ARGV[7], ARGV[8], ARGV[10], ARGV[13]})
 local record = string.len(ARGV[2]) .. ':' .. ARGV[2] .. ARGV[3]
 local added = redis.call('HSET', KEYS[1], ARGV[1], record)
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
@@ -65,7 +26,7 @@ local room = redis.call('GET', KEYS[4])
 local name = string.sub(room, string.find(room, '\n', 1, true) + 1)
 local num = redis.call('HLEN', KEYS[2])
 local announced = 0
-if first == 1 and num <= tonumber(ARGV[8]) and may_announce(KEYS[5], tonumber(ARGV[10])) then
+if first == 1 and num <= tonumber(ARGV[8]) and may_announce(tonumber(ARGV[10])) then
   announced = 1
   redis.call('PUBLISH', ARGV[6], ARGV[7] .. render(ARGV[11], ARGV[3], ARGV[9], name, num))
 end

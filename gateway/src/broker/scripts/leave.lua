@@ -6,19 +6,6 @@
 -- ARGV[5] envelope header, ARGV[6] largest room size whose logouts are announced,
 -- ARGV[7] announcements per second, ARGV[8] the logout's template
 -- Returns {last (1|0), num}.
--- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
--- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
-local function render(template, user, room_id, room_name, num)
-  local values = {['\1'] = user, ['\2'] = room_id, ['\3'] = room_name, ['\4'] = tostring(num)}
-  return (string.gsub(template, '[\1-\4]', values))
-end
--- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
--- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
-local function may_announce(key, cap)
-  local n = redis.call('INCR', key)
-  if n == 1 then redis.call('PEXPIRE', key, 1000) end
-  return n <= cap
-end
 redis.call('ZREM', KEYS[3], ARGV[1])
 local entry = redis.call('HGET', KEYS[1], ARGV[1])
 if not entry then
@@ -42,7 +29,7 @@ local num = redis.call('HLEN', KEYS[2])
 if num == 0 then
   redis.call('DEL', KEYS[4]) -- nobody left: the next first joiner names the room
 end
-if last == 1 and num + 1 <= tonumber(ARGV[6]) and may_announce(KEYS[5], tonumber(ARGV[7])) then
+if last == 1 and num + 1 <= tonumber(ARGV[6]) and may_announce(tonumber(ARGV[7])) then
   redis.call('PUBLISH', ARGV[4], ARGV[5] .. render(ARGV[8], fragment, ARGV[2], ARGV[3], num))
 end
 return {last, num}

@@ -8,19 +8,6 @@
 -- whose logins are announced, ARGV[5] announcements per second, ARGV[6] the login's template,
 -- ARGV[7] the room record, then per entry three values: conn key, userId, presence record
 -- Returns the number of entries re-created.
--- Fill an announcement template from Rust (protocol::Announcement): bytes 1-4 stand for the
--- user fragment, room id JSON, room name JSON and count. The scripts never write client JSON.
-local function render(template, user, room_id, room_name, num)
-  local values = {['\1'] = user, ['\2'] = room_id, ['\3'] = room_name, ['\4'] = tostring(num)}
-  return (string.gsub(template, '[\1-\4]', values))
-end
--- At most ARGV cap announcements per room and second, whoever toggles (a client joining and
--- leaving in a loop, or many clients at once, cannot flood the room with presence frames).
-local function may_announce(key, cap)
-  local n = redis.call('INCR', key)
-  if n == 1 then redis.call('PEXPIRE', key, 1000) end
-  return n <= cap
-end
 local restored = 0
 for i = 8, #ARGV, 3 do
   local conn, user, record = ARGV[i], ARGV[i + 1], ARGV[i + 2]
@@ -29,7 +16,7 @@ for i = 8, #ARGV, 3 do
     redis.call('SETNX', KEYS[4], ARGV[7])
     restored = restored + 1
     local num = redis.call('HLEN', KEYS[2])
-    if first and num <= tonumber(ARGV[4]) and may_announce(KEYS[5], tonumber(ARGV[5])) then
+    if first and num <= tonumber(ARGV[4]) and may_announce(tonumber(ARGV[5])) then
       -- `<len(userId)>:<userId><user fragment>` and `<roomId JSON>\n<roomName JSON>`
       local colon = string.find(record, ':', 1, true)
       local fragment = string.sub(record, colon + tonumber(string.sub(record, 1, colon - 1)) + 1)
