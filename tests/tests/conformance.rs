@@ -140,6 +140,7 @@ on_every_backend!(
     presence_counts_users_and_announces_each_once,
     the_first_joiner_names_the_room,
     expired_entries_are_pruned_once_and_refresh_restores_them,
+    a_join_prunes_its_rooms_expired_entries_only_when_asked,
     ids_increase_and_messages_arrive_in_order,
     a_repeated_dedup_id_gets_the_original_id,
     history_is_trimmed_and_a_reader_behind_it_is_told,
@@ -382,6 +383,35 @@ mod scenarios {
             .await?;
         ensure!(live == 0);
         ensure!(b.room_count("p").await? == 2);
+        u.nothing_more().await
+    }
+
+    pub async fn a_join_prunes_its_rooms_expired_entries_only_when_asked(
+        u: &mut Under,
+    ) -> Result<()> {
+        let b = u.broker.clone();
+        let h = announce_header();
+        let now = now_ms();
+        b.subscribe(&room("j")).await?;
+        // ann's entry expired already (its node died, or could not refresh during an outage).
+        b.join(&entry("j", 1, "ann", "J"), &h, now - 1, false)
+            .await?;
+        u.next().await?;
+        // A node that pauses pruning leaves it in place...
+        let bob = b
+            .join(&entry("j", 2, "bob", "J"), &h, now + 60_000, false)
+            .await?;
+        ensure!(bob.num == 2, "{bob:?}");
+        ensure!(u.next().await?.frame()?["userId"] == "bob");
+        // ...one that does not removes it first, with ann's logout.
+        let cat = b
+            .join(&entry("j", 3, "cat", "J"), &h, now + 60_000, true)
+            .await?;
+        ensure!(cat.num == 2, "{cat:?}");
+        let logout = u.next().await?;
+        ensure!(logout.frame()?["event"] == "logout" && logout.frame()?["userId"] == "ann");
+        let login = u.next().await?;
+        ensure!(login.frame()?["userId"] == "cat" && login.frame()?["num"] == 2);
         u.nothing_more().await
     }
 
