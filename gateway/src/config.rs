@@ -103,7 +103,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u32).range(1..=10_000_000))]
     pub max_connections: u32,
 
-    /// Frames queued for one connection before it is disconnected as a slow consumer (4008).
+    /// Frames waiting for one connection's socket (not yet taken by the kernel, or held while
+    /// the connection answers a frame) before it is disconnected as a slow consumer (4008).
     #[arg(long, env = "GATEWAY_OUTBOUND_QUEUE", default_value_t = 1024,
           value_parser = clap::value_parser!(u32).range(8..=1_000_000))]
     pub outbound_queue: u32,

@@ -7,8 +7,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use crate::broker::{Broker, Position, Topic};
 use crate::protocol::StreamId;

@@ -5,22 +5,26 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Extension;
 use axum::{Json, Router};
+use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tungstenite::Message;
 
 use crate::auth::{AuthError, Claims};
 use crate::limits::CountGuard;
 use crate::node::Node;
 use crate::protocol::RoomId;
 use crate::session;
+
+mod upgrade;
+use upgrade::WsUpgrade;
 
 /// Rooms listed by `GET /api/rooms` at most.
 const MAX_ROOMS_LISTED: usize = 1000;
@@ -211,7 +215,7 @@ async fn root(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     uri: Uri,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    ws: Result<WsUpgrade, upgrade::NotAnUpgrade>,
 ) -> Response {
     match ws {
         Ok(ws) => accept(node, peer, &headers, &uri, ws),
@@ -224,7 +228,7 @@ async fn upgrade(
     peer: Option<Extension<Peer>>,
     headers: HeaderMap,
     uri: Uri,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     accept(node, peer, &headers, &uri, ws)
 }
@@ -299,7 +303,7 @@ fn accept(
     peer: Option<Extension<Peer>>,
     headers: &HeaderMap,
     uri: &Uri,
-    ws: WebSocketUpgrade,
+    ws: WsUpgrade,
 ) -> Response {
     if node.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
@@ -337,31 +341,35 @@ fn accept(
         None => None,
     };
     let max_message = node.config.max_message_bytes as usize;
-    let ws = ws
-        // Small buffers: an idle connection must stay cheap (axum's default read buffer alone
-        // is 128 KiB). The read buffer grows for a bigger frame; the write buffer is flushed
-        // once it holds 2 KiB (about 15 chat frames per write) and at the end of each batch.
+    let config = WebSocketConfig::default()
+        // Small buffers: an idle connection must stay cheap (the default read buffer alone
+        // is 128 KiB). The read buffer grows for a bigger frame; the session's own frames are
+        // handed to the outlet once 2 KiB of them wait (about 15 chat frames per write) and
+        // at the end of each batch.
         .read_buffer_size(1024)
         .write_buffer_size(2 * 1024)
         .max_write_buffer_size(1024 * 1024)
-        .max_message_size(max_message)
-        .max_frame_size(max_message);
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
     let tracker = node.sessions.clone();
-    ws.on_upgrade(move |mut socket| {
+    let max_waiting = node.config.outbound_queue as usize;
+    ws.on_upgrade(config, max_waiting, move |mut socket, outlet| {
         tracker.track_future(async move {
             let (client, _ip_slot, pending_login) = match address {
                 Some(a) => (Some(a.client), Some(a.connection), Some(a.pending_login)),
                 None => (None, None, None),
             };
             match node.admit_connection() {
-                Some(slot) => session::run(slot, socket, claims, client, pending_login).await,
+                Some(slot) => {
+                    session::run(slot, socket, outlet, claims, client, pending_login).await
+                }
                 None => {
                     node.metrics
                         .connections_closed
                         .with_label_values(&["connection_limit"])
                         .inc();
                     let frame = CloseFrame {
-                        code: 1013,
+                        code: 1013.into(),
                         reason: "node at its connection limit; try again later".into(),
                     };
                     let _ = socket.send(Message::Close(Some(frame))).await;

@@ -1,18 +1,20 @@
 //! The hub: which local connections listen on which broker topic (a room or a user), subscribing
 //! a topic on its first local member and unsubscribing after its last, and the
-//! dispatcher that fans each broker message out to the local members — parsed once per node,
-//! the frame bytes shared by every recipient.
+//! dispatcher that fans each broker message out to the local members — parsed and framed once
+//! per node, the frame bytes shared by every recipient and written straight into each socket.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use axum::extract::ws::Utf8Bytes;
+use bytes::Bytes;
 use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tungstenite::Utf8Bytes;
 
 use crate::broker::{Broker, BrokerError, Envelope, Inbound, Kind, Topic};
 use crate::metrics::Metrics;
+use crate::outlet::text_frame;
 use crate::protocol::StreamId;
+use crate::session::Link;
 
 /// One message on its way to local sockets, shared by all its recipients on this node.
 #[derive(Debug)]
@@ -20,27 +22,51 @@ pub struct Delivery {
     pub topic: Arc<Topic>,
     pub kind: Kind,
     pub id: Option<StreamId>,
+    /// The frame's text (kept for redelivery and rewrites).
     pub frame: Utf8Bytes,
+    /// The frame as WebSocket bytes, written as they are to every recipient.
+    pub wire: Bytes,
     pub published_us: u64,
     /// The local connection that published it, if one did.
     pub sender_conn: Option<u64>,
 }
 
-/// A connection's queue of deliveries (bounded: a full queue means a slow consumer).
-pub type Outbox = mpsc::Sender<Arc<Delivery>>;
+impl Delivery {
+    pub fn new(
+        topic: Arc<Topic>,
+        kind: Kind,
+        id: Option<StreamId>,
+        frame: Utf8Bytes,
+        published_us: u64,
+        sender_conn: Option<u64>,
+    ) -> Delivery {
+        Delivery {
+            wire: text_frame(frame.as_bytes()),
+            topic,
+            kind,
+            id,
+            frame,
+            published_us,
+            sender_conn,
+        }
+    }
+}
 
 /// A local connection listening on a topic.
 #[derive(Clone)]
 pub struct Member {
     pub conn_id: u64,
-    pub outbox: Outbox,
-    /// Cancelled when the connection's queue overflows: the session closes it (code 4008).
-    pub slow: CancellationToken,
+    pub link: Arc<Link>,
 }
+
+/// Broker messages dispatched together: a run of one topic's messages goes to each member in
+/// one write.
+const DISPATCH_BATCH: usize = 64;
 
 struct Channel {
     topic: Arc<Topic>,
-    members: Vec<Member>,
+    /// Copied on write: the dispatcher takes the list and writes without the hub's lock.
+    members: Arc<Vec<Member>>,
     /// Serialises subscribe/unsubscribe of this topic; holds whether it is subscribed.
     gate: Arc<tokio::sync::Mutex<bool>>,
     /// Set when the topic's messages are kept and members want gaps repaired (rooms, and
@@ -123,12 +149,12 @@ impl Hub {
             }
             let entry = channels.entry(channel.clone()).or_insert_with(|| Channel {
                 topic: Arc::new(channel.clone()),
-                members: Vec::new(),
+                members: Arc::new(Vec::new()),
                 gate: Arc::new(tokio::sync::Mutex::new(false)),
                 stream: None,
                 last_id: None,
             });
-            entry.members.push(member);
+            Arc::make_mut(&mut entry.members).push(member);
             if entry.stream.is_none() {
                 entry.stream = stream.clone();
             }
@@ -172,7 +198,7 @@ impl Hub {
             let Some(entry) = channels.get_mut(channel) else {
                 return;
             };
-            entry.members.retain(|m| m.conn_id != conn_id);
+            Arc::make_mut(&mut entry.members).retain(|m| m.conn_id != conn_id);
             if !entry.members.is_empty() {
                 return;
             }
@@ -206,12 +232,32 @@ impl Hub {
 
     /// Fans broker messages out to local members until the broker side closes; after a
     /// broker reconnect, first reads back what was published meanwhile.
+    ///
+    /// Whatever arrived meanwhile is taken at once (up to a batch): a run of one topic's
+    /// messages reaches each member in one write, so a busy node makes fewer, fuller writes.
     pub async fn dispatch(self: Arc<Self>, mut inbound: mpsc::UnboundedReceiver<Inbound>) {
-        while let Some(msg) = inbound.recv().await {
-            match msg {
-                Inbound::Message { topic, payload } => self.dispatch_one(&topic, &payload),
-                Inbound::Resubscribed => self.repair_gaps().await,
+        let mut batch = Vec::with_capacity(DISPATCH_BATCH);
+        let mut run: Vec<Arc<Delivery>> = Vec::new();
+        while inbound.recv_many(&mut batch, DISPATCH_BATCH).await > 0 {
+            let mut members = None;
+            for msg in batch.drain(..) {
+                match msg {
+                    Inbound::Message { topic, payload } => {
+                        if run.first().is_some_and(|d| *d.topic != topic) {
+                            self.hand_out(members.take(), &mut run);
+                        }
+                        if let Some((entry_members, delivery)) = self.prepare(&topic, &payload) {
+                            members = Some(entry_members);
+                            run.push(delivery);
+                        }
+                    }
+                    Inbound::Resubscribed => {
+                        self.hand_out(members.take(), &mut run);
+                        self.repair_gaps().await;
+                    }
+                }
             }
+            self.hand_out(members.take(), &mut run);
         }
     }
 
@@ -302,15 +348,17 @@ impl Hub {
         }
         entry.last_id = Some(id);
         self.metrics.gap_repairs.inc();
-        let delivery = Arc::new(Delivery {
-            topic: entry.topic.clone(),
-            kind: stream.kind,
-            id: Some(id),
-            frame: Utf8Bytes::from(frame),
-            published_us: crate::broker::now_us(),
-            sender_conn: None,
-        });
-        self.hand_out(entry, delivery);
+        let delivery = Arc::new(Delivery::new(
+            entry.topic.clone(),
+            stream.kind,
+            Some(id),
+            Utf8Bytes::from(frame),
+            crate::broker::now_us(),
+            None,
+        ));
+        let members = entry.members.clone();
+        drop(channels);
+        self.hand_out(Some(members), &mut vec![delivery]);
     }
 
     /// Tells a channel's members that messages after `last_id` are lost to them.
@@ -325,65 +373,76 @@ impl Hub {
             r#"{{"event":"resync",{},"lastId":"{last_id}"}}"#,
             stream.target_json
         );
-        let delivery = Arc::new(Delivery {
-            topic: entry.topic.clone(),
-            kind: Kind::Presence,
-            id: None,
-            frame: Utf8Bytes::from(frame),
-            published_us: crate::broker::now_us(),
-            sender_conn: None,
-        });
-        self.hand_out(entry, delivery);
+        let delivery = Arc::new(Delivery::new(
+            entry.topic.clone(),
+            Kind::Presence,
+            None,
+            Utf8Bytes::from(frame),
+            crate::broker::now_us(),
+            None,
+        ));
+        let members = entry.members.clone();
+        drop(channels);
+        self.hand_out(Some(members), &mut vec![delivery]);
     }
 
-    fn hand_out(&self, entry: &Channel, delivery: Arc<Delivery>) {
-        for member in &entry.members {
-            match member.outbox.try_send(delivery.clone()) {
-                Ok(()) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.metrics.outbound_dropped.inc();
-                    member.slow.cancel();
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-    }
-
-    fn dispatch_one(&self, channel: &Topic, payload: &bytes::Bytes) {
+    /// Parses and frames one broker message for its channel's members (once per node);
+    /// `None` when it is malformed, a duplicate, or nobody here listens any more.
+    fn prepare(
+        &self,
+        channel: &Topic,
+        payload: &bytes::Bytes,
+    ) -> Option<(Arc<Vec<Member>>, Arc<Delivery>)> {
         let Some(envelope) = Envelope::parse(payload) else {
             tracing::warn!("dropping a malformed broker message");
-            return;
+            return None;
         };
         let Ok(frame) = Utf8Bytes::try_from(envelope.frame) else {
             tracing::warn!("dropping a broker message that is not UTF-8");
-            return;
+            return None;
         };
         let mut channels = self.channels();
-        let Some(entry) = channels.get_mut(channel) else {
-            return; // unsubscribed meanwhile
-        };
+        let entry = channels.get_mut(channel)?; // unsubscribed meanwhile
         if let Some(id) = envelope.id {
             // Read back by a gap repair already: the live copy is a duplicate.
             if entry.last_id.is_some_and(|last| id <= last) {
-                return;
+                return None;
             }
             entry.last_id = Some(id);
         }
-        let entry = &*entry;
         let span =
             crate::telemetry::delivery_span(&envelope.traceparent, channel, entry.members.len());
         let _entered = span.enter();
-        let delivery = Arc::new(Delivery {
-            topic: entry.topic.clone(),
-            kind: envelope.kind,
-            id: envelope.id,
+        let delivery = Arc::new(Delivery::new(
+            entry.topic.clone(),
+            envelope.kind,
+            envelope.id,
             frame,
-            published_us: envelope.published_us,
-            sender_conn: envelope
+            envelope.published_us,
+            envelope
                 .sender_conn
                 .filter(|_| envelope.origin == self.node_id),
-        });
-        self.hand_out(entry, delivery);
+        ));
+        Some((entry.members.clone(), delivery))
+    }
+}
+
+impl Hub {
+    /// Offers a run of one channel's deliveries to each of its members (outside the hub's
+    /// lock: the writes are syscalls).
+    fn hand_out(&self, members: Option<Arc<Vec<Member>>>, run: &mut Vec<Arc<Delivery>>) {
+        if let Some(members) = members {
+            if !run.is_empty() {
+                let latency = self.metrics.fanout_latency.local();
+                let mut written = 0;
+                for member in members.iter() {
+                    written += member.link.offer(run, &latency);
+                }
+                latency.flush();
+                self.metrics.messages_delivered.inc_by(written);
+            }
+        }
+        run.clear();
     }
 }
 
@@ -392,6 +451,8 @@ mod tests {
     use super::*;
     use crate::broker::memory::MemoryBroker;
     use crate::broker::EnvelopeHeader;
+    use crate::outlet::Outlet;
+    use crate::session::LinkState;
     use std::time::Duration;
 
     fn room() -> Topic {
@@ -418,14 +479,35 @@ mod tests {
         hub
     }
 
-    fn member(conn_id: u64) -> (Member, mpsc::Receiver<Arc<Delivery>>) {
-        let (outbox, rx) = mpsc::channel(16);
+    /// A member on a real socket, and the client's end of it.
+    async fn member(conn_id: u64) -> (Member, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        let outlet = Arc::new(Outlet::new(Arc::new(accepted.unwrap().0), 16));
+        let metrics = Arc::new(Metrics::new("n1"));
+        let link = Link::new(conn_id, outlet, metrics, 16, LinkState::new(16, 1 << 20));
         let member = Member {
             conn_id,
-            outbox,
-            slow: CancellationToken::new(),
+            link: Arc::new(link),
         };
-        (member, rx)
+        (member, client.unwrap())
+    }
+
+    /// The text of the next (unmasked, short) server frame on a client's socket.
+    async fn next_text(client: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::AsyncReadExt;
+        let mut head = [0u8; 2];
+        client.read_exact(&mut head).await.expect("a frame");
+        assert_eq!(head[0], 0x81, "a final text frame");
+        let len = match head[1] {
+            126 => client.read_u16().await.unwrap() as usize,
+            127 => client.read_u64().await.unwrap() as usize,
+            n => n as usize,
+        };
+        let mut text = vec![0u8; len];
+        client.read_exact(&mut text).await.unwrap();
+        String::from_utf8(text).unwrap()
     }
 
     fn announcement(text: &str) -> String {
@@ -445,8 +527,8 @@ mod tests {
     async fn a_join_racing_the_last_leave_still_receives() {
         let hub = hub_with(Some(Duration::from_millis(2)));
         for round in 0..200u64 {
-            let (leaver, _leaver_rx) = member(round * 2);
-            let (stayer, mut stayer_rx) = member(round * 2 + 1);
+            let (leaver, _leaver_client) = member(round * 2).await;
+            let (stayer, mut stayer_client) = member(round * 2 + 1).await;
             hub.join(&room(), leaver, None).await.expect("join");
             let leaving = {
                 let hub = hub.clone();
@@ -463,11 +545,10 @@ mod tests {
                 .publish(&room(), &announcement(&text))
                 .await
                 .expect("publish");
-            let got = tokio::time::timeout(Duration::from_secs(2), stayer_rx.recv())
+            let got = tokio::time::timeout(Duration::from_secs(2), next_text(&mut stayer_client))
                 .await
-                .unwrap_or_else(|_| panic!("round {round}: the member on the room got nothing"))
-                .expect("outbox open");
-            assert!(got.frame.as_str().contains(&text), "{}", got.frame.as_str());
+                .unwrap_or_else(|_| panic!("round {round}: the member on the room got nothing"));
+            assert!(got.contains(&text), "{got}");
             hub.leave(&room(), round * 2 + 1).await;
         }
     }
@@ -476,8 +557,8 @@ mod tests {
     #[tokio::test]
     async fn the_last_leave_unsubscribes() {
         let hub = hub();
-        let (a, _a_rx) = member(1);
-        let (b, mut b_rx) = member(2);
+        let (a, _a_client) = member(1).await;
+        let (b, mut b_client) = member(2).await;
         hub.join(&room(), a, None).await.expect("join a");
         hub.join(&room(), b, None).await.expect("join b");
         hub.leave(&room(), 1).await;
@@ -485,8 +566,8 @@ mod tests {
             .publish(&room(), &announcement("x"))
             .await
             .expect("publish");
-        let got = tokio::time::timeout(Duration::from_secs(2), b_rx.recv()).await;
-        assert!(got.expect("b still receives").is_some());
+        let got = tokio::time::timeout(Duration::from_secs(2), next_text(&mut b_client)).await;
+        assert!(got.expect("b still receives").contains('x'));
         hub.leave(&room(), 2).await;
         assert!(hub.channels().is_empty());
         let Broker::Memory(memory) = &hub.broker else {

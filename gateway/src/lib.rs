@@ -13,6 +13,7 @@ pub mod hub;
 pub mod limits;
 pub mod metrics;
 pub mod node;
+pub mod outlet;
 pub mod presence;
 pub mod protocol;
 pub mod session;

@@ -1,29 +1,32 @@
-//! One WebSocket connection: reads client frames and answers them, writes the deliveries the
-//! hub queues for it (batched into few socket writes), enforces the heartbeat timeout, tracks
-//! acks and redelivers, replays history on resume, and leaves its rooms when it ends.
+//! One WebSocket connection: reads client frames and answers them, enforces the heartbeat
+//! timeout, tracks acks and redelivers, replays history on resume, and leaves its rooms when it
+//! ends. Live deliveries do not pass through it: the hub's dispatcher writes them into the
+//! socket through the connection's [`Link`], held back only while the session writes itself.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
-use tokio::sync::mpsc;
+use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 mod appends;
+mod link;
 
 use appends::{AppendDone, Appends, Queued, ReplyTo};
+pub use link::{Link, LinkState};
 
 use crate::auth::{AuthError, Claims};
 use crate::broker::{
     now_ms, now_us, BrokerError, EnvelopeHeader, Kind, Post, PresenceEntry, Topic,
 };
 use crate::delivery::{Redelivery, StreamCursor};
-use crate::hub::{ChannelStream, Delivery, JoinError, Member};
+use crate::hub::{ChannelStream, JoinError, Member};
 use crate::limits::{CountGuard, Limited, TokenBucket};
 use crate::node::{ConnectionSlot, Node};
+use crate::outlet::{Outlet, SharedSocket};
 use crate::protocol::{
     self, parse_client_frame, ClientFrame, ErrorCode, FrameError, Login, RoomId, StreamId, Target,
     GUEST_PREFIX,
@@ -31,8 +34,10 @@ use crate::protocol::{
 
 /// A write that cannot complete in this time means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Frames written per socket flush when a backlog is drained.
-const WRITE_BATCH: usize = 64;
+
+/// The WebSocket as the session reads and writes it (its writes share the socket with the
+/// dispatcher's, through the outlet).
+pub type WebSocket = tokio_tungstenite::WebSocketStream<SharedSocket>;
 
 /// Why and how a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,16 +193,16 @@ struct Identity {
     guest: bool,
 }
 
+/// A room the connection is in (its stream cursor is in the link, where the dispatcher
+/// reads it).
 struct JoinedRoom {
     room: RoomId,
     channel: Arc<Topic>,
     fragment: String,
-    cursor: StreamCursor,
 }
 
 struct Inbox {
     channel: Arc<Topic>,
-    cursor: StreamCursor,
 }
 
 /// Why handling a frame stopped before it was done.
@@ -256,9 +261,6 @@ struct Session {
     ack_mode: bool,
     rooms: Vec<JoinedRoom>,
     inbox: Option<Inbox>,
-    unacked_limit: usize,
-    /// Bytes of unacknowledged frames kept for redelivery, at most.
-    unacked_bytes_limit: usize,
     /// What the connection's token proves (authentication configured).
     claims: Option<Claims>,
     /// When the connection must close unless its token is refreshed.
@@ -280,13 +282,14 @@ struct Session {
 pub async fn run(
     slot: ConnectionSlot,
     socket: WebSocket,
+    outlet: Arc<Outlet>,
     claims: Option<Claims>,
     client: Option<std::net::IpAddr>,
     pending_login: Option<CountGuard<std::net::IpAddr>>,
 ) {
     let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
     let node = slot.node.clone();
-    let close = serve(slot, socket, claims, pending_login)
+    let close = serve(slot, socket, outlet, claims, pending_login)
         .instrument(span)
         .await;
     if let (Some(ip), true) = (client, close == Close::RATE_LIMITED || close == Close::SLOW) {
@@ -297,11 +300,13 @@ pub async fn run(
 async fn serve(
     slot: ConnectionSlot,
     mut socket: WebSocket,
+    outlet: Arc<Outlet>,
     claims: Option<Claims>,
     pending_login: Option<CountGuard<std::net::IpAddr>>,
 ) -> Close {
     let node = slot.node.clone();
-    let (mut session, mut queue, slow) = Session::new(node.clone(), slot.conn_id, pending_login);
+    let mut session = Session::new(node.clone(), slot.conn_id, pending_login, outlet.clone());
+    let link = session.member.link.clone();
     if let Some(claims) = claims {
         session.set_claims(claims);
     }
@@ -320,46 +325,49 @@ async fn serve(
 
     // Every handler below is boxed: inline, the handlers' futures would be part of every
     // connection's task for its whole life, and a logged-in connection touches them all.
-    // Boxing `finish`, `deliver` and `answer_appends` took an idle logged-in connection from
-    // 12.7 to 10.3 KB of gateway RSS (5000 connections, one node on Redis), at the price of one
-    // small allocation per delivery batch.
+    // Each one runs with the link held (deliveries wait behind the session's own frames) and
+    // ends with `settle`, which flushes those frames and lets the held deliveries out.
     //
     // The connection's chat messages in flight, answered in order; the socket is read on while
-    // they wait, and deliveries go out.
+    // they wait. Deliveries never wait for this loop: the dispatcher writes them.
     let mut appends = Appends::new(node.broker.clone());
     let close = loop {
-        let check_acks = session.ack_mode && session.has_unacked();
+        // In ack mode the timer runs whether or not anything is unacknowledged now: the
+        // dispatcher tracks deliveries without waking this loop.
+        let check_acks = session.ack_mode;
         let reading =
             appends.len() < APPENDS_IN_FLIGHT && session.append_bytes < APPEND_BYTES_IN_FLIGHT;
         let step = tokio::select! {
             biased;
             _ = node.shutdown.cancelled() => Err(Close::SHUTDOWN),
-            _ = slow.cancelled() => Err(Close::SLOW),
+            _ = link.doomed().cancelled() => Err(link.doom_reason()),
             _ = &mut idle => Err(Close::HEARTBEAT),
             _ = &mut expiry => Err(Close::TOKEN_EXPIRED),
             _ = &mut login_deadline, if session.identity.is_none() => Err(Close::LOGIN_TIMEOUT),
             // Before reading on: polling the appends is what sends them to the broker.
             done = appends.next_batch(), if !appends.is_empty() => {
-                Box::pin(session.answer_appends(&mut socket, done)).await
+                link.hold();
+                let answered = Box::pin(session.answer_appends(&mut socket, done)).await;
+                settle(&link, &mut socket, answered).await
             }
-            incoming = socket.recv(), if reading => {
+            incoming = socket.next(), if reading => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
+                link.hold();
                 // Boxed: frame handling is the deepest future here, and keeping it out of
                 // the connection's state machine keeps idle connections small.
-                Box::pin(session.on_incoming(&mut socket, incoming, &mut appends)).await
+                let handled = Box::pin(session.on_incoming(&mut socket, incoming, &mut appends)).await;
+                settle(&link, &mut socket, handled).await
             }
-            Some(delivery) = queue.recv() => Box::pin(session.deliver(&mut socket, delivery, &mut queue)).await,
-            _ = ack_check.tick(), if check_acks => Box::pin(session.redeliver(&mut socket)).await,
+            // Deliveries the kernel did not take at once go out as the client reads.
+            written = outlet.drained_backlog() => written.map_err(|_| Close::BROKEN),
+            _ = ack_check.tick(), if check_acks => {
+                link.hold();
+                let resent = Box::pin(session.redeliver(&mut socket)).await;
+                settle(&link, &mut socket, resent).await
+            }
         };
         if let Err(close) = step {
             break close;
-        }
-        // Whatever the client sent, what it is owed goes out too: a client that sends as fast
-        // as it reads must never starve its own deliveries (the select above prefers reading).
-        if let Ok(first) = queue.try_recv() {
-            if let Err(close) = Box::pin(session.deliver(&mut socket, first, &mut queue)).await {
-                break close;
-            }
         }
         if session.expires_at != applied_expiry {
             applied_expiry = session.expires_at;
@@ -373,17 +381,28 @@ async fn serve(
     close
 }
 
+/// After a handler: its frames are flushed into the outlet, then the deliveries held meanwhile
+/// follow them.
+async fn settle(link: &Link, socket: &mut WebSocket, step: Result<(), Close>) -> Result<(), Close> {
+    let flushed = match step {
+        Ok(()) => flush(socket).await,
+        Err(close) => Err(close),
+    };
+    let released = link.release();
+    flushed.and(released)
+}
+
 /// The close for a failed read: the WebSocket error behind axum's says what the client broke.
-fn classify_read_error(e: axum::Error) -> Close {
+fn classify_read_error(e: tungstenite::Error) -> Close {
     use tungstenite::Error as WsError;
-    match e.into_inner().downcast::<WsError>().map(|e| *e) {
-        Ok(WsError::Capacity(_)) => Close::TOO_BIG,
-        Ok(WsError::Utf8(_)) => Close::BAD_UTF8,
+    match e {
+        WsError::Capacity(_) => Close::TOO_BIG,
+        WsError::Utf8(_) => Close::BAD_UTF8,
         // A client that just went away (no closing handshake) broke nothing.
-        Ok(WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake)) => {
+        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
             Close::BROKEN
         }
-        Ok(WsError::Protocol(_)) => Close::PROTOCOL,
+        WsError::Protocol(_) => Close::PROTOCOL,
         _ => Close::BROKEN,
     }
 }
@@ -413,29 +432,36 @@ async fn flush(socket: &mut WebSocket) -> Result<(), Close> {
 }
 
 impl Session {
-    /// A session for a new connection, with its delivery queue and the token the hub cancels
-    /// when that queue overflows.
+    /// A session for a new connection, writing through `outlet`.
     fn new(
         node: Arc<Node>,
         conn_id: u64,
         pending_login: Option<CountGuard<std::net::IpAddr>>,
-    ) -> (Session, mpsc::Receiver<Arc<Delivery>>, CancellationToken) {
-        let (outbox, queue) = mpsc::channel(node.config.outbound_queue as usize);
-        let slow = CancellationToken::new();
-        let session = Session {
+        outlet: Arc<Outlet>,
+    ) -> Session {
+        let config = &node.config;
+        let state = LinkState::new(
+            2 * config.outbound_queue.max(config.sync_max) as usize,
+            // Room for a replay page of ordinary messages and a burst of live traffic.
+            8 * (1 << 20).max(config.max_message_bytes) as usize,
+        );
+        let link = Link::new(
+            conn_id,
+            outlet,
+            node.metrics.clone(),
+            config.outbound_queue as usize,
+            state,
+        );
+        Session {
             conn_key: format!("{}:{}:{conn_id}", node.node_id, node.incarnation),
             member: Member {
                 conn_id,
-                outbox,
-                slow: slow.clone(),
+                link: Arc::new(link),
             },
             identity: None,
             ack_mode: false,
             rooms: Vec::new(),
             inbox: None,
-            unacked_limit: 2 * node.config.outbound_queue.max(node.config.sync_max) as usize,
-            // Room for a replay page of ordinary messages and a burst of live traffic.
-            unacked_bytes_limit: 8 * (1 << 20).max(node.config.max_message_bytes) as usize,
             budgets: Budgets::new(&node.config),
             node,
             conn_id,
@@ -445,8 +471,26 @@ impl Session {
             user_slot: None,
             pending_login,
             append_bytes: 0,
+        }
+    }
+
+    fn link(&self) -> &Link {
+        &self.member.link
+    }
+
+    /// Tells the link how this connection's deliveries are written: which identity may read
+    /// direct messages, whether acks are tracked, what a guest's own messages say.
+    fn update_link_rules(&self) {
+        let mut state = self.link().state();
+        state.ack_mode = self.ack_mode;
+        state.proven = self.identity.as_ref().is_some_and(|i| i.proven);
+        state.echo = match (&self.echo_user_id, &self.identity) {
+            (Some(echo), Some(identity)) => Some((
+                format!(r#","userId":{},"#, protocol::json_string(&identity.user_id)),
+                format!(r#","userId":{echo},"#),
+            )),
+            _ => None,
         };
-        (session, queue, slow)
     }
 
     /// One read from the socket: a frame within the frame budget is handled, beyond it
@@ -454,7 +498,7 @@ impl Session {
     async fn on_incoming(
         &mut self,
         socket: &mut WebSocket,
-        incoming: Option<Result<Message, axum::Error>>,
+        incoming: Option<Result<Message, tungstenite::Error>>,
         appends: &mut Appends,
     ) -> Result<(), Close> {
         let admission = match &incoming {
@@ -474,7 +518,7 @@ impl Session {
                 self.send_error(socket, err).await
             }
             // Pings are answered by the WebSocket layer; both count as signs of life.
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(()),
             Some(Ok(Message::Close(_))) | None => Err(Close::CLIENT),
             Some(Err(e)) => Err(classify_read_error(e)),
         }
@@ -496,13 +540,15 @@ impl Session {
         if drained.await.is_err() {
             tracing::warn!("chat messages still in flight at the close were given up");
         }
+        // Nothing is delivered after the close frame.
+        self.link().end(close);
         let metrics = &self.node.metrics;
         if let Some(code) = close.code {
             if close == Close::SLOW {
                 metrics.slow_consumer_disconnects.inc();
             }
             let frame = CloseFrame {
-                code,
+                code: code.into(),
                 reason: Utf8Bytes::from_static(close.text),
             };
             let _ = tokio::time::timeout(
@@ -517,14 +563,6 @@ impl Session {
             .inc();
         drop(socket);
         Box::pin(self.leave_everything()).await;
-    }
-
-    fn has_unacked(&self) -> bool {
-        self.rooms.iter().any(|r| !r.cursor.unacked.is_empty())
-            || self
-                .inbox
-                .as_ref()
-                .is_some_and(|i| !i.cursor.unacked.is_empty())
     }
 
     fn room_index(&self, room: &RoomId) -> Option<usize> {
@@ -653,8 +691,11 @@ impl Session {
                 client_msg_id,
                 echo_user_id,
             } => {
-                if self.identity.as_ref().is_some_and(|i| i.guest) {
+                if self.identity.as_ref().is_some_and(|i| i.guest)
+                    && self.echo_user_id != echo_user_id
+                {
                     self.echo_user_id = echo_user_id;
+                    self.update_link_rules();
                 }
                 let span = tracing::info_span!("publish", room = %room.key);
                 let queued = {
@@ -817,6 +858,7 @@ impl Session {
             }
         }
         self.ack_mode |= login.ack;
+        self.update_link_rules();
         Ok(())
     }
 
@@ -880,11 +922,14 @@ impl Session {
             return Err(Stop::Refused(self.unavailable("login").in_room(room)));
         };
         let fragment = protocol::room_fragment(room, &outcome.room_name);
+        self.link()
+            .state()
+            .cursors
+            .push((channel.clone(), StreamCursor::default()));
         self.rooms.push(JoinedRoom {
             room: room.clone(),
             channel,
             fragment: fragment.clone(),
-            cursor: StreamCursor::default(),
         });
         if !outcome.announced {
             // The user was already present (another tab), or the room is too big for
@@ -1027,10 +1072,11 @@ impl Session {
                 }
             }
         }
-        self.inbox = Some(Inbox {
-            channel,
-            cursor: StreamCursor::default(),
-        });
+        self.link()
+            .state()
+            .cursors
+            .push((channel.clone(), StreamCursor::default()));
+        self.inbox = Some(Inbox { channel });
         self.user_slot = Some(user_slot);
         // Logged in: no longer one of its address's connections waiting for a login.
         self.pending_login = None;
@@ -1041,8 +1087,10 @@ impl Session {
             proven,
             guest,
         });
+        self.update_link_rules();
         if let Some(after) = inbox_after {
             self.ack_mode = true;
+            self.update_link_rules();
             let limit = self.node.config.sync_max as usize;
             match self.replay(socket, Target::Inbox, after, limit).await {
                 Ok(()) => {}
@@ -1059,6 +1107,10 @@ impl Session {
             return Err(Stop::Refused(not_in_room(&room)));
         };
         let joined = self.rooms.remove(index);
+        self.link()
+            .state()
+            .cursors
+            .retain(|(topic, _)| !Arc::ptr_eq(topic, &joined.channel));
         let num = self.leave_room(&joined).await;
         if let Some(identity) = &self.identity {
             let frame = protocol::logout_frame(&identity.user_fragment, &joined.fragment, num);
@@ -1291,21 +1343,26 @@ impl Session {
         }
         let user = identity.user_id.clone();
         let proven = identity.proven;
-        let (cursor, topic) = match &target {
+        let topic = match &target {
             Target::Room(room) => match self.room_index(room) {
-                Some(i) => (&mut self.rooms[i].cursor, Topic::Room(room.key.clone())),
+                Some(_) => Topic::Room(room.key.clone()),
                 None => return Err(Stop::Refused(not_in_room(room))),
             },
-            Target::Inbox => match self.inbox.as_mut() {
-                Some(inbox) => (&mut inbox.cursor, Topic::User(user.clone())),
+            Target::Inbox => match self.inbox {
+                Some(_) => Topic::User(user.clone()),
                 None => return Err(Stop::Refused(not_logged_in())),
             },
+        };
+        let mut state = self.link().state();
+        let Some(cursor) = state.cursor(&topic) else {
+            return Err(Stop::Refused(not_logged_in()));
         };
         cursor.ack(id);
         self.node.metrics.acks.inc();
         // A stored position never passes what this connection was sent (so never the stream's
         // newest id), whatever id the client names; anonymous users store none.
         let stored = id.min(cursor.last_delivered);
+        drop(state);
         if proven && stored > StreamId::ZERO {
             self.node.acks.record(user.clone(), topic, stored);
             if target == Target::Inbox {
@@ -1414,24 +1471,31 @@ impl Session {
             }
             let now = std::time::Instant::now();
             let ack_mode = self.ack_mode;
-            let cursor = self.cursor_of(&target).expect("checked above");
-            for (id, frame) in part.entries {
-                let frame = Utf8Bytes::from(frame);
-                if ack_mode {
-                    cursor.track(id, frame.clone(), now);
+            let mut frames = Vec::with_capacity(got);
+            {
+                let mut state = self.link().state();
+                let cursor = state.cursor(&topic).ok_or(Stop::Close(Close::BROKEN))?;
+                for (id, frame) in part.entries {
+                    let frame = Utf8Bytes::from(frame);
+                    if ack_mode {
+                        cursor.track(id, frame.clone(), now);
+                    }
+                    cursor.replayed(id);
+                    last = id;
+                    frames.push(frame);
                 }
-                cursor.replayed(id);
-                last = id;
+                state.check_unacked()?;
+            }
+            for frame in frames {
                 feed(socket, frame).await?;
             }
             count += got;
-            self.check_unacked()?;
             flush(socket).await?;
             if got < want {
                 break false; // the end of the stream
             }
         };
-        if let Some(cursor) = self.cursor_of(&target) {
+        if let Some(cursor) = self.link().state().cursor(&topic) {
             cursor.paging = more;
         }
         let synced = protocol::synced_frame(&target, last, count, truncated.unwrap_or(false), more);
@@ -1442,123 +1506,13 @@ impl Session {
         Ok(())
     }
 
-    fn cursor_of(&mut self, target: &Target) -> Option<&mut StreamCursor> {
-        match target {
-            Target::Room(room) => {
-                let i = self.room_index(room)?;
-                Some(&mut self.rooms[i].cursor)
-            }
-            Target::Inbox => self.inbox.as_mut().map(|i| &mut i.cursor),
-        }
-    }
-
-    /// Unacknowledged messages are kept for redelivery: bounded in number and in bytes, or
-    /// the connection is closed as a slow consumer (4008).
-    fn check_unacked(&self) -> Result<(), Close> {
-        let cursors = self
-            .rooms
-            .iter()
-            .map(|r| &r.cursor)
-            .chain(self.inbox.as_ref().map(|i| &i.cursor));
-        let (mut frames, mut bytes) = (0, 0);
-        for cursor in cursors {
-            frames += cursor.unacked.len();
-            bytes += cursor.unacked_bytes;
-        }
-        if frames > self.unacked_limit || bytes > self.unacked_bytes_limit {
-            return Err(Close::SLOW);
-        }
-        Ok(())
-    }
-
-    /// Writes a delivery and whatever else is queued (up to a batch) with one flush.
-    async fn deliver(
-        &mut self,
-        socket: &mut WebSocket,
-        first: Arc<Delivery>,
-        queue: &mut mpsc::Receiver<Arc<Delivery>>,
-    ) -> Result<(), Close> {
-        let mut next = Some(first);
-        let mut taken = 0;
-        let mut written = 0u64;
-        let now_us = now_us();
-        while let Some(delivery) = next {
-            taken += 1;
-            if let Some(frame) = self.accept(&delivery)? {
-                feed(socket, frame).await?;
-                written += 1;
-                let latency_us = now_us.saturating_sub(delivery.published_us);
-                self.node
-                    .metrics
-                    .fanout_latency
-                    .observe(latency_us as f64 / 1e6);
-            }
-            next = if taken < WRITE_BATCH {
-                queue.try_recv().ok()
-            } else {
-                None
-            };
-        }
-        if written > 0 {
-            flush(socket).await?;
-            self.node.metrics.messages_delivered.inc_by(written);
-        }
-        Ok(())
-    }
-
-    /// Decides whether a delivery is written to this client (and tracks it for acks).
-    fn accept(&mut self, delivery: &Delivery) -> Result<Option<Utf8Bytes>, Close> {
-        let cursor = match delivery.kind {
-            Kind::Presence => return Ok(Some(delivery.frame.clone())),
-            Kind::Control => return Err(Close::API_DISCONNECT),
-            Kind::Message => self
-                .rooms
-                .iter_mut()
-                .find(|r| Arc::ptr_eq(&r.channel, &delivery.topic) || *r.channel == *delivery.topic)
-                .map(|r| &mut r.cursor),
-            // Anyone may claim any name in anonymous mode: no direct message for them.
-            Kind::Direct if !self.identity.as_ref().is_some_and(|i| i.proven) => None,
-            Kind::Direct => self.inbox.as_mut().map(|i| &mut i.cursor),
-        };
-        let (Some(cursor), Some(id)) = (cursor, delivery.id) else {
-            return Ok(None); // left the room meanwhile
-        };
-        if !cursor.accept_live(id) {
-            return Ok(None);
-        }
-        let mut frame = delivery.frame.clone();
-        if let (Some(echo), Some(identity)) = (&self.echo_user_id, &self.identity) {
-            if delivery.sender_conn == Some(self.conn_id) && delivery.kind == Kind::Message {
-                // The tutorial's page recognises its own messages by the userId its chat frame
-                // carried; only this connection's copy is rewritten.
-                let ours = format!(r#","userId":{},"#, protocol::json_string(&identity.user_id));
-                let echoed = format!(r#","userId":{echo},"#);
-                frame = Utf8Bytes::from(frame.as_str().replacen(&ours, &echoed, 1));
-            }
-        }
-        if self.ack_mode {
-            cursor.track(id, frame.clone(), std::time::Instant::now());
-            if cursor.unacked.len() > self.unacked_limit
-                || cursor.unacked_bytes > self.unacked_bytes_limit
-            {
-                return Err(Close::SLOW);
-            }
-        }
-        Ok(Some(frame))
-    }
-
     /// Sends again every message whose ack is overdue.
     async fn redeliver(&mut self, socket: &mut WebSocket) -> Result<(), Close> {
         let now = std::time::Instant::now();
         let timeout = self.node.config.ack_timeout();
         let max = self.node.config.max_redeliveries;
         let mut frames = Vec::new();
-        let cursors = self
-            .rooms
-            .iter_mut()
-            .map(|r| &mut r.cursor)
-            .chain(self.inbox.as_mut().map(|i| &mut i.cursor));
-        for cursor in cursors {
+        for (_, cursor) in self.link().state().cursors.iter_mut() {
             match cursor.due(now, timeout, max) {
                 Redelivery::Resend(mut due) => frames.append(&mut due),
                 Redelivery::LimitReached => return Err(Close::REDELIVERY_LIMIT),
@@ -1600,171 +1554,4 @@ fn not_in_room(room: &RoomId) -> FrameError {
         format!("join room {} with a login first", room.key),
     )
     .in_room(room)
-}
-
-#[cfg(test)]
-mod tests {
-    //! The session's decisions about deliveries, on a node with the embedded broker: which
-    //! deliveries a connection is written, which it is spared, and when it is closed.
-    use super::*;
-    use crate::config::Config;
-
-    fn node(settings: &[(&str, &str)]) -> Arc<Node> {
-        let settings: Vec<(String, String)> = settings
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        let config = Config::from_settings(&settings).expect("config");
-        Node::start(config).expect("node")
-    }
-
-    fn session(node: &Arc<Node>) -> Session {
-        let (session, _queue, _slow) = Session::new(node.clone(), 1, None);
-        session
-    }
-
-    fn identity(user: &str, proven: bool) -> Identity {
-        Identity {
-            user_id: user.into(),
-            user_name: user.into(),
-            user_fragment: format!(r#""userId":"{user}""#),
-            proven,
-            guest: false,
-        }
-    }
-
-    fn join(session: &mut Session, room: &str) -> Arc<Topic> {
-        let channel = Arc::new(Topic::Room(room.into()));
-        session.rooms.push(JoinedRoom {
-            room: RoomId {
-                key: room.into(),
-                json: format!("{room:?}"),
-            },
-            channel: channel.clone(),
-            fragment: String::new(),
-            cursor: StreamCursor::default(),
-        });
-        channel
-    }
-
-    fn delivery(channel: &Arc<Topic>, kind: Kind, id: Option<u64>) -> Delivery {
-        Delivery {
-            topic: channel.clone(),
-            kind,
-            id: id.map(|ms| StreamId { ms, seq: 0 }),
-            frame: Utf8Bytes::from(format!(r#"{{"event":"message","id":"{id:?}"}}"#)),
-            published_us: 0,
-            sender_conn: None,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_room_message_is_written_once_and_only_to_members() {
-        let node = node(&[]);
-        let mut session = session(&node);
-        session.identity = Some(identity("ann", false));
-        let other = Arc::new(Topic::Room("elsewhere".into()));
-        assert_eq!(
-            session
-                .accept(&delivery(&other, Kind::Message, Some(5)))
-                .unwrap(),
-            None,
-            "a room it is not in"
-        );
-        let lobby = join(&mut session, "lobby");
-        let first = delivery(&lobby, Kind::Message, Some(5));
-        assert!(session.accept(&first).unwrap().is_some());
-        // The same id again (a live copy after a replay, say) and an older one: not again.
-        assert_eq!(session.accept(&first).unwrap(), None);
-        assert_eq!(
-            session
-                .accept(&delivery(&lobby, Kind::Message, Some(4)))
-                .unwrap(),
-            None
-        );
-        assert!(session
-            .accept(&delivery(&lobby, Kind::Message, Some(6)))
-            .unwrap()
-            .is_some());
-    }
-
-    #[tokio::test]
-    async fn direct_messages_reach_proven_users_only_and_control_closes() {
-        let node = node(&[]);
-        let user = Arc::new(Topic::User("ann".into()));
-        let mut anonymous = session(&node);
-        anonymous.identity = Some(identity("ann", false));
-        anonymous.inbox = Some(Inbox {
-            channel: user.clone(),
-            cursor: StreamCursor::default(),
-        });
-        let dm = delivery(&user, Kind::Direct, Some(9));
-        assert_eq!(anonymous.accept(&dm).unwrap(), None, "a claimed name");
-        let mut proven = session(&node);
-        proven.identity = Some(identity("ann", true));
-        proven.inbox = Some(Inbox {
-            channel: user.clone(),
-            cursor: StreamCursor::default(),
-        });
-        assert!(proven.accept(&dm).unwrap().is_some());
-        // Presence frames have no id and go to everyone; the API's disconnect closes.
-        assert!(proven
-            .accept(&delivery(&user, Kind::Presence, None))
-            .unwrap()
-            .is_some());
-        assert_eq!(
-            proven.accept(&delivery(&user, Kind::Control, None)),
-            Err(Close::API_DISCONNECT)
-        );
-    }
-
-    #[tokio::test]
-    async fn an_ack_mode_reader_that_never_acks_is_closed_as_slow() {
-        let node = node(&[("GATEWAY_OUTBOUND_QUEUE", "8"), ("GATEWAY_SYNC_MAX", "8")]);
-        let mut session = session(&node);
-        session.identity = Some(identity("ann", true));
-        session.ack_mode = true;
-        let lobby = join(&mut session, "lobby");
-        // 2 × max(queue, sync max) = 16 unacknowledged messages are kept; the 17th closes.
-        for ms in 1..=16 {
-            assert!(session
-                .accept(&delivery(&lobby, Kind::Message, Some(ms)))
-                .unwrap()
-                .is_some());
-        }
-        assert_eq!(session.rooms[0].cursor.unacked.len(), 16);
-        assert_eq!(
-            session.accept(&delivery(&lobby, Kind::Message, Some(17))),
-            Err(Close::SLOW)
-        );
-    }
-
-    #[tokio::test]
-    async fn a_guest_gets_its_own_messages_back_with_the_user_id_it_sent() {
-        let node = node(&[]);
-        let mut session = session(&node);
-        session.identity = Some(Identity {
-            guest: true,
-            ..identity("guest-1", false)
-        });
-        session.echo_user_id = Some("1700000000000".into());
-        let lobby = join(&mut session, "lobby");
-        let frame = r#"{"event":"message","id":"1-0","userId":"guest-1","content":"hi"}"#;
-        let mut own = delivery(&lobby, Kind::Message, Some(1));
-        own.frame = Utf8Bytes::from(frame);
-        own.sender_conn = Some(session.conn_id);
-        let written = session.accept(&own).unwrap().expect("written");
-        assert_eq!(
-            written.as_str(),
-            r#"{"event":"message","id":"1-0","userId":1700000000000,"content":"hi"}"#
-        );
-        // Someone else's message (another connection) is written as it is.
-        let mut theirs = delivery(&lobby, Kind::Message, Some(2));
-        theirs.frame = Utf8Bytes::from(frame);
-        theirs.sender_conn = Some(session.conn_id + 1);
-        assert_eq!(
-            session.accept(&theirs).unwrap().expect("written").as_str(),
-            frame
-        );
-    }
 }

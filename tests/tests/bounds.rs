@@ -856,3 +856,64 @@ async fn connects_again(url: &str, what: &str) -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+/// A client may send its first frame in the same packet as its upgrade request: the bytes the
+/// HTTP layer read past the request are the WebSocket's first, not lost. A request that is not
+/// a valid upgrade gets an HTTP error, not a WebSocket.
+#[tokio::test]
+async fn a_frame_sent_with_the_upgrade_request_is_read_and_bad_upgrades_are_refused(
+) -> anyhow::Result<()> {
+    let gw = InProcessGateway::start(GatewayOpts::default()).await?;
+    let addr = gw.addr();
+    let mut tcp = TcpStream::connect(&addr).await?;
+    let mut request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    .into_bytes();
+    let login = json!({"event":"login","userId":"eager","roomId":"r"}).to_string();
+    request.extend(masked(0x81, login.as_bytes()));
+    tcp.write_all(&request).await?;
+    // The 101, then the login answer (an unmasked text frame naming the user).
+    let mut got = Vec::new();
+    let answered = tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = tcp.read(&mut buf).await?;
+            anyhow::ensure!(n > 0, "closed: {:?}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&got);
+            if text.contains(r#""event":"login""#) && text.contains("eager") {
+                return Ok(());
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got).to_string();
+    assert!(matches!(answered, Ok(Ok(()))), "no login answer: {text:?}");
+    assert!(text.starts_with("HTTP/1.1 101"), "{text:?}");
+    // RFC 6455's own example key and answer.
+    let head = text.to_ascii_lowercase();
+    assert!(
+        head.contains(&"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=".to_ascii_lowercase()),
+        "{text:?}"
+    );
+
+    // Not an upgrade: a wrong version and a missing key are 400s, a POST is 405.
+    for (method, extra, status) in [
+        ("GET", "Sec-WebSocket-Version: 8\r\nSec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5aw==\r\n", "400"),
+        ("GET", "Sec-WebSocket-Version: 13\r\n", "400"),
+        ("POST", "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a2V5a2V5a2V5a2V5a2V5aw==\r\nContent-Length: 0\r\n", "405"),
+    ] {
+        let mut tcp = TcpStream::connect(&addr).await?;
+        let request = format!(
+            "{method} /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n{extra}\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await?;
+        let mut answer = [0u8; 12];
+        tokio::time::timeout(WAIT, tcp.read_exact(&mut answer)).await??;
+        let answer = String::from_utf8_lossy(&answer).to_string();
+        assert_eq!(answer, format!("HTTP/1.1 {status}"), "{method} {extra:?}");
+    }
+    Ok(())
+}
