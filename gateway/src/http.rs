@@ -11,11 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Extension;
 use axum::{Json, Router};
-use futures_util::SinkExt;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
-use tungstenite::Message;
 
 use crate::auth::{AuthError, Claims};
 use crate::limits::CountGuard;
@@ -343,26 +341,24 @@ fn accept(
     let max_message = node.config.max_message_bytes as usize;
     let config = WebSocketConfig::default()
         // Small buffers: an idle connection must stay cheap (the default read buffer alone
-        // is 128 KiB). The read buffer grows for a bigger frame; the session's own frames are
-        // handed to the outlet once 2 KiB of them wait (about 15 chat frames per write) and
-        // at the end of each batch.
-        .read_buffer_size(1024)
-        .write_buffer_size(2 * 1024)
+        // is 128 KiB). 512 bytes hold a chat frame; the buffer grows for a bigger one. The
+        // layer writes only pongs and the close (the session's frames go through the outlet):
+        // no write buffer.
+        .read_buffer_size(512)
+        .write_buffer_size(0)
         .max_write_buffer_size(1024 * 1024)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message));
     let tracker = node.sessions.clone();
     let max_waiting = node.config.outbound_queue as usize;
-    ws.on_upgrade(config, max_waiting, move |mut socket, outlet| {
+    ws.on_upgrade(config, max_waiting, move |mut socket| {
         tracker.track_future(async move {
             let (client, _ip_slot, pending_login) = match address {
                 Some(a) => (Some(a.client), Some(a.connection), Some(a.pending_login)),
                 None => (None, None, None),
             };
             match node.admit_connection() {
-                Some(slot) => {
-                    session::run(slot, socket, outlet, claims, client, pending_login).await
-                }
+                Some(slot) => session::run(slot, socket, claims, client, pending_login).await,
                 None => {
                     node.metrics
                         .connections_closed
@@ -372,7 +368,7 @@ fn accept(
                         code: 1013.into(),
                         reason: "node at its connection limit; try again later".into(),
                     };
-                    let _ = socket.send(Message::Close(Some(frame))).await;
+                    let _ = socket.close(frame).await;
                 }
             }
         })

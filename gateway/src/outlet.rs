@@ -12,8 +12,11 @@ use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::Message;
 
 /// Slices per vectored write (the kernel's limit is 1024; a batch of frames is far smaller).
 const SLICES_PER_WRITE: usize = 64;
@@ -197,6 +200,18 @@ impl Outlet {
         Ok(())
     }
 
+    /// Writes the connection task's own frames now, or queues them behind what waits (the
+    /// task bounds them by waiting for the reader, see [`WebSocket::flush`]).
+    pub fn write_own(&self, frames: &[Bytes]) -> io::Result<()> {
+        let mut backlog = self.backlog();
+        let was_empty = backlog.parts.is_empty();
+        backlog.write(&self.tcp, frames)?;
+        if was_empty && !backlog.parts.is_empty() {
+            self.task.wake();
+        }
+        Ok(())
+    }
+
     /// Frames (or parts of one) waiting for the kernel.
     pub fn waiting(&self) -> usize {
         self.backlog().parts.len()
@@ -305,6 +320,62 @@ impl AsyncWrite for SharedSocket {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // The socket closes when the connection's last handle on it is dropped.
         self.outlet.poll_drained(cx)
+    }
+}
+
+/// One connection's WebSocket as its task uses it. The WebSocket layer reads frames (and
+/// answers pings, and writes the close); the task's own text frames are framed here and go
+/// through the outlet like deliveries, so the layer's write buffer never grows past a control
+/// frame. Small to move: the stream itself is boxed.
+pub struct WebSocket {
+    stream: Box<tokio_tungstenite::WebSocketStream<SharedSocket>>,
+    outlet: Arc<Outlet>,
+    /// Frames fed and not yet flushed.
+    batch: Vec<Bytes>,
+}
+
+impl WebSocket {
+    pub fn new(
+        stream: tokio_tungstenite::WebSocketStream<SharedSocket>,
+        outlet: Arc<Outlet>,
+    ) -> WebSocket {
+        WebSocket {
+            stream: Box::new(stream),
+            outlet,
+            batch: Vec::new(),
+        }
+    }
+
+    pub fn outlet(&self) -> &Arc<Outlet> {
+        &self.outlet
+    }
+
+    /// The next message from the client (`None` once the connection is over).
+    pub async fn next(&mut self) -> Option<Result<Message, tungstenite::Error>> {
+        self.stream.next().await
+    }
+
+    /// Adds a text frame to the next flush.
+    pub fn feed(&mut self, text: &[u8]) {
+        self.batch.push(text_frame(text));
+    }
+
+    /// Writes what was fed (and any pong the layer owes), then waits until the kernel took
+    /// everything waiting for this connection: a client that does not read holds the task
+    /// here, not memory.
+    pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
+        if !self.batch.is_empty() {
+            // Taken, not cleared: a replay's long list is not kept for the connection's life.
+            let batch = std::mem::take(&mut self.batch);
+            self.outlet.write_own(&batch)?;
+        }
+        self.stream.flush().await
+    }
+
+    /// Writes the close frame after everything else.
+    pub async fn close(&mut self, frame: CloseFrame) -> Result<(), tungstenite::Error> {
+        self.flush().await?;
+        self.stream.send(Message::Close(Some(frame))).await
     }
 }
 

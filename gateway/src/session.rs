@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use tokio::time::Instant;
 use tracing::Instrument;
 use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
+
+pub use crate::outlet::WebSocket;
 
 mod appends;
 mod link;
@@ -26,7 +27,7 @@ use crate::delivery::{Redelivery, StreamCursor};
 use crate::hub::{ChannelStream, JoinError, Member};
 use crate::limits::{CountGuard, Limited, TokenBucket};
 use crate::node::{ConnectionSlot, Node};
-use crate::outlet::{Outlet, SharedSocket};
+use crate::outlet::Outlet;
 use crate::protocol::{
     self, parse_client_frame, ClientFrame, ErrorCode, FrameError, Login, RoomId, StreamId, Target,
     GUEST_PREFIX,
@@ -34,10 +35,6 @@ use crate::protocol::{
 
 /// A write that cannot complete in this time means the client stopped reading.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// The WebSocket as the session reads and writes it (its writes share the socket with the
-/// dispatcher's, through the outlet).
-pub type WebSocket = tokio_tungstenite::WebSocketStream<SharedSocket>;
 
 /// Why and how a connection ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,14 +279,13 @@ struct Session {
 pub async fn run(
     slot: ConnectionSlot,
     socket: WebSocket,
-    outlet: Arc<Outlet>,
     claims: Option<Claims>,
     client: Option<std::net::IpAddr>,
     pending_login: Option<CountGuard<std::net::IpAddr>>,
 ) {
     let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
     let node = slot.node.clone();
-    let close = serve(slot, socket, outlet, claims, pending_login)
+    let close = serve(slot, socket, claims, pending_login)
         .instrument(span)
         .await;
     if let (Some(ip), true) = (client, close == Close::RATE_LIMITED || close == Close::SLOW) {
@@ -300,33 +296,38 @@ pub async fn run(
 async fn serve(
     slot: ConnectionSlot,
     mut socket: WebSocket,
-    outlet: Arc<Outlet>,
     claims: Option<Claims>,
     pending_login: Option<CountGuard<std::net::IpAddr>>,
 ) -> Close {
     let node = slot.node.clone();
+    let outlet = socket.outlet().clone();
     let mut session = Session::new(node.clone(), slot.conn_id, pending_login, outlet.clone());
     let link = session.member.link.clone();
     if let Some(claims) = claims {
         session.set_claims(claims);
     }
-    // The token deadline: far away until a token sets one (reset only when it changes).
+    // One deadline for the login (until logged in) and the token's expiry (once a token sets
+    // one; far away otherwise). Reset only when it changes.
     let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-    let mut applied_expiry = session.expires_at;
-    let expiry = tokio::time::sleep_until(applied_expiry.unwrap_or(far));
-    tokio::pin!(expiry);
+    let login_due = Instant::now() + node.config.login_timeout();
+    let deadline_for = |session: &Session| {
+        let expiry = session.expires_at.unwrap_or(far);
+        match session.identity {
+            None => expiry.min(login_due),
+            Some(_) => expiry,
+        }
+    };
+    let mut applied_deadline = deadline_for(&session);
+    let deadline = tokio::time::sleep_until(applied_deadline);
+    tokio::pin!(deadline);
     let heartbeat = node.config.heartbeat_timeout();
     let idle = tokio::time::sleep(heartbeat);
     tokio::pin!(idle);
-    let login_deadline = tokio::time::sleep(node.config.login_timeout());
-    tokio::pin!(login_deadline);
-    let ack_check_every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
-    let mut ack_check = tokio::time::interval(ack_check_every);
+    // Started when ack mode is: most connections never need it.
+    let mut ack_check: Option<tokio::time::Interval> = None;
 
-    // Every handler below is boxed: inline, the handlers' futures would be part of every
-    // connection's task for its whole life, and a logged-in connection touches them all.
-    // Each one runs with the link held (deliveries wait behind the session's own frames) and
-    // ends with `settle`, which flushes those frames and lets the held deliveries out.
+    // Everything the loop does besides waiting is in `handle`, boxed: inline, the handlers'
+    // futures would be part of every connection's task for its whole life.
     //
     // The connection's chat messages in flight, answered in order; the socket is read on while
     // they wait. Deliveries never wait for this loop: the dispatcher writes them.
@@ -334,44 +335,52 @@ async fn serve(
     let close = loop {
         // In ack mode the timer runs whether or not anything is unacknowledged now: the
         // dispatcher tracks deliveries without waking this loop.
-        let check_acks = session.ack_mode;
+        if session.ack_mode && ack_check.is_none() {
+            let every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
+            ack_check = Some(tokio::time::interval(every));
+        }
         let reading =
             appends.len() < APPENDS_IN_FLIGHT && session.append_bytes < APPEND_BYTES_IN_FLIGHT;
-        let step = tokio::select! {
+        let event = tokio::select! {
             biased;
-            _ = node.shutdown.cancelled() => Err(Close::SHUTDOWN),
-            _ = link.doomed().cancelled() => Err(link.doom_reason()),
-            _ = &mut idle => Err(Close::HEARTBEAT),
-            _ = &mut expiry => Err(Close::TOKEN_EXPIRED),
-            _ = &mut login_deadline, if session.identity.is_none() => Err(Close::LOGIN_TIMEOUT),
-            // Before reading on: polling the appends is what sends them to the broker.
-            done = appends.next_batch(), if !appends.is_empty() => {
-                link.hold();
-                let answered = Box::pin(session.answer_appends(&mut socket, done)).await;
-                settle(&link, &mut socket, answered).await
+            _ = node.shutdown.cancelled() => break Close::SHUTDOWN,
+            _ = link.doomed().cancelled() => break link.doom_reason(),
+            _ = &mut idle => break Close::HEARTBEAT,
+            _ = &mut deadline => {
+                break if session.identity.is_none() && Instant::now() >= login_due {
+                    Close::LOGIN_TIMEOUT
+                } else {
+                    Close::TOKEN_EXPIRED
+                };
             }
+            // Before reading on: polling the appends is what sends them to the broker.
+            done = appends.next_batch(), if !appends.is_empty() => Event::Appended(done),
             incoming = socket.next(), if reading => {
                 idle.as_mut().reset(Instant::now() + heartbeat);
-                link.hold();
-                // Boxed: frame handling is the deepest future here, and keeping it out of
-                // the connection's state machine keeps idle connections small.
-                let handled = Box::pin(session.on_incoming(&mut socket, incoming, &mut appends)).await;
-                settle(&link, &mut socket, handled).await
+                Event::Incoming(incoming)
             }
             // Deliveries the kernel did not take at once go out as the client reads.
-            written = outlet.drained_backlog() => written.map_err(|_| Close::BROKEN),
-            _ = ack_check.tick(), if check_acks => {
-                link.hold();
-                let resent = Box::pin(session.redeliver(&mut socket)).await;
-                settle(&link, &mut socket, resent).await
-            }
+            written = outlet.drained_backlog() => match written {
+                Ok(()) => continue,
+                Err(_) => break Close::BROKEN,
+            },
+            _ = tick(ack_check.as_mut()) => Event::AckDue,
         };
+        let step = Box::pin(handle(
+            &mut session,
+            &link,
+            &mut socket,
+            &mut appends,
+            event,
+        ))
+        .await;
         if let Err(close) = step {
             break close;
         }
-        if session.expires_at != applied_expiry {
-            applied_expiry = session.expires_at;
-            expiry.as_mut().reset(applied_expiry.unwrap_or(far));
+        let wanted = deadline_for(&session);
+        if wanted != applied_deadline {
+            applied_deadline = wanted;
+            deadline.as_mut().reset(wanted);
         }
     };
     // Boxed: the close's work (draining appends, leaving every room through the broker) is the
@@ -381,15 +390,44 @@ async fn serve(
     close
 }
 
-/// After a handler: its frames are flushed into the outlet, then the deliveries held meanwhile
-/// follow them.
-async fn settle(link: &Link, socket: &mut WebSocket, step: Result<(), Close>) -> Result<(), Close> {
+/// What woke a connection's task, besides the ends of the connection.
+enum Event {
+    Appended(Vec<AppendDone>),
+    Incoming(Option<Result<Message, tungstenite::Error>>),
+    AckDue,
+}
+
+/// Handles one event with the link held (deliveries wait behind the session's own frames),
+/// then flushes those frames into the outlet and lets the held deliveries follow them.
+async fn handle(
+    session: &mut Session,
+    link: &Link,
+    socket: &mut WebSocket,
+    appends: &mut Appends,
+    event: Event,
+) -> Result<(), Close> {
+    link.hold();
+    let step = match event {
+        Event::Appended(done) => session.answer_appends(socket, done).await,
+        Event::Incoming(incoming) => session.on_incoming(socket, incoming, appends).await,
+        Event::AckDue => session.redeliver(socket).await,
+    };
     let flushed = match step {
         Ok(()) => flush(socket).await,
         Err(close) => Err(close),
     };
     let released = link.release();
     flushed.and(released)
+}
+
+/// The next tick of the ack timer, if it runs.
+async fn tick(timer: Option<&mut tokio::time::Interval>) {
+    match timer {
+        Some(timer) => {
+            timer.tick().await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The close for a failed read: the WebSocket error behind axum's says what the client broke.
@@ -407,20 +445,14 @@ fn classify_read_error(e: tungstenite::Error) -> Close {
     }
 }
 
-async fn write(socket: &mut WebSocket, frame: impl Into<Utf8Bytes>) -> Result<(), Close> {
-    match tokio::time::timeout(WRITE_TIMEOUT, socket.send(Message::Text(frame.into()))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Close::BROKEN),
-        Err(_) => Err(Close::SLOW),
-    }
+async fn write(socket: &mut WebSocket, frame: impl AsRef<[u8]>) -> Result<(), Close> {
+    socket.feed(frame.as_ref());
+    flush(socket).await
 }
 
 async fn feed(socket: &mut WebSocket, frame: Utf8Bytes) -> Result<(), Close> {
-    match tokio::time::timeout(WRITE_TIMEOUT, socket.feed(Message::Text(frame))).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) => Err(Close::BROKEN),
-        Err(_) => Err(Close::SLOW),
-    }
+    socket.feed(frame.as_bytes());
+    Ok(())
 }
 
 async fn flush(socket: &mut WebSocket) -> Result<(), Close> {
@@ -551,11 +583,7 @@ impl Session {
                 code: code.into(),
                 reason: Utf8Bytes::from_static(close.text),
             };
-            let _ = tokio::time::timeout(
-                Duration::from_secs(1),
-                socket.send(Message::Close(Some(frame))),
-            )
-            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(frame)).await;
         }
         metrics
             .connections_closed

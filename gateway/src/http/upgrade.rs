@@ -12,8 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::outlet::{Outlet, SharedSocket};
-use crate::session::WebSocket;
+use crate::outlet::{Outlet, SharedSocket, WebSocket};
 
 /// A request to upgrade to a WebSocket (RFC 6455 over HTTP/1.1).
 pub struct WsUpgrade {
@@ -96,7 +95,7 @@ impl WsUpgrade {
         session: F,
     ) -> Response
     where
-        F: FnOnce(WebSocket, Arc<Outlet>) -> Fut + Send + 'static,
+        F: FnOnce(WebSocket) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         let on_upgrade = self.on_upgrade;
@@ -113,8 +112,8 @@ impl WsUpgrade {
             let outlet = Arc::new(Outlet::new(tcp, max_waiting));
             // Bytes the client sent right behind its request are the WebSocket's first.
             let io = SharedSocket::new(outlet.clone(), parts.read_buf);
-            let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            session(socket, outlet).await;
+            let stream = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+            session(WebSocket::new(stream, outlet)).await;
         });
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         (
