@@ -213,7 +213,7 @@ impl Metrics {
             )),
             outbound_dropped: register!(IntCounter::new(
                 "gateway_outbound_dropped_total",
-                "Frames dropped because a connection's outbound queue was full"
+                "Deliveries refused because too many frames already waited for a connection's reader (it is closed with 4008)"
             )),
             errors: register!(IntCounterVec::new(
                 Opts::new(
