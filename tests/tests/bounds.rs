@@ -917,3 +917,42 @@ async fn a_frame_sent_with_the_upgrade_request_is_read_and_bad_upgrades_are_refu
     }
     Ok(())
 }
+
+/// A member that stops reading is closed as a slow consumer (4008) once
+/// `GATEWAY_OUTBOUND_QUEUE` frames wait for it beyond what the kernel's buffers took — the
+/// dispatcher never blocks on it and never holds more for it — and the room goes on for
+/// everyone else.
+#[tokio::test]
+async fn a_member_that_stops_reading_is_closed_as_a_slow_consumer() -> anyhow::Result<()> {
+    let gw =
+        InProcessGateway::start(GatewayOpts::default().env("GATEWAY_OUTBOUND_QUEUE", 8)).await?;
+    let mut stuck = raw_websocket(&gw.addr()).await?;
+    let login = json!({"event":"login","userId":"stuck","roomId":"big"}).to_string();
+    stuck.write_all(&masked(0x81, login.as_bytes())).await?;
+    let mut sender = Client::connect(&gw.ws_url()).await?;
+    sender.login("sender", json!("big")).await?;
+    // 60 KB messages fill the stuck member's socket buffers (a few MB on loopback) quickly;
+    // the sender reads each of its own before sending the next, so it never falls behind.
+    let content = "x".repeat(60_000);
+    let mut sent = 0;
+    while gw.metric("gateway_slow_consumer_disconnects_total").await? < 1.0 {
+        anyhow::ensure!(
+            sent < 2_000,
+            "2000 messages of 60 KB and the reader is still open"
+        );
+        sender
+            .send(json!({"roomId":"big","content":content}))
+            .await?;
+        sender.recv_until(is("message")).await?;
+        sent += 1;
+    }
+    assert!(gw.metric("gateway_outbound_dropped_total").await? >= 1.0);
+    // The room goes on for the member who reads.
+    sender
+        .send(json!({"roomId":"big","content":"still here"}))
+        .await?;
+    let got = sender.recv_until(is("message")).await?;
+    assert_eq!(got["content"], "still here");
+    drop(stuck);
+    Ok(())
+}
