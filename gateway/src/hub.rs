@@ -77,6 +77,26 @@ struct Channel {
     last_id: Option<StreamId>,
 }
 
+impl Channel {
+    /// A frame this node makes itself (a repaired gap, a resync), for the channel's members.
+    fn local_delivery(
+        &self,
+        kind: Kind,
+        id: Option<StreamId>,
+        frame: String,
+    ) -> (Arc<Vec<Member>>, Arc<Delivery>) {
+        let delivery = Delivery::new(
+            self.topic.clone(),
+            kind,
+            id,
+            Utf8Bytes::from(frame),
+            crate::broker::now_us(),
+            None,
+        );
+        (self.members.clone(), Arc::new(delivery))
+    }
+}
+
 /// A topic whose messages are kept: a gap after a broker reconnect is read back from it.
 #[derive(Debug, Clone)]
 pub struct ChannelStream {
@@ -348,17 +368,9 @@ impl Hub {
         }
         entry.last_id = Some(id);
         self.metrics.gap_repairs.inc();
-        let delivery = Arc::new(Delivery::new(
-            entry.topic.clone(),
-            stream.kind,
-            Some(id),
-            Utf8Bytes::from(frame),
-            crate::broker::now_us(),
-            None,
-        ));
-        let members = entry.members.clone();
+        let local = entry.local_delivery(stream.kind, Some(id), frame);
         drop(channels);
-        self.hand_out(Some(members), &mut vec![delivery]);
+        self.hand_out(Some(local.0), &mut vec![local.1]);
     }
 
     /// Tells a channel's members that messages after `last_id` are lost to them.
@@ -373,17 +385,9 @@ impl Hub {
             r#"{{"event":"resync",{},"lastId":"{last_id}"}}"#,
             stream.target_json
         );
-        let delivery = Arc::new(Delivery::new(
-            entry.topic.clone(),
-            Kind::Presence,
-            None,
-            Utf8Bytes::from(frame),
-            crate::broker::now_us(),
-            None,
-        ));
-        let members = entry.members.clone();
+        let local = entry.local_delivery(Kind::Presence, None, frame);
         drop(channels);
-        self.hand_out(Some(members), &mut vec![delivery]);
+        self.hand_out(Some(local.0), &mut vec![local.1]);
     }
 
     /// Parses and frames one broker message for its channel's members (once per node);

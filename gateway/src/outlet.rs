@@ -192,18 +192,18 @@ impl Outlet {
                 return Err(WriteError::Full);
             }
         }
-        let was_empty = backlog.parts.is_empty();
-        backlog.write(&self.tcp, frames)?;
-        if was_empty && !backlog.parts.is_empty() {
-            self.task.wake();
-        }
+        self.write(&mut backlog, frames)?;
         Ok(())
     }
 
     /// Writes the connection task's own frames now, or queues them behind what waits (the
     /// task bounds them by waiting for the reader, see [`WebSocket::flush`]).
     pub fn write_own(&self, frames: &[Bytes]) -> io::Result<()> {
-        let mut backlog = self.backlog();
+        self.write(&mut self.backlog(), frames)
+    }
+
+    /// Writes behind what waits; wakes the connection's task when frames start to wait.
+    fn write(&self, backlog: &mut Backlog, frames: &[Bytes]) -> io::Result<()> {
         let was_empty = backlog.parts.is_empty();
         backlog.write(&self.tcp, frames)?;
         if was_empty && !backlog.parts.is_empty() {
@@ -213,7 +213,8 @@ impl Outlet {
     }
 
     /// Frames (or parts of one) waiting for the kernel.
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.backlog().parts.len()
     }
 
@@ -304,12 +305,7 @@ impl AsyncWrite for SharedSocket {
         if outlet.backlog().bytes > OWN_WRITES_WAITING {
             std::task::ready!(outlet.poll_drained(cx))?;
         }
-        let mut backlog = outlet.backlog();
-        let was_empty = backlog.parts.is_empty();
-        backlog.write(&outlet.tcp, &[Bytes::copy_from_slice(buf)])?;
-        if was_empty && !backlog.parts.is_empty() {
-            outlet.task.wake();
-        }
+        outlet.write_own(&[Bytes::copy_from_slice(buf)])?;
         Poll::Ready(Ok(buf.len()))
     }
 

@@ -255,7 +255,6 @@ struct Session {
     conn_key: String,
     member: Member,
     identity: Option<Identity>,
-    ack_mode: bool,
     rooms: Vec<JoinedRoom>,
     inbox: Option<Inbox>,
     /// What the connection's token proves (authentication configured).
@@ -335,7 +334,7 @@ async fn serve(
     let close = loop {
         // In ack mode the timer runs whether or not anything is unacknowledged now: the
         // dispatcher tracks deliveries without waking this loop.
-        if session.ack_mode && ack_check.is_none() {
+        if ack_check.is_none() && session.ack_mode() {
             let every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
             ack_check = Some(tokio::time::interval(every));
         }
@@ -491,7 +490,6 @@ impl Session {
                 link: Arc::new(link),
             },
             identity: None,
-            ack_mode: false,
             rooms: Vec::new(),
             inbox: None,
             budgets: Budgets::new(&node.config),
@@ -510,11 +508,20 @@ impl Session {
         &self.member.link
     }
 
+    /// Whether deliveries are tracked until acknowledged (the link holds the switch: the
+    /// dispatcher reads it).
+    fn ack_mode(&self) -> bool {
+        self.link().state().ack_mode
+    }
+
+    fn enable_ack_mode(&self) {
+        self.link().state().ack_mode = true;
+    }
+
     /// Tells the link how this connection's deliveries are written: which identity may read
-    /// direct messages, whether acks are tracked, what a guest's own messages say.
+    /// direct messages, what a guest's own messages say.
     fn update_link_rules(&self) {
         let mut state = self.link().state();
-        state.ack_mode = self.ack_mode;
         state.proven = self.identity.as_ref().is_some_and(|i| i.proven);
         state.echo = match (&self.echo_user_id, &self.identity) {
             (Some(echo), Some(identity)) => Some((
@@ -885,8 +892,9 @@ impl Session {
                 self.set_claims(claims);
             }
         }
-        self.ack_mode |= login.ack;
-        self.update_link_rules();
+        if login.ack {
+            self.enable_ack_mode();
+        }
         Ok(())
     }
 
@@ -986,7 +994,7 @@ impl Session {
         // a name and move its position.
         let resume_from = match last_id {
             Some(id) => Some(id),
-            None if self.ack_mode && identity.proven => {
+            None if self.ack_mode() && identity.proven => {
                 let stored = self
                     .node
                     .broker
@@ -1002,7 +1010,7 @@ impl Session {
                 .replay(socket, Target::Room(room), after, limit as usize)
                 .await;
         }
-        if self.ack_mode {
+        if self.ack_mode() {
             // Nothing to resume: give the client its starting point, so that a reconnect
             // before the first message still resumes without a gap.
             let topic = Topic::Room(room.key.clone());
@@ -1117,8 +1125,7 @@ impl Session {
         });
         self.update_link_rules();
         if let Some(after) = inbox_after {
-            self.ack_mode = true;
-            self.update_link_rules();
+            self.enable_ack_mode();
             let limit = self.node.config.sync_max as usize;
             match self.replay(socket, Target::Inbox, after, limit).await {
                 Ok(()) => {}
@@ -1360,7 +1367,7 @@ impl Session {
         let Some(identity) = &self.identity else {
             return Err(Stop::Refused(not_logged_in()));
         };
-        if !self.ack_mode {
+        if !self.ack_mode() {
             return Err(Stop::Refused(FrameError::new(
                 ErrorCode::AcksDisabled,
                 "log in with \"ack\": true to acknowledge messages",
@@ -1498,7 +1505,7 @@ impl Session {
                 tokio::time::sleep(wait).await;
             }
             let now = std::time::Instant::now();
-            let ack_mode = self.ack_mode;
+            let ack_mode = self.ack_mode();
             let mut frames = Vec::with_capacity(got);
             {
                 let mut state = self.link().state();
