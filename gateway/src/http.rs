@@ -13,13 +13,13 @@ use axum::Extension;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
 use crate::auth::{AuthError, Claims};
 use crate::limits::CountGuard;
 use crate::node::Node;
 use crate::protocol::RoomId;
-use crate::session;
+use crate::session::Connection;
+use futures_util::future::Either;
 
 mod upgrade;
 use upgrade::WsUpgrade;
@@ -339,39 +339,30 @@ fn accept(
         None => None,
     };
     let max_message = node.config.max_message_bytes as usize;
-    let config = WebSocketConfig::default()
-        // Small buffers: an idle connection must stay cheap (the default read buffer alone
-        // is 128 KiB). 512 bytes hold a chat frame; the buffer grows for a bigger one. The
-        // layer writes only pongs and the close (the session's frames go through the outlet):
-        // no write buffer.
-        .read_buffer_size(512)
-        .write_buffer_size(0)
-        .max_write_buffer_size(1024 * 1024)
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message));
     let tracker = node.sessions.clone();
     let max_waiting = node.config.outbound_queue as usize;
-    ws.on_upgrade(config, max_waiting, move |mut socket| {
-        tracker.track_future(async move {
-            let (client, _ip_slot, pending_login) = match address {
-                Some(a) => (Some(a.client), Some(a.connection), Some(a.pending_login)),
-                None => (None, None, None),
-            };
-            match node.admit_connection() {
-                Some(slot) => session::run(slot, socket, claims, client, pending_login).await,
-                None => {
-                    node.metrics
-                        .connections_closed
-                        .with_label_values(&["connection_limit"])
-                        .inc();
-                    let frame = CloseFrame {
-                        code: 1013.into(),
-                        reason: "node at its connection limit; try again later".into(),
-                    };
-                    let _ = socket.close(frame).await;
-                }
+    ws.on_upgrade(max_message, max_waiting, move |mut socket| {
+        let (client, address_slot, pending_login) = match address {
+            Some(a) => (Some(a.client), Some(a.connection), Some(a.pending_login)),
+            None => (None, None, None),
+        };
+        let serve = match node.admit_connection() {
+            Some(slot) => {
+                let connection =
+                    Connection::new(slot, socket, claims, client, address_slot, pending_login);
+                Either::Left(connection.run())
             }
-        })
+            // Boxed: the task of every admitted connection would be as big as this otherwise.
+            None => Either::Right(Box::pin(async move {
+                node.metrics
+                    .connections_closed
+                    .with_label_values(&["connection_limit"])
+                    .inc();
+                let reason = "node at its connection limit; try again later";
+                let _ = socket.close(1013, reason).await;
+            })),
+        };
+        tracker.track_future(serve)
     })
 }
 

@@ -12,9 +12,9 @@ use tungstenite::Utf8Bytes;
 
 use crate::broker::{Broker, BrokerError, Envelope, Inbound, Kind, Topic};
 use crate::metrics::Metrics;
-use crate::outlet::text_frame;
 use crate::protocol::StreamId;
 use crate::session::Link;
+use crate::websocket::text_frame;
 
 /// One message on its way to local sockets, shared by all its recipients on this node.
 #[derive(Debug)]
@@ -122,7 +122,7 @@ pub enum JoinError {
 
 /// Whether `channel` is still the entry behind `gate` and has no members.
 fn is_empty_with_gate(
-    channels: &HashMap<Topic, Channel>,
+    channels: &HashMap<Topic, Box<Channel>>,
     channel: &Topic,
     gate: &Arc<tokio::sync::Mutex<bool>>,
 ) -> bool {
@@ -133,7 +133,9 @@ pub struct Hub {
     node_id: String,
     /// Most channels this node listens on at once.
     max_channels: usize,
-    channels: Mutex<HashMap<Topic, Channel>>,
+    /// Boxed: every connection has a channel of its own (its user's), and the table keeps
+    /// spare slots.
+    channels: Mutex<HashMap<Topic, Box<Channel>>>,
     broker: Broker,
     metrics: Arc<Metrics>,
 }
@@ -149,7 +151,7 @@ impl Hub {
         }
     }
 
-    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Channel>> {
+    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<Topic, Box<Channel>>> {
         self.channels.lock().expect("hub lock")
     }
 
@@ -167,12 +169,15 @@ impl Hub {
             if channels.len() >= self.max_channels && !channels.contains_key(channel) {
                 return Err(JoinError::NodeFull);
             }
-            let entry = channels.entry(channel.clone()).or_insert_with(|| Channel {
-                topic: Arc::new(channel.clone()),
-                members: Arc::new(Vec::new()),
-                gate: Arc::new(tokio::sync::Mutex::new(false)),
-                stream: None,
-                last_id: None,
+            let entry = channels.entry(channel.clone()).or_insert_with(|| {
+                Box::new(Channel {
+                    topic: Arc::new(channel.clone()),
+                    // Most channels have one member (a user's), a first growth holds four.
+                    members: Arc::new(Vec::with_capacity(1)),
+                    gate: Arc::new(tokio::sync::Mutex::new(false)),
+                    stream: None,
+                    last_id: None,
+                })
             });
             Arc::make_mut(&mut entry.members).push(member);
             if entry.stream.is_none() {
@@ -488,7 +493,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap());
         let (client, accepted) = tokio::join!(client, listener.accept());
-        let outlet = Arc::new(Outlet::new(Arc::new(accepted.unwrap().0), 16));
+        let outlet = Arc::new(Outlet::new(accepted.unwrap().0, 16));
         let metrics = Arc::new(Metrics::new("n1"));
         let link = Link::new(conn_id, outlet, metrics, 16, LinkState::new(16, 1 << 20));
         let member = Member {

@@ -18,6 +18,7 @@ pub mod presence;
 pub mod protocol;
 pub mod session;
 pub mod telemetry;
+pub mod websocket;
 
 use std::sync::Arc;
 

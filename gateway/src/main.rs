@@ -2,6 +2,9 @@
 //! 64 on a bad value), set up logging and tracing, run the node.
 #![forbid(unsafe_code)]
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some("token") {
         std::process::exit(gateway::auth::TokenCommand::run(std::env::args().skip(1)));

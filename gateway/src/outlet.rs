@@ -1,49 +1,20 @@
 //! A connection's socket, written by two hands: the connection's own task (answers, replays,
-//! pongs and the close, through the WebSocket layer) and the hub's dispatcher (deliveries,
+//! pongs and the close, through its `WebSocket`) and the hub's dispatcher (deliveries,
 //! framed once per node and written straight into the kernel, without waking the task).
 //! Frames leave whole and in the order they were handed in; what the kernel does not take yet
 //! waits here, bounded.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use futures_util::task::AtomicWaker;
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::Message;
 
 /// Slices per vectored write (the kernel's limit is 1024; a batch of frames is far smaller).
 const SLICES_PER_WRITE: usize = 64;
-
-/// Bytes the connection's own task may leave waiting before its writes wait for the reader (a
-/// replay is paced by the client's reading, not buffered whole).
-const OWN_WRITES_WAITING: usize = 256 * 1024;
-
-/// The WebSocket frame of a server text message. Server frames are unmasked, so these bytes
-/// are the same for every recipient: a delivery is framed once per node.
-pub fn text_frame(payload: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(payload.len() + 10);
-    frame.extend_from_slice(&[0x81]); // FIN + text
-    match payload.len() {
-        len @ 0..=125 => frame.extend_from_slice(&[len as u8]),
-        len @ 126..=0xFFFF => {
-            frame.extend_from_slice(&[126]);
-            frame.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        len => {
-            frame.extend_from_slice(&[127]);
-            frame.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    frame.extend_from_slice(payload);
-    frame.freeze()
-}
 
 /// Why a frame was not written.
 #[derive(Debug, thiserror::Error)]
@@ -155,7 +126,7 @@ impl Backlog {
 
 /// The write side of one connection's socket, shared by its task and the dispatcher.
 pub struct Outlet {
-    tcp: Arc<TcpStream>,
+    tcp: TcpStream,
     backlog: Mutex<Backlog>,
     /// Most frames that may wait for the kernel (GATEWAY_OUTBOUND_QUEUE).
     max_waiting: usize,
@@ -165,13 +136,29 @@ pub struct Outlet {
 }
 
 impl Outlet {
-    pub fn new(tcp: Arc<TcpStream>, max_waiting: usize) -> Outlet {
+    pub fn new(tcp: TcpStream, max_waiting: usize) -> Outlet {
         Outlet {
             tcp,
             backlog: Mutex::new(Backlog::default()),
             max_waiting: max_waiting.max(1),
             task: AtomicWaker::new(),
         }
+    }
+
+    /// Wakes the connection's task (registered by its waits on the outlet).
+    pub fn wake_task(&self) {
+        self.task.wake();
+    }
+
+    /// Registers the connection's task to be woken by `wake_task` (and by frames starting to
+    /// wait).
+    pub fn register_task(&self, waker: &std::task::Waker) {
+        self.task.register(waker);
+    }
+
+    /// The socket, for its reader.
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
     }
 
     fn backlog(&self) -> MutexGuard<'_, Backlog> {
@@ -248,155 +235,19 @@ impl Outlet {
     }
 }
 
-/// The socket as the WebSocket layer sees it: reads (after whatever the HTTP layer read ahead)
-/// from the socket, writes into the outlet. A write is taken whole or not at all, so the
-/// dispatcher's frames never land inside one of the task's.
-pub struct SharedSocket {
-    outlet: Arc<Outlet>,
-    read_ahead: Bytes,
-}
-
-impl SharedSocket {
-    pub fn new(outlet: Arc<Outlet>, read_ahead: Bytes) -> SharedSocket {
-        // Copied out: the HTTP layer's bytes share its whole read buffer (kilobytes), which
-        // would otherwise stay allocated for the connection's life.
-        let read_ahead = Bytes::copy_from_slice(&read_ahead);
-        SharedSocket { outlet, read_ahead }
-    }
-}
-
-impl AsyncRead for SharedSocket {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.read_ahead.is_empty() {
-            let n = self.read_ahead.len().min(buf.remaining());
-            buf.put_slice(&self.read_ahead[..n]);
-            self.read_ahead.advance(n);
-            if self.read_ahead.is_empty() {
-                self.read_ahead = Bytes::new();
-            }
-            return Poll::Ready(Ok(()));
-        }
-        let tcp = &self.outlet.tcp;
-        loop {
-            std::task::ready!(tcp.poll_read_ready(cx))?;
-            match tcp.try_read(buf.initialize_unfilled()) {
-                Ok(n) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-    }
-}
-
-impl AsyncWrite for SharedSocket {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let outlet = &self.outlet;
-        if outlet.backlog().bytes > OWN_WRITES_WAITING {
-            std::task::ready!(outlet.poll_drained(cx))?;
-        }
-        outlet.write_own(&[Bytes::copy_from_slice(buf)])?;
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.outlet.poll_drained(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        // The socket closes when the connection's last handle on it is dropped.
-        self.outlet.poll_drained(cx)
-    }
-}
-
-/// One connection's WebSocket as its task uses it. The WebSocket layer reads frames (and
-/// answers pings, and writes the close); the task's own text frames are framed here and go
-/// through the outlet like deliveries, so the layer's write buffer never grows past a control
-/// frame. Small to move: the stream itself is boxed.
-pub struct WebSocket {
-    stream: Box<tokio_tungstenite::WebSocketStream<SharedSocket>>,
-    outlet: Arc<Outlet>,
-    /// Frames fed and not yet flushed.
-    batch: Vec<Bytes>,
-}
-
-impl WebSocket {
-    pub fn new(
-        stream: tokio_tungstenite::WebSocketStream<SharedSocket>,
-        outlet: Arc<Outlet>,
-    ) -> WebSocket {
-        WebSocket {
-            stream: Box::new(stream),
-            outlet,
-            batch: Vec::new(),
-        }
-    }
-
-    pub fn outlet(&self) -> &Arc<Outlet> {
-        &self.outlet
-    }
-
-    /// The next message from the client (`None` once the connection is over).
-    pub async fn next(&mut self) -> Option<Result<Message, tungstenite::Error>> {
-        self.stream.next().await
-    }
-
-    /// Adds a text frame to the next flush.
-    pub fn feed(&mut self, text: &[u8]) {
-        self.batch.push(text_frame(text));
-    }
-
-    /// Writes what was fed (and any pong the layer owes), then waits until the kernel took
-    /// everything waiting for this connection: a client that does not read holds the task
-    /// here, not memory.
-    pub async fn flush(&mut self) -> Result<(), tungstenite::Error> {
-        if !self.batch.is_empty() {
-            // Taken, not cleared: a replay's long list is not kept for the connection's life.
-            let batch = std::mem::take(&mut self.batch);
-            self.outlet.write_own(&batch)?;
-        }
-        self.stream.flush().await
-    }
-
-    /// Writes the close frame after everything else.
-    pub async fn close(&mut self, frame: CloseFrame) -> Result<(), tungstenite::Error> {
-        self.flush().await?;
-        self.stream.send(Message::Close(Some(frame))).await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::websocket::text_frame;
+    use std::sync::Arc;
     use tokio::io::AsyncReadExt;
-
-    #[test]
-    fn a_text_frame_carries_its_length_in_the_shortest_form() {
-        assert_eq!(&text_frame(b"hi")[..], b"\x81\x02hi");
-        let medium = text_frame(&[b'a'; 300]);
-        assert_eq!(&medium[..4], &[0x81, 126, 1, 44]);
-        assert_eq!(medium.len(), 304);
-        let big = text_frame(&vec![b'a'; 70_000]);
-        assert_eq!(&big[..2], &[0x81, 127]);
-        assert_eq!(u64::from_be_bytes(big[2..10].try_into().unwrap()), 70_000);
-    }
 
     async fn pair() -> (Arc<Outlet>, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap());
         let (client, (server, _)) =
             tokio::join!(client, async { listener.accept().await.unwrap() });
-        (Arc::new(Outlet::new(Arc::new(server), 4)), client.unwrap())
+        (Arc::new(Outlet::new(server, 4)), client.unwrap())
     }
 
     #[tokio::test]

@@ -23,8 +23,9 @@ const PRUNE_ROUNDS: usize = 50;
 pub struct Presence {
     /// When this node last could not keep its entries fresh (see `disturbed`).
     disturbed_at: Mutex<Option<std::time::Instant>>,
-    /// Live entries of this node by (connection, room key).
-    entries: Mutex<HashMap<(u64, String), PresenceEntry>>,
+    /// Live entries of this node by (connection, room key). Boxed: the table keeps spare
+    /// slots, and an entry is six strings.
+    entries: Mutex<HashMap<(u64, String), Box<PresenceEntry>>>,
     /// Entries whose join failed: the broker may have stored them all the same (its answer was
     /// lost), so they are left again, at the next refresh, until that succeeds.
     orphans: Mutex<Vec<(u64, PresenceEntry)>>,
@@ -47,7 +48,7 @@ impl Presence {
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, String), PresenceEntry>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<(u64, String), Box<PresenceEntry>>> {
         self.entries.lock().expect("presence lock")
     }
 
@@ -97,7 +98,7 @@ impl Presence {
         // Refreshes must re-create the room under the name in effect, not the one proposed.
         entry.room_name = outcome.room_name.clone();
         let key = (conn_id, entry.room_key.clone());
-        if self.entries().insert(key, entry).is_none() {
+        if self.entries().insert(key, Box::new(entry)).is_none() {
             self.metrics.presence_entries.inc();
         }
         Ok(outcome)
@@ -117,7 +118,7 @@ impl Presence {
     /// Pushes every live entry's expiry forward (re-creating vanished ones).
     pub async fn refresh(&self) -> Result<u64, BrokerError> {
         self.leave_orphans().await;
-        let entries: Vec<PresenceEntry> = self.entries().values().cloned().collect();
+        let entries: Vec<PresenceEntry> = self.entries().values().map(|e| (**e).clone()).collect();
         let restored = self
             .broker
             .refresh(&entries, self.expires_at(), &self.announce_header())

@@ -3,15 +3,16 @@
 //! ends. Live deliveries do not pass through it: the hub's dispatcher writes them into the
 //! socket through the connection's [`Link`], held back only while the session writes itself.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
 use tracing::Instrument;
-use tungstenite::protocol::CloseFrame;
-use tungstenite::{Message, Utf8Bytes};
+use tungstenite::Utf8Bytes;
 
-pub use crate::outlet::WebSocket;
+pub use crate::websocket::WebSocket;
+use crate::websocket::{Message, ReadError};
 
 mod appends;
 mod link;
@@ -23,7 +24,7 @@ use crate::auth::{AuthError, Claims};
 use crate::broker::{
     now_ms, now_us, BrokerError, EnvelopeHeader, Kind, Post, PresenceEntry, Topic,
 };
-use crate::delivery::{Redelivery, StreamCursor};
+use crate::delivery::Redelivery;
 use crate::hub::{ChannelStream, JoinError, Member};
 use crate::limits::{CountGuard, Limited, TokenBucket};
 use crate::node::{ConnectionSlot, Node};
@@ -257,105 +258,141 @@ struct Session {
     identity: Option<Identity>,
     rooms: Vec<JoinedRoom>,
     inbox: Option<Inbox>,
-    /// What the connection's token proves (authentication configured).
-    claims: Option<Claims>,
+    /// What the connection's token proves (authentication configured). Boxed: anonymous
+    /// connections, the many, never have one.
+    claims: Option<Box<Claims>>,
     /// When the connection must close unless its token is refreshed.
     expires_at: Option<Instant>,
     /// The `userId` JSON of a guest's latest chat frame, put back on its own copies.
     echo_user_id: Option<String>,
     budgets: Budgets,
-    /// This connection's place in its user's per-node connection limit.
-    user_slot: Option<CountGuard<String>>,
-    /// Its place among its address's connections not logged in yet (released at login).
-    pending_login: Option<CountGuard<std::net::IpAddr>>,
+    /// Its place in a per-node connection limit.
+    place: Place,
     /// Bytes of its chat messages on their way into the broker.
     append_bytes: usize,
 }
 
-/// Serves one upgraded connection until it ends; `claims` come from a token on the upgrade
-/// request; `client`: the client's address (for its strikes when closed for abuse);
-/// `pending_login`: its place among the address's connections not logged in yet.
-pub async fn run(
-    slot: ConnectionSlot,
+/// A connection's place in a per-node connection limit (held, released when dropped): one at
+/// a time.
+enum Place {
+    /// Among its address's connections not logged in yet (none when the address is unknown).
+    PendingLogin {
+        _address: Option<CountGuard<IpAddr>>,
+    },
+    /// Logged in: among its user's connections.
+    User { _user: CountGuard<String> },
+}
+
+/// One connection while it lives: its session, its WebSocket, its chat messages on their way
+/// into the broker. Boxed, so the connection's task holds little more than a pointer: an async
+/// fn keeps its arguments apart from its locals, so state passed down by value through the
+/// task's layers would be held once per layer, for the connection's whole life.
+pub struct Connection {
+    session: Session,
     socket: WebSocket,
-    claims: Option<Claims>,
-    client: Option<std::net::IpAddr>,
-    pending_login: Option<CountGuard<std::net::IpAddr>>,
-) {
-    let span = tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
-    let node = slot.node.clone();
-    let close = serve(slot, socket, claims, pending_login)
-        .instrument(span)
-        .await;
-    if let (Some(ip), true) = (client, close == Close::RATE_LIMITED || close == Close::SLOW) {
-        node.strikes.strike(ip);
+    appends: Appends,
+    clock: Clock,
+    /// The connection's span: its events are handled in it.
+    span: tracing::Span,
+    /// The client's address, for its strikes when closed for abuse.
+    client: Option<IpAddr>,
+    /// Its place among its address's connections on this node.
+    _address_slot: Option<CountGuard<IpAddr>>,
+    /// Its place among the node's connections (released last).
+    _slot: ConnectionSlot,
+}
+
+impl Connection {
+    /// An upgraded connection; `claims` come from a token on the upgrade request;
+    /// `pending_login`: its place among the address's connections not logged in yet.
+    pub fn new(
+        slot: ConnectionSlot,
+        socket: WebSocket,
+        claims: Option<Claims>,
+        client: Option<IpAddr>,
+        address_slot: Option<CountGuard<IpAddr>>,
+        pending_login: Option<CountGuard<IpAddr>>,
+    ) -> Box<Connection> {
+        let outlet = socket.outlet().clone();
+        let mut session = Session::new(slot.node.clone(), slot.conn_id, pending_login, outlet);
+        if let Some(claims) = claims {
+            session.set_claims(claims);
+        }
+        let appends = Appends::new(slot.node.broker.clone());
+        let mut clock = Clock::new(&slot.node.config);
+        clock.follow(&session);
+        let span =
+            tracing::info_span!("connection", node = %slot.node.node_id, conn = slot.conn_id);
+        Box::new(Connection {
+            session,
+            socket,
+            appends,
+            clock,
+            span,
+            client,
+            _address_slot: address_slot,
+            _slot: slot,
+        })
+    }
+
+    /// Serves the connection until it ends.
+    pub async fn run(mut self: Box<Self>) {
+        let close = serve(&mut self).await;
+        if let (Some(ip), true) = (
+            self.client,
+            close == Close::RATE_LIMITED || close == Close::SLOW,
+        ) {
+            self.session.node.strikes.strike(ip);
+        }
     }
 }
 
-async fn serve(
-    slot: ConnectionSlot,
-    mut socket: WebSocket,
-    claims: Option<Claims>,
-    pending_login: Option<CountGuard<std::net::IpAddr>>,
-) -> Close {
-    let node = slot.node.clone();
-    let outlet = socket.outlet().clone();
-    let mut session = Session::new(node.clone(), slot.conn_id, pending_login, outlet.clone());
+async fn serve(connection: &mut Connection) -> Close {
+    let Connection {
+        session,
+        socket,
+        appends,
+        clock,
+        span,
+        ..
+    } = connection;
+    let node = session.node.clone();
     let link = session.member.link.clone();
-    if let Some(claims) = claims {
-        session.set_claims(claims);
-    }
-    // One deadline for the login (until logged in) and the token's expiry (once a token sets
-    // one; far away otherwise). Reset only when it changes.
-    let far = Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600);
-    let login_due = Instant::now() + node.config.login_timeout();
-    let deadline_for = |session: &Session| {
-        let expiry = session.expires_at.unwrap_or(far);
-        match session.identity {
-            None => expiry.min(login_due),
-            Some(_) => expiry,
-        }
-    };
-    let mut applied_deadline = deadline_for(&session);
-    let deadline = tokio::time::sleep_until(applied_deadline);
-    tokio::pin!(deadline);
-    let heartbeat = node.config.heartbeat_timeout();
-    let idle = tokio::time::sleep(heartbeat);
-    tokio::pin!(idle);
-    // Started when ack mode is: most connections never need it.
-    let mut ack_check: Option<tokio::time::Interval> = None;
+    let outlet = socket.outlet().clone();
+    // One timer for the heartbeat, the login and the token's expiry. Moved later lazily: when
+    // it fires early, it is set again.
+    let timer = tokio::time::sleep_until(clock.next_due());
+    tokio::pin!(timer);
 
     // Everything the loop does besides waiting is in `handle`, boxed: inline, the handlers'
     // futures would be part of every connection's task for its whole life.
     //
-    // The connection's chat messages in flight, answered in order; the socket is read on while
-    // they wait. Deliveries never wait for this loop: the dispatcher writes them.
-    let mut appends = Appends::new(node.broker.clone());
+    // The connection's chat messages in flight are answered in order; the socket is read on
+    // while they wait. Deliveries never wait for this loop: the dispatcher writes them.
     let close = loop {
         // In ack mode the timer runs whether or not anything is unacknowledged now: the
         // dispatcher tracks deliveries without waking this loop.
-        if ack_check.is_none() && session.ack_mode() {
+        if clock.ack_check.is_none() && session.ack_mode() {
             let every = (node.config.ack_timeout() / 4).max(Duration::from_millis(10));
-            ack_check = Some(tokio::time::interval(every));
+            clock.ack_check = Some(tokio::time::interval(every));
         }
         let reading =
             appends.len() < APPENDS_IN_FLIGHT && session.append_bytes < APPEND_BYTES_IN_FLIGHT;
         let event = tokio::select! {
             biased;
             _ = node.shutdown.cancelled() => break Close::SHUTDOWN,
-            _ = link.doomed().cancelled() => break link.doom_reason(),
-            _ = &mut idle => break Close::HEARTBEAT,
-            _ = &mut deadline => {
-                break if session.identity.is_none() && Instant::now() >= login_due {
-                    Close::LOGIN_TIMEOUT
-                } else {
-                    Close::TOKEN_EXPIRED
-                };
-            }
+            close = std::future::poll_fn(|cx| link.poll_doomed(cx)) => break close,
+            _ = &mut timer => match clock.expired() {
+                Some(close) => break close,
+                None => {
+                    timer.as_mut().reset(clock.next_due());
+                    continue;
+                }
+            },
             // Before reading on: polling the appends is what sends them to the broker.
             done = appends.next_batch(), if !appends.is_empty() => Event::Appended(done),
             incoming = socket.next(), if reading => {
-                idle.as_mut().reset(Instant::now() + heartbeat);
+                clock.idle_due = Instant::now() + node.config.heartbeat_timeout();
                 Event::Incoming(incoming)
             }
             // Deliveries the kernel did not take at once go out as the client reads.
@@ -363,36 +400,84 @@ async fn serve(
                 Ok(()) => continue,
                 Err(_) => break Close::BROKEN,
             },
-            _ = tick(ack_check.as_mut()) => Event::AckDue,
+            _ = tick(clock.ack_check.as_mut()) => Event::AckDue,
         };
-        let step = Box::pin(handle(
-            &mut session,
-            &link,
-            &mut socket,
-            &mut appends,
-            event,
-        ))
-        .await;
-        if let Err(close) = step {
+        let step = Box::pin(handle(session, &link, socket, appends, event));
+        if let Err(close) = step.instrument(span.clone()).await {
             break close;
         }
-        let wanted = deadline_for(&session);
-        if wanted != applied_deadline {
-            applied_deadline = wanted;
-            deadline.as_mut().reset(wanted);
+        // A token may have moved the deadline earlier; later ones wait for the timer.
+        clock.follow(session);
+        let due = clock.next_due();
+        if due < timer.deadline() {
+            timer.as_mut().reset(due);
         }
     };
     // Boxed: the close's work (draining appends, leaving every room through the broker) is the
     // biggest future of all.
-    Box::pin(session.finish(socket, close, appends)).await;
-    drop(slot);
-    close
+    let finish = Box::pin(session.finish(socket, close, appends));
+    finish.instrument(span.clone()).await
+}
+
+/// When a connection must close unless something happens: kept with the connection rather
+/// than in its task (a task's size is rounded up to 128 bytes).
+struct Clock {
+    /// Without a frame from the client until then, it is gone (heartbeat timeout).
+    idle_due: Instant,
+    /// Not logged in by then, it is closed (`None` once logged in).
+    login_due: Option<Instant>,
+    /// The token's expiry, once a token sets one.
+    expires_at: Option<Instant>,
+    /// Started when ack mode is: most connections never need it.
+    ack_check: Option<tokio::time::Interval>,
+}
+
+impl Clock {
+    fn new(config: &crate::config::Config) -> Clock {
+        let now = Instant::now();
+        Clock {
+            idle_due: now + config.heartbeat_timeout(),
+            login_due: Some(now + config.login_timeout()),
+            expires_at: None,
+            ack_check: None,
+        }
+    }
+
+    /// Takes in what the session changed: its login, its token's expiry.
+    fn follow(&mut self, session: &Session) {
+        if session.identity.is_some() {
+            self.login_due = None;
+        }
+        self.expires_at = session.expires_at;
+    }
+
+    /// The earliest moment something may have expired.
+    fn next_due(&self) -> Instant {
+        [self.login_due, self.expires_at]
+            .into_iter()
+            .flatten()
+            .fold(self.idle_due, Instant::min)
+    }
+
+    /// What expired by now, if anything.
+    fn expired(&self) -> Option<Close> {
+        let now = Instant::now();
+        if now >= self.idle_due {
+            Some(Close::HEARTBEAT)
+        } else if self.login_due.is_some_and(|due| now >= due) {
+            Some(Close::LOGIN_TIMEOUT)
+        } else if self.expires_at.is_some_and(|expiry| now >= expiry) {
+            Some(Close::TOKEN_EXPIRED)
+        } else {
+            None
+        }
+    }
 }
 
 /// What woke a connection's task, besides the ends of the connection.
 enum Event {
     Appended(Vec<AppendDone>),
-    Incoming(Option<Result<Message, tungstenite::Error>>),
+    Incoming(Option<Result<Message, ReadError>>),
     AckDue,
 }
 
@@ -429,18 +514,14 @@ async fn tick(timer: Option<&mut tokio::time::Interval>) {
     }
 }
 
-/// The close for a failed read: the WebSocket error behind axum's says what the client broke.
-fn classify_read_error(e: tungstenite::Error) -> Close {
-    use tungstenite::Error as WsError;
+/// The close for a failed read: what the client broke.
+fn classify_read_error(e: ReadError) -> Close {
     match e {
-        WsError::Capacity(_) => Close::TOO_BIG,
-        WsError::Utf8(_) => Close::BAD_UTF8,
+        ReadError::TooBig(_) => Close::TOO_BIG,
+        ReadError::BadUtf8 => Close::BAD_UTF8,
+        ReadError::Protocol(_) => Close::PROTOCOL,
         // A client that just went away (no closing handshake) broke nothing.
-        WsError::Protocol(tungstenite::error::ProtocolError::ResetWithoutClosingHandshake) => {
-            Close::BROKEN
-        }
-        WsError::Protocol(_) => Close::PROTOCOL,
-        _ => Close::BROKEN,
+        ReadError::Reset | ReadError::Io(_) => Close::BROKEN,
     }
 }
 
@@ -498,8 +579,9 @@ impl Session {
             claims: None,
             expires_at: None,
             echo_user_id: None,
-            user_slot: None,
-            pending_login,
+            place: Place::PendingLogin {
+                _address: pending_login,
+            },
             append_bytes: 0,
         }
     }
@@ -537,11 +619,11 @@ impl Session {
     async fn on_incoming(
         &mut self,
         socket: &mut WebSocket,
-        incoming: Option<Result<Message, tungstenite::Error>>,
+        incoming: Option<Result<Message, ReadError>>,
         appends: &mut Appends,
     ) -> Result<(), Close> {
         let admission = match &incoming {
-            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => Admission::Accept,
+            Some(Ok(Message::Close)) | Some(Err(_)) | None => Admission::Accept,
             Some(Ok(_)) => self.budgets.admit_frame(),
         };
         match incoming {
@@ -556,16 +638,21 @@ impl Session {
                 );
                 self.send_error(socket, err).await
             }
-            // Pings are answered by the WebSocket layer; both count as signs of life.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(()),
-            Some(Ok(Message::Close(_))) | None => Err(Close::CLIENT),
+            // Pings are answered by the WebSocket; both count as signs of life.
+            Some(Ok(Message::Ping | Message::Pong)) => Ok(()),
+            Some(Ok(Message::Close)) | None => Err(Close::CLIENT),
             Some(Err(e)) => Err(classify_read_error(e)),
         }
     }
 
     /// Ends the connection: stores the chat messages still in flight, sends the close frame,
-    /// counts the close, then leaves every room (announcing the logouts).
-    async fn finish(mut self, mut socket: WebSocket, close: Close, mut appends: Appends) {
+    /// counts the close, then leaves every room (announcing the logouts). Returns the close.
+    async fn finish(
+        &mut self,
+        socket: &mut WebSocket,
+        close: Close,
+        appends: &mut Appends,
+    ) -> Close {
         // Chat messages read before the close still go into the broker: their rooms are owed
         // them even if their sender is gone (it cannot be answered any more).
         let drained = tokio::time::timeout(DRAIN_APPENDS, async {
@@ -586,18 +673,15 @@ impl Session {
             if close == Close::SLOW {
                 metrics.slow_consumer_disconnects.inc();
             }
-            let frame = CloseFrame {
-                code: code.into(),
-                reason: Utf8Bytes::from_static(close.text),
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(1), socket.close(frame)).await;
+            let closing = socket.close(code, close.text);
+            let _ = tokio::time::timeout(Duration::from_secs(1), closing).await;
         }
         metrics
             .connections_closed
             .with_label_values(&[close.reason])
             .inc();
-        drop(socket);
         Box::pin(self.leave_everything()).await;
+        close
     }
 
     fn room_index(&self, room: &RoomId) -> Option<usize> {
@@ -781,7 +865,7 @@ impl Session {
         };
         let claims = match &login.token {
             Some(token) => auth.verify(token)?,
-            None => self.claims.clone().ok_or(AuthError::Missing)?,
+            None => self.claims.as_deref().cloned().ok_or(AuthError::Missing)?,
         };
         if self.current_user().is_some_and(|u| u != claims.user_id)
             || login.user_id.as_ref().is_some_and(|u| *u != claims.user_id)
@@ -816,7 +900,7 @@ impl Session {
     fn set_claims(&mut self, claims: Claims) {
         let leeway = self.node.auth.as_ref().map_or(0, |a| a.leeway_secs);
         self.expires_at = Some(Instant::now() + claims.time_left(leeway));
-        self.claims = Some(claims);
+        self.claims = Some(Box::new(claims));
     }
 
     /// `refresh`: a new token for the same user pushes the connection's expiry forward.
@@ -958,10 +1042,9 @@ impl Session {
             return Err(Stop::Refused(self.unavailable("login").in_room(room)));
         };
         let fragment = protocol::room_fragment(room, &outcome.room_name);
-        self.link()
-            .state()
-            .cursors
-            .push((channel.clone(), StreamCursor::default()));
+        self.link().state().listen(channel.clone());
+        // One at a time: most connections are in one room, and a first growth holds four.
+        self.rooms.reserve_exact(1);
         self.rooms.push(JoinedRoom {
             room: room.clone(),
             channel,
@@ -1108,14 +1191,10 @@ impl Session {
                 }
             }
         }
-        self.link()
-            .state()
-            .cursors
-            .push((channel.clone(), StreamCursor::default()));
+        self.link().state().listen(channel.clone());
         self.inbox = Some(Inbox { channel });
-        self.user_slot = Some(user_slot);
         // Logged in: no longer one of its address's connections waiting for a login.
-        self.pending_login = None;
+        self.place = Place::User { _user: user_slot };
         self.identity = Some(Identity {
             user_fragment: protocol::user_fragment(&user_id, &user_name),
             user_id: user_id.clone(),

@@ -9,10 +9,9 @@ use axum::http::{header, request::Parts, HeaderMap, HeaderValue, Method, StatusC
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tungstenite::protocol::{Role, WebSocketConfig};
 
-use crate::outlet::{Outlet, SharedSocket, WebSocket};
+use crate::outlet::Outlet;
+use crate::websocket::WebSocket;
 
 /// A request to upgrade to a WebSocket (RFC 6455 over HTTP/1.1).
 pub struct WsUpgrade {
@@ -87,13 +86,9 @@ impl<S: Send + Sync> FromRequestParts<S> for WsUpgrade {
 
 impl WsUpgrade {
     /// Answers 101 and, once the HTTP layer hands the connection over, runs `session` on it.
-    /// `max_waiting`: frames its outlet may hold for a slow reader.
-    pub fn on_upgrade<F, Fut>(
-        self,
-        config: WebSocketConfig,
-        max_waiting: usize,
-        session: F,
-    ) -> Response
+    /// `max_message`: the largest message read from the client; `max_waiting`: frames its
+    /// outlet may hold for a slow reader.
+    pub fn on_upgrade<F, Fut>(self, max_message: usize, max_waiting: usize, session: F) -> Response
     where
         F: FnOnce(WebSocket) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -108,12 +103,12 @@ impl WsUpgrade {
             let Ok(parts) = upgraded.downcast::<TokioIo<TcpStream>>() else {
                 return tracing::error!("an upgraded connection that is not a TCP stream");
             };
-            let tcp = Arc::new(parts.io.into_inner());
-            let outlet = Arc::new(Outlet::new(tcp, max_waiting));
+            let outlet = Arc::new(Outlet::new(parts.io.into_inner(), max_waiting));
             // Bytes the client sent right behind its request are the WebSocket's first.
-            let io = SharedSocket::new(outlet.clone(), parts.read_buf);
-            let stream = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
-            session(WebSocket::new(stream, outlet)).await;
+            let socket = WebSocket::new(outlet, &parts.read_buf, max_message);
+            // The session gets a task of its own: this one's state (the upgrade, what the
+            // session is made of) would stay in every connection's task for its whole life.
+            tokio::spawn(session(socket));
         });
         let accept = tungstenite::handshake::derive_accept_key(self.key.as_bytes());
         (

@@ -2,17 +2,19 @@
 //! the outlet, the connection's stream cursors and delivery rules (ack mode, proven identity,
 //! the tutorial's userId echo), and the deliveries held back while the task writes itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use tokio_util::sync::CancellationToken;
 
 use super::Close;
 use crate::broker::{now_us, Kind, Topic};
 use crate::delivery::StreamCursor;
 use crate::hub::Delivery;
 use crate::metrics::Metrics;
-use crate::outlet::{text_frame, Outlet, WriteError};
+use crate::outlet::{Outlet, WriteError};
+use crate::websocket::text_frame;
 use prometheus::local::LocalHistogram;
 use tungstenite::Utf8Bytes;
 
@@ -21,8 +23,9 @@ pub struct Link {
     pub conn_id: u64,
     outlet: Arc<Outlet>,
     state: Mutex<LinkState>,
-    /// Cancelled when the connection must close (`LinkState::doom` says why).
-    doomed: CancellationToken,
+    /// Set when the connection must close (`LinkState::doom` says why); the connection's
+    /// task is woken through the outlet.
+    doomed: AtomicBool,
     metrics: Arc<Metrics>,
     /// Most deliveries held while the task writes (GATEWAY_OUTBOUND_QUEUE).
     max_held: usize,
@@ -55,6 +58,13 @@ impl LinkState {
             unacked_bytes_limit,
             ..LinkState::default()
         }
+    }
+
+    /// Starts listening on a stream-backed topic, from nothing delivered yet. The cursors grow
+    /// one at a time: most connections listen on one room, and a first growth holds four.
+    pub fn listen(&mut self, topic: Arc<Topic>) {
+        self.cursors.reserve_exact(1);
+        self.cursors.push((topic, StreamCursor::default()));
     }
 
     pub fn cursor(&mut self, topic: &Topic) -> Option<&mut StreamCursor> {
@@ -128,7 +138,7 @@ impl Link {
             conn_id,
             outlet,
             state: Mutex::new(state),
-            doomed: CancellationToken::new(),
+            doomed: AtomicBool::new(false),
             metrics,
             max_held: max_held.max(1),
         }
@@ -144,14 +154,13 @@ impl Link {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Cancelled once the connection must close.
-    pub fn doomed(&self) -> &CancellationToken {
-        &self.doomed
-    }
-
-    /// Why the connection must close (a broken socket unless told otherwise).
-    pub fn doom_reason(&self) -> Close {
-        self.state().doom.unwrap_or(Close::BROKEN)
+    /// Ready, with the reason, once the connection must close.
+    pub fn poll_doomed(&self, cx: &mut Context<'_>) -> Poll<Close> {
+        self.outlet.register_task(cx.waker());
+        if !self.doomed.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
+        Poll::Ready(self.state().doom.unwrap_or(Close::BROKEN))
     }
 
     fn doom(&self, state: &mut LinkState, close: Close) {
@@ -159,7 +168,8 @@ impl Link {
             state.doom = Some(close);
             state.held = None;
         }
-        self.doomed.cancel();
+        self.doomed.store(true, Ordering::Release);
+        self.outlet.wake_task();
     }
 
     /// Called by the dispatcher: writes the deliveries this connection takes, straight into
