@@ -4,7 +4,8 @@
 //!
 //! Parsed here rather than by a WebSocket library because an idle connection must stay small:
 //! between messages this holds no read buffer at all. A read goes into a buffer on the stack;
-//! only the bytes of a message not complete yet are kept, and released once it is.
+//! only the bytes of a message not complete yet are kept (`Reader`, which knows no socket),
+//! and released once it is.
 
 use std::io;
 use std::sync::Arc;
@@ -141,77 +142,50 @@ impl Header {
     }
 }
 
-/// What the session reads and writes: the client's messages in, our frames out.
-pub struct WebSocket {
-    outlet: Arc<Outlet>,
+/// A frame or message the client sent, as the reader parsed it.
+#[derive(Debug)]
+pub enum Incoming {
+    Text(Utf8Bytes),
+    Binary(Bytes),
+    Ping(Bytes),
+    Pong,
+    /// A close frame, with its code if it had one (its reason was checked to be UTF-8).
+    Close(Option<u16>),
+}
+
+/// The client's bytes, parsed into messages: no socket here (so it can be fuzzed, see
+/// `fuzz/`). Holds only the bytes of a message not complete yet.
+pub struct Reader {
     /// Bytes read and not parsed yet; unallocated between messages.
     unread: BytesMut,
     /// A message that came in several frames, so far: (is text, payload). Boxed: rare.
     fragments: Option<Box<(bool, BytesMut)>>,
     max_message: usize,
-    /// The session's own frames, written together at the next flush.
-    batch: Vec<Bytes>,
-    /// The client's close frame came (and was answered): nothing is read after it.
-    closed: bool,
 }
 
-impl WebSocket {
-    /// The WebSocket on the outlet's socket; `read_ahead`: bytes the client sent behind its
-    /// upgrade request; `max_message`: the largest message read (larger closes with 1009).
-    pub fn new(outlet: Arc<Outlet>, read_ahead: &[u8], max_message: usize) -> WebSocket {
-        WebSocket {
-            outlet,
-            // Copied: the HTTP layer's buffer holding them would stay allocated otherwise.
-            unread: BytesMut::from(read_ahead),
+impl Reader {
+    /// A reader of messages up to `max_message` bytes, starting with the bytes `first`.
+    pub fn new(first: &[u8], max_message: usize) -> Reader {
+        Reader {
+            unread: BytesMut::from(first),
             fragments: None,
             max_message,
-            batch: Vec::new(),
-            closed: false,
         }
     }
 
-    pub fn outlet(&self) -> &Arc<Outlet> {
-        &self.outlet
+    /// Takes bytes read from the socket.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        self.unread.extend_from_slice(bytes);
     }
 
-    /// The client's next message; `None` once it closed.
-    pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
-        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    /// Bytes held for messages not complete yet (capacity included).
+    pub fn held(&self) -> usize {
+        self.unread.capacity() + self.fragments.as_ref().map_or(0, |f| f.1.capacity())
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, ReadError>>> {
-        if self.closed {
-            return Poll::Ready(None);
-        }
-        let outlet = self.outlet.clone();
-        let tcp = outlet.tcp();
-        loop {
-            match self.parse() {
-                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
-                Ok(None) => {}
-                Err(e) => {
-                    self.closed = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
-            }
-            if let Err(e) = std::task::ready!(tcp.poll_read_ready(cx)) {
-                return Poll::Ready(Some(Err(e.into())));
-            }
-            let mut chunk = [0u8; READ_CHUNK];
-            match tcp.try_read(&mut chunk) {
-                Ok(0) => {
-                    self.closed = true;
-                    return Poll::Ready(Some(Err(ReadError::Reset)));
-                }
-                Ok(n) => self.unread.extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Some(Err(e.into()))),
-            }
-        }
-    }
-
-    /// The next whole message in what was read; `None` until one is complete.
-    fn parse(&mut self) -> Result<Option<Message>, ReadError> {
+    /// The next whole message or control frame in what was read; `None` until one is
+    /// complete. After an error the reader must not be used again.
+    pub fn parse(&mut self) -> Result<Option<Incoming>, ReadError> {
         loop {
             let Some(header) = Header::parse(&self.unread)? else {
                 return Ok(None);
@@ -234,7 +208,7 @@ impl WebSocket {
             for (i, byte) in payload.iter_mut().enumerate() {
                 *byte ^= header.mask[i % 4];
             }
-            let message = match (header.opcode, self.fragments.take()) {
+            let incoming = match (header.opcode, self.fragments.take()) {
                 (OP_TEXT | OP_BINARY, Some(_)) => {
                     return Err(ReadError::Protocol("a new message inside a fragmented one"))
                 }
@@ -259,17 +233,107 @@ impl WebSocket {
                 }
                 (control, fragments) => {
                     self.fragments = fragments; // control frames may come between fragments
-                    self.control(control, payload.freeze())?
+                    control_frame(control, payload.freeze())?
                 }
             };
-            return Ok(Some(message));
+            return Ok(Some(incoming));
+        }
+    }
+}
+
+/// A control frame, checked.
+fn control_frame(opcode: u8, payload: Bytes) -> Result<Incoming, ReadError> {
+    match opcode {
+        OP_PING => Ok(Incoming::Ping(payload)),
+        OP_PONG => Ok(Incoming::Pong),
+        OP_CLOSE => match payload.len() {
+            0 => Ok(Incoming::Close(None)),
+            1 => Err(ReadError::Protocol("a close frame of one byte")),
+            _ => {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                if !valid_close_code(code) {
+                    return Err(ReadError::Protocol("an invalid close code"));
+                }
+                if std::str::from_utf8(&payload[2..]).is_err() {
+                    return Err(ReadError::BadUtf8);
+                }
+                Ok(Incoming::Close(Some(code)))
+            }
+        },
+        _ => Err(ReadError::Protocol("an unknown opcode")),
+    }
+}
+
+/// What the session reads and writes: the client's messages in, our frames out.
+pub struct WebSocket {
+    outlet: Arc<Outlet>,
+    reader: Reader,
+    /// The session's own frames, written together at the next flush.
+    batch: Vec<Bytes>,
+    /// The client's close frame came (and was answered), or reading failed: nothing more is
+    /// read.
+    closed: bool,
+}
+
+impl WebSocket {
+    /// The WebSocket on the outlet's socket; `read_ahead`: bytes the client sent behind its
+    /// upgrade request; `max_message`: the largest message read (larger closes with 1009).
+    pub fn new(outlet: Arc<Outlet>, read_ahead: &[u8], max_message: usize) -> WebSocket {
+        WebSocket {
+            outlet,
+            // Copied: the HTTP layer's buffer holding them would stay allocated otherwise.
+            reader: Reader::new(read_ahead, max_message),
+            batch: Vec::new(),
+            closed: false,
         }
     }
 
-    /// Answers a control frame: a ping with its pong, a close with a close.
-    fn control(&mut self, opcode: u8, payload: Bytes) -> Result<Message, ReadError> {
-        match opcode {
-            OP_PING => {
+    pub fn outlet(&self) -> &Arc<Outlet> {
+        &self.outlet
+    }
+
+    /// The client's next message; `None` once it closed.
+    pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, ReadError>>> {
+        if self.closed {
+            return Poll::Ready(None);
+        }
+        loop {
+            match self.reader.parse() {
+                Ok(Some(incoming)) => return Poll::Ready(Some(self.answer(incoming))),
+                Ok(None) => {}
+                Err(e) => {
+                    self.closed = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+            let tcp = self.outlet.tcp();
+            if let Err(e) = std::task::ready!(tcp.poll_read_ready(cx)) {
+                return Poll::Ready(Some(Err(e.into())));
+            }
+            let mut chunk = [0u8; READ_CHUNK];
+            match tcp.try_read(&mut chunk) {
+                Ok(0) => {
+                    self.closed = true;
+                    return Poll::Ready(Some(Err(ReadError::Reset)));
+                }
+                Ok(n) => self.reader.extend(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+            }
+        }
+    }
+
+    /// Answers a control frame (a ping with its pong, a close with a close) and says what
+    /// came.
+    fn answer(&mut self, incoming: Incoming) -> Result<Message, ReadError> {
+        Ok(match incoming {
+            Incoming::Text(text) => Message::Text(text),
+            Incoming::Binary(bytes) => Message::Binary(bytes),
+            Incoming::Ping(payload) => {
                 // Through the bounded backlog: the pongs of a client that pings without reading
                 // wait up to GATEWAY_OUTBOUND_QUEUE frames; beyond, they are skipped (RFC 6455
                 // lets a server answer only the latest ping).
@@ -277,30 +341,19 @@ impl WebSocket {
                     Ok(()) | Err(WriteError::Full) => {}
                     Err(WriteError::Broken(e)) => return Err(e.into()),
                 }
-                Ok(Message::Ping)
+                Message::Ping
             }
-            OP_PONG => Ok(Message::Pong),
-            OP_CLOSE => {
+            Incoming::Pong => Message::Pong,
+            Incoming::Close(code) => {
                 self.closed = true;
-                let answer = match payload.len() {
-                    0 => frame(OP_CLOSE, &[]),
-                    1 => return Err(ReadError::Protocol("a close frame of one byte")),
-                    _ => {
-                        let code = u16::from_be_bytes([payload[0], payload[1]]);
-                        if !valid_close_code(code) {
-                            return Err(ReadError::Protocol("an invalid close code"));
-                        }
-                        if std::str::from_utf8(&payload[2..]).is_err() {
-                            return Err(ReadError::BadUtf8);
-                        }
-                        close_frame(code, "")
-                    }
+                let answer = match code {
+                    Some(code) => close_frame(code, ""),
+                    None => frame(OP_CLOSE, &[]),
                 };
                 let _ = self.outlet.write_own(&[answer]); // the socket may be gone already
-                Ok(Message::Close)
+                Message::Close
             }
-            _ => Err(ReadError::Protocol("an unknown opcode")),
-        }
+        })
     }
 
     /// Queues a text frame; it is written at the next `flush`.
@@ -325,13 +378,13 @@ impl WebSocket {
 }
 
 /// A whole data message.
-fn whole(text: bool, payload: BytesMut) -> Result<Message, ReadError> {
+fn whole(text: bool, payload: BytesMut) -> Result<Incoming, ReadError> {
     let payload = payload.freeze();
     if !text {
-        return Ok(Message::Binary(payload));
+        return Ok(Incoming::Binary(payload));
     }
     Utf8Bytes::try_from(payload)
-        .map(Message::Text)
+        .map(Incoming::Text)
         .map_err(|_| ReadError::BadUtf8)
 }
 
@@ -412,11 +465,7 @@ mod tests {
         assert_eq!(text(ws.next().await), "fragmented ✓");
         assert!(matches!(ws.next().await, Some(Ok(Message::Binary(b))) if b[..] == [1, 2, 3]));
         assert_eq!(text(ws.next().await).len(), 300);
-        assert_eq!(
-            ws.unread.capacity(),
-            0,
-            "no buffer is held between messages"
-        );
+        assert_eq!(ws.reader.held(), 0, "no buffer is held between messages");
         let mut client = writer.await.unwrap();
         let mut pong = [0u8; 3];
         client.read_exact(&mut pong).await.unwrap();
