@@ -56,7 +56,7 @@ impl Backlog {
             for (i, frame) in rest[..n].iter().enumerate() {
                 slices[i] = IoSlice::new(if i == 0 { &frame[skip..] } else { frame });
             }
-            let written = match tcp.try_write_vectored(&slices[..n]) {
+            let written = match write_slices(tcp, &slices[..n]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(self.fail(e)),
@@ -104,7 +104,7 @@ impl Backlog {
             for (slot, part) in slices.iter_mut().zip(self.parts.iter()) {
                 *slot = IoSlice::new(part);
             }
-            let mut written = match tcp.try_write_vectored(&slices[..n]) {
+            let mut written = match write_slices(tcp, &slices[..n]) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
                 Err(e) => return Err(self.fail(e)),
@@ -121,6 +121,16 @@ impl Backlog {
             }
         }
         Ok(true)
+    }
+}
+
+/// One `write` for one slice (the common case, a single delivery: the kernel's `writev` first
+/// copies and checks the vector, which costs a measurable share of a small write), one
+/// `writev` for several.
+fn write_slices(tcp: &TcpStream, slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    match slices {
+        [one] => tcp.try_write(one),
+        _ => tcp.try_write_vectored(slices),
     }
 }
 
