@@ -87,10 +87,14 @@ pub struct SuiteArgs {
     /// Profile the gateways with `perf` during the big-room run through nginx.
     #[arg(long)]
     pub perf: bool,
-    #[arg(long, default_value = "docs/benchmarks.md")]
-    pub out: PathBuf,
-    #[arg(long, default_value = "docs/benchmarks.json")]
-    pub json_out: PathBuf,
+    /// The report (default: docs/benchmarks.md for a whole run; with `--only`, report.md in
+    /// the scratch directory, so that a partial run never replaces the committed report).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// The raw figures (default: docs/benchmarks.json for a whole run; with `--only`,
+    /// report.json in the scratch directory).
+    #[arg(long)]
+    pub json_out: Option<PathBuf>,
     /// Scratch directory for configs and logs (default: a fresh one under /tmp).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
@@ -1171,7 +1175,7 @@ fn write_reports(
         &suite.profile,
         &peers_md,
     );
-    let out = root.join(&a.out);
+    let (out, json_out) = report_paths(a, root, &suite.runner.work);
     std::fs::write(&out, doc)?;
     let json = SuiteJson {
         command: command.to_string(),
@@ -1192,16 +1196,26 @@ fn write_reports(
             }
         }
     }
-    std::fs::write(
-        root.join(&a.json_out),
-        serde_json::to_vec_pretty(&runs_json)?,
-    )?;
-    eprintln!(
-        "suite: wrote {} and {}",
-        a.out.display(),
-        a.json_out.display()
-    );
+    std::fs::write(&json_out, serde_json::to_vec_pretty(&runs_json)?)?;
+    eprintln!("suite: wrote {} and {}", out.display(), json_out.display());
     Ok(())
+}
+
+/// Where the report and the raw figures go: as asked, else the committed files for a whole
+/// run, else (a partial run, `--only`) the scratch directory.
+fn report_paths(a: &SuiteArgs, root: &Path, work: &Path) -> (PathBuf, PathBuf) {
+    let (md, json) = if a.only.is_empty() {
+        (
+            root.join("docs/benchmarks.md"),
+            root.join("docs/benchmarks.json"),
+        )
+    } else {
+        (work.join("report.md"), work.join("report.json"))
+    };
+    (
+        a.out.as_ref().map_or(md, |p| root.join(p)),
+        a.json_out.as_ref().map_or(json, |p| root.join(p)),
+    )
 }
 
 #[allow(clippy::too_many_arguments)]
