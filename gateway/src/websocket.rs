@@ -292,7 +292,7 @@ impl WebSocket {
         &self.outlet
     }
 
-    /// The client's next message; `None` once it closed.
+    /// The client's next message; `None` once it closed, or after an error.
     pub async fn next(&mut self) -> Option<Result<Message, ReadError>> {
         std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
@@ -301,30 +301,30 @@ impl WebSocket {
         if self.closed {
             return Poll::Ready(None);
         }
-        loop {
+        let error = loop {
             match self.reader.parse() {
-                Ok(Some(incoming)) => return Poll::Ready(Some(self.answer(incoming))),
+                Ok(Some(incoming)) => match self.answer(incoming) {
+                    Ok(message) => return Poll::Ready(Some(Ok(message))),
+                    Err(e) => break e,
+                },
                 Ok(None) => {}
-                Err(e) => {
-                    self.closed = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Err(e) => break e,
             }
             let tcp = self.outlet.tcp();
             if let Err(e) = std::task::ready!(tcp.poll_read_ready(cx)) {
-                return Poll::Ready(Some(Err(e.into())));
+                break e.into();
             }
             let mut chunk = [0u8; READ_CHUNK];
             match tcp.try_read(&mut chunk) {
-                Ok(0) => {
-                    self.closed = true;
-                    return Poll::Ready(Some(Err(ReadError::Reset)));
-                }
+                Ok(0) => break ReadError::Reset,
                 Ok(n) => self.reader.extend(&chunk[..n]),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                Err(e) => break e.into(),
             }
-        }
+        };
+        // After any error nothing more is read (the reader's state is not to be trusted).
+        self.closed = true;
+        Poll::Ready(Some(Err(error)))
     }
 
     /// Answers a control frame (a ping with its pong, a close with a close) and says what
@@ -526,9 +526,16 @@ mod tests {
         bytes.extend(client_frame(0x80, &[b'a'; 600]));
         client.write_all(&bytes).await.unwrap();
         assert!(matches!(ws.next().await, Some(Err(ReadError::TooBig(_)))));
-        // A client that just goes away broke nothing, and said nothing.
+        // A client that just goes away broke nothing, and said nothing; nothing is read after.
         let (mut ws, client) = pair(&[]).await;
         drop(client);
         assert!(matches!(ws.next().await, Some(Err(ReadError::Reset))));
+        assert!(ws.next().await.is_none());
+        // A connection reset is a read error, and nothing is read after it either.
+        let (mut ws, client) = pair(&[]).await;
+        client.set_zero_linger().unwrap();
+        drop(client); // RST instead of FIN
+        assert!(matches!(ws.next().await, Some(Err(ReadError::Io(_)))));
+        assert!(ws.next().await.is_none());
     }
 }
