@@ -41,15 +41,23 @@ async fn a_local_cluster_routes_by_slot_and_fails_over_a_killed_master() -> anyh
     // WAIT counts the replicas that have the writes of *its own connection*: the SET and the
     // WAIT go on one connection. (An earlier version sent them on two, so WAIT confirmed
     // nothing — and once in CI the "acknowledged" key was missing after the failover.)
+    // WAIT blocks until the replica acknowledges (a replica still in its first sync takes a
+    // while on a loaded machine): redis-rs must wait longer than WAIT does, not its default
+    // 500 ms (once in CI: "timed out" here, the WAIT was still waiting).
     let client = redis::Client::open(format!("redis://127.0.0.1:{master}/"))?;
-    let mut con = client.get_multiplexed_async_connection().await?;
+    let patient = redis::AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_secs(15)))
+        .set_connection_timeout(Some(Duration::from_secs(5)));
+    let mut con = client
+        .get_multiplexed_async_connection_with_config(&patient)
+        .await?;
     let (set, acked): (String, u64) = redis::pipe()
         .cmd("SET")
         .arg(key)
         .arg("kept")
         .cmd("WAIT")
         .arg(1)
-        .arg(2000)
+        .arg(10_000)
         .query_async(&mut con)
         .await?;
     assert_eq!(
